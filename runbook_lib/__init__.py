@@ -1,0 +1,1 @@
+"""runbook_lib: the logic behind the deployment runbook's notebooks."""

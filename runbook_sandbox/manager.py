@@ -1,0 +1,307 @@
+"""`sandbox up | status | down`: the lifecycle of every stand-in, in dependency order.
+
+Each emulated service is one module of this package exposing `SERVICE: ServiceDef`.
+`up` allocates free ports, starts what is not running, waits until each one is healthy, runs its
+`after_start` hook (migrations, seeding), and writes `<state>/sandbox.json` (per service: url, pid,
+healthy) and `<state>/sandbox.env` (the settings a production user would export).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import process
+from .config import SandboxConfig
+
+# The services, in start order (stopped in reverse). One module each, exposing SERVICE.
+SERVICE_MODULES: list[str] = [
+    "postgres",  # embedded Postgres (or an existing server), schema, net schema, trigger
+    # "modal_standin",  # the Modal app data-enrichment-workers
+    # "prefect_server",  # the real Prefect server, backed by the sandbox Postgres
+    # "prefect_gateway",  # Prefect Cloud's URL shape + bearer auth in front of it; pool, blocks
+    # "supabase",  # Management API (secrets) + functions gateway running the Edge Function in Deno
+    # "pgnet_relay",  # sends net.http_request_queue after commit, writes net._http_response
+    # "git_server",  # git over smart HTTP, seeded with the orchestrator repository
+    # "managed_worker",  # the worker serving the prefect:managed pool
+]
+
+
+class SandboxError(RuntimeError):
+    """A sandbox operation failed; the message says which service and why."""
+
+
+@dataclass
+class ServiceDef:
+    name: str
+    # Config attributes holding this service's ports, e.g. ["supabase.port"]; allocated free.
+    ports: list[str] = field(default_factory=list)
+    # argv of the process; default `python -m runbook_sandbox.<module> --config <config.json>`.
+    # Return None when there is nothing to start (e.g. an external Postgres).
+    command: Callable[[SandboxConfig], list[str] | None] | None = None
+    # None when healthy, else a short reason.
+    health: Callable[[SandboxConfig], str | None] = lambda cfg: None
+    url: Callable[[SandboxConfig], str] = lambda cfg: ""
+    prepare: Callable[[SandboxConfig], None] | None = None  # before start (initdb, ...)
+    after_start: Callable[[SandboxConfig], None] | None = None  # after healthy (migrate, seed)
+    env: Callable[[SandboxConfig], dict[str, str]] | None = None  # extra process environment
+    exports: Callable[[SandboxConfig], dict[str, str]] | None = None  # lines of sandbox.env
+    stop_signal: int = signal.SIGTERM
+    start_timeout: float = 60.0
+    user: str | None = None  # run the process as this system user (Postgres refuses root)
+    module: str = ""
+
+    def argv(self, cfg: SandboxConfig) -> list[str] | None:
+        if self.command is not None:
+            return self.command(cfg)
+        return [sys.executable, "-m", f"runbook_sandbox.{self.module}", "--config", str(cfg.config_path)]
+
+
+def services() -> list[ServiceDef]:
+    out = []
+    for mod in SERVICE_MODULES:
+        svc: ServiceDef = importlib.import_module(f"runbook_sandbox.{mod}").SERVICE
+        svc.module = mod
+        out.append(svc)
+    return out
+
+
+def service(name: str) -> ServiceDef:
+    for svc in services():
+        if svc.name == name:
+            return svc
+    raise SandboxError(f"unknown sandbox service {name!r}; known: {[s.name for s in services()]}")
+
+
+# -- state file ------------------------------------------------------------------------------------
+
+
+def _state_path(cfg: SandboxConfig) -> Path:
+    return cfg.state / "sandbox.json"
+
+
+def read_state(cfg: SandboxConfig) -> dict:
+    try:
+        return json.loads(_state_path(cfg).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"services": {}}
+
+
+def _write_state(cfg: SandboxConfig, state: dict) -> None:
+    cfg.state.mkdir(parents=True, exist_ok=True)
+    state["instance_id"] = cfg.instance_id
+    state["state_dir"] = cfg.state_dir
+    state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = _state_path(cfg).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(_state_path(cfg))
+
+
+def exports(cfg: SandboxConfig) -> dict[str, str]:
+    out: dict[str, str] = {"RUNBOOK_PROFILE": "sandbox", "RUNBOOK_SANDBOX_DIR": cfg.state_dir}
+    for svc in services():
+        if svc.exports:
+            out.update(svc.exports(cfg))
+    return out
+
+
+def _write_env(cfg: SandboxConfig) -> None:
+    lines = ["# Written by `python -m runbook_lib sandbox up`: the settings a production user exports."]
+    for k, v in exports(cfg).items():
+        lines.append(f"{k}={json.dumps(str(v))}")
+    path = cfg.state / "sandbox.env"
+    path.write_text("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
+
+
+def _process_env(cfg: SandboxConfig, svc: ServiceDef) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        {
+            process.INSTANCE_ENV: cfg.instance_id,
+            "PYTHONUNBUFFERED": "1",
+            "RUNBOOK_SANDBOX_DIR": cfg.state_dir,
+        }
+    )
+    if svc.env:
+        env.update(svc.env(cfg))
+    return env
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+def _get_port_attr(cfg: SandboxConfig, dotted: str) -> int:
+    obj = cfg
+    *head, last = dotted.split(".")
+    for h in head:
+        obj = getattr(obj, h)
+    return getattr(obj, last)
+
+
+def _set_port_attr(cfg: SandboxConfig, dotted: str, value: int) -> None:
+    obj = cfg
+    *head, last = dotted.split(".")
+    for h in head:
+        obj = getattr(obj, h)
+    setattr(obj, last, value)
+
+
+def _status_of(cfg: SandboxConfig, svc: ServiceDef, rec: dict | None) -> tuple[bool, str]:
+    """(healthy, reason) of one service as recorded."""
+    if rec is None:
+        return False, "not started"
+    pid = rec.get("pid")
+    if pid and not process.is_alive(pid):
+        return False, f"process {pid} is not running"
+    try:
+        reason = svc.health(cfg)
+    except Exception as exc:  # a health probe that raises is unhealthy, with its reason
+        reason = f"{type(exc).__name__}: {exc}"
+    return (reason is None), (reason or "healthy")
+
+
+def up(
+    state_dir: Path | None = None,
+    *,
+    database_url: str | None = None,
+    seed_merged: bool | None = None,
+    only: list[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    cfg = SandboxConfig.load_or_create(state_dir)
+    if database_url is not None:
+        cfg.postgres.external_url = database_url
+    if seed_merged is not None:
+        cfg.git.seed_merged = seed_merged
+    cfg.save()
+    state = read_state(cfg)
+    recs = state.setdefault("services", {})
+    todo: list[ServiceDef] = []
+    for svc in services():
+        if only and svc.name not in only:
+            continue
+        rec = recs.get(svc.name)
+        if rec is not None:
+            healthy, reason = _status_of(cfg, svc, rec)
+            if healthy:
+                echo(f"  {svc.name:16} already running  {rec.get('url', '')}")
+                continue
+            echo(f"  {svc.name:16} was down ({reason}); restarting")
+            process.stop(rec.get("pid"), svc.stop_signal)
+        todo.append(svc)
+    # Every port is known before anything starts, so a service can be configured with the URL of
+    # one that starts after it (the trigger posts to the Edge Function, for instance).
+    for svc in todo:
+        for dotted in svc.ports:
+            if not process.port_is_free(_get_port_attr(cfg, dotted)):
+                _set_port_attr(cfg, dotted, process.free_port())
+    cfg.save()
+    for svc in todo:
+        if svc.prepare:
+            svc.prepare(cfg)
+        argv = svc.argv(cfg)
+        pid = None
+        if argv:
+            pid = process.spawn(
+                argv, log_path=cfg.log_path(svc.name), env=_process_env(cfg, svc), cwd=cfg.state, user=svc.user
+            )
+        rec = {"url": svc.url(cfg), "pid": pid, "log": str(cfg.log_path(svc.name)), "healthy": False}
+        recs[svc.name] = rec
+        _write_state(cfg, state)
+        _wait_healthy(cfg, svc, rec)
+        if svc.after_start:
+            try:
+                svc.after_start(cfg)
+            except Exception as exc:
+                raise SandboxError(f"{svc.name}: set-up after start failed: {type(exc).__name__}: {exc}") from exc
+        rec["healthy"] = True
+        _write_state(cfg, state)
+        echo(f"  {svc.name:16} up               {rec['url']}")
+    _write_env(cfg)
+    return state
+
+
+def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict) -> None:
+    deadline = time.monotonic() + svc.start_timeout
+    reason = "not checked"
+    while time.monotonic() < deadline:
+        pid = rec.get("pid")
+        if pid and not process.is_alive(pid):
+            process.reap(pid)
+            raise SandboxError(
+                f"{svc.name} exited during start-up. Last lines of {cfg.log_path(svc.name)}:\n"
+                + process.log_tail(cfg.log_path(svc.name))
+            )
+        try:
+            reason = svc.health(cfg)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is None:
+            return
+        time.sleep(0.2)
+    raise SandboxError(
+        f"{svc.name} did not become healthy within {svc.start_timeout:.0f}s ({reason}). "
+        f"Last lines of {cfg.log_path(svc.name)}:\n" + process.log_tail(cfg.log_path(svc.name))
+    )
+
+
+def status(state_dir: Path | None = None) -> list[dict]:
+    """One row per service: name, url, pid, healthy, reason."""
+    cfg = SandboxConfig.load_or_create(state_dir)
+    recs = read_state(cfg).get("services", {})
+    rows = []
+    for svc in services():
+        rec = recs.get(svc.name)
+        healthy, reason = _status_of(cfg, svc, rec)
+        rows.append(
+            {
+                "name": svc.name,
+                "url": (rec or {}).get("url", ""),
+                "pid": (rec or {}).get("pid"),
+                "healthy": healthy,
+                "reason": reason,
+            }
+        )
+    return rows
+
+
+def stop_service(name: str, state_dir: Path | None = None) -> None:
+    """Stop one service (fault injection in tests, or before a restart)."""
+    cfg = SandboxConfig.load_or_create(state_dir)
+    state = read_state(cfg)
+    svc = service(name)
+    rec = state.get("services", {}).get(name)
+    if rec:
+        process.stop(rec.get("pid"), svc.stop_signal)
+        rec["healthy"] = False
+        _write_state(cfg, state)
+
+
+def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[str], None] = print) -> list[int]:
+    """Stop every service in reverse order; return pids of stragglers the sweep had to kill."""
+    cfg = SandboxConfig.load_or_create(state_dir)
+    state = read_state(cfg)
+    recs = state.get("services", {})
+    for svc in reversed(services()):
+        rec = recs.get(svc.name)
+        if not rec:
+            continue
+        process.stop(rec.get("pid"), svc.stop_signal)
+        echo(f"  {svc.name:16} stopped")
+    leftovers = process.sweep(cfg.instance_id)
+    if leftovers:
+        echo(f"  killed {len(leftovers)} leftover process(es): {leftovers}")
+    state["services"] = {}
+    _write_state(cfg, state)
+    if purge:
+        shutil.rmtree(cfg.state, ignore_errors=True)
+    return leftovers

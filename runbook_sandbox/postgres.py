@@ -1,0 +1,168 @@
+"""Supabase's Postgres, on loopback: the embedded server from the `pgserver` wheel (no system
+install), or an existing server given with `sandbox up --database-url`.
+
+After start: the versioned SQL files in `sql/` (`NNN_name.sql`, each applied once and recorded
+in `runbook.schema_migrations`), then the trigger (`sql/trigger.sql`, rendered with the Edge
+Function's URL and anon key), and a `prefect` database for the Prefect server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from .config import SandboxConfig
+from .manager import ServiceDef
+
+SQL_DIR = Path(__file__).parent / "sql"
+PG_BIN = None  # resolved lazily: importing pgserver is slow-ish and only needed for the embedded server
+RUN_AS = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # postgres refuses root
+PREFECT_DATABASE = "prefect"
+
+
+def _bin(name: str) -> str:
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH / name)
+
+
+def pgdata(cfg: SandboxConfig) -> Path:
+    return cfg.state / "pgdata"
+
+
+def connect(cfg: SandboxConfig, database: str | None = None, **kw) -> psycopg.Connection:
+    return psycopg.connect(cfg.postgres.url(database), connect_timeout=5, **kw)
+
+
+def prepare(cfg: SandboxConfig) -> None:
+    """initdb on first use (as an unprivileged user when we are root)."""
+    if cfg.postgres.external_url:
+        return
+    data = pgdata(cfg)
+    if (data / "PG_VERSION").exists():
+        return
+    import subprocess
+
+    data.mkdir(parents=True, exist_ok=True)
+    pwfile = cfg.state / ".pgpass-init"
+    pwfile.write_text(cfg.postgres.password + "\n")
+    if RUN_AS:
+        import pwd
+
+        from pgserver._commands import POSTGRES_BIN_PATH
+        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        ensure_user_exists(RUN_AS)
+        ensure_prefix_permissions(data)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+        ent = pwd.getpwnam(RUN_AS)
+        os.chown(data, ent.pw_uid, ent.pw_gid)
+        os.chown(pwfile, ent.pw_uid, ent.pw_gid)
+    os.chmod(pwfile, 0o600)
+    try:
+        subprocess.run(
+            [
+                _bin("initdb"), "-D", str(data), "-U", cfg.postgres.user, f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256", "--auth-local=trust", "--encoding=UTF8", "--no-instructions",
+            ],
+            check=True, capture_output=True, text=True, user=RUN_AS, group=RUN_AS,
+            extra_groups=[] if RUN_AS else None,
+        )
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"initdb failed: {exc.stderr or exc.stdout}") from exc
+    finally:
+        pwfile.unlink(missing_ok=True)
+
+
+def command(cfg: SandboxConfig) -> list[str] | None:
+    if cfg.postgres.external_url:
+        return None
+    return [
+        _bin("postgres"), "-D", str(pgdata(cfg)),
+        "-p", str(cfg.postgres.port), "-h", "127.0.0.1",
+        "-c", "unix_socket_directories=",
+        "-c", "max_connections=200",
+        "-c", "fsync=off",  # a sandbox: speed over durability
+        "-c", "synchronous_commit=off",
+        "-c", "log_min_messages=warning",
+    ]
+
+
+def health(cfg: SandboxConfig) -> str | None:
+    try:
+        with connect(cfg) as conn:
+            conn.execute("select 1")
+    except psycopg.Error as exc:
+        return f"cannot connect: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    return None
+
+
+def migration_files() -> list[Path]:
+    return sorted(p for p in SQL_DIR.glob("*.sql") if re.match(r"^\d{3}_", p.name))
+
+
+def migrate(cfg: SandboxConfig) -> list[str]:
+    """Apply every versioned SQL file not applied yet, each in its own transaction."""
+    applied_now = []
+    with connect(cfg, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS runbook")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS runbook.schema_migrations "
+            "(version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM runbook.schema_migrations")}
+        for path in migration_files():
+            version = path.stem
+            if version in done:
+                continue
+            with conn.transaction():
+                conn.execute(path.read_text())
+                conn.execute("INSERT INTO runbook.schema_migrations (version) VALUES (%s)", (version,))
+            applied_now.append(version)
+    return applied_now
+
+
+def render_trigger_sql(edge_function_url: str, anon_key: str) -> str:
+    text = (SQL_DIR / "trigger.sql").read_text()
+    lit = lambda v: "'" + v.replace("'", "''") + "'"  # noqa: E731 - SQL string literal
+    return text.replace(":edge_function_url", lit(edge_function_url)).replace(":anon_key", lit(anon_key))
+
+
+def install_trigger(cfg: SandboxConfig) -> None:
+    with connect(cfg, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(render_trigger_sql(cfg.edge_function_url, cfg.supabase.anon_key))
+
+
+def ensure_database(cfg: SandboxConfig, name: str) -> None:
+    with connect(cfg, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def after_start(cfg: SandboxConfig) -> None:
+    migrate(cfg)
+    install_trigger(cfg)
+    ensure_database(cfg, PREFECT_DATABASE)
+
+
+SERVICE = ServiceDef(
+    name="postgres",
+    ports=["postgres.port"],
+    command=command,
+    health=health,
+    url=lambda cfg: cfg.database_url.replace(cfg.postgres.password, "***") if cfg.postgres.password else cfg.database_url,
+    prepare=prepare,
+    after_start=after_start,
+    exports=lambda cfg: {"DATABASE_URL": cfg.database_url},
+    stop_signal=signal.SIGINT,  # fast shutdown
+    start_timeout=60,
+    user=RUN_AS,
+)
