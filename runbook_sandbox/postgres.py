@@ -26,7 +26,11 @@ PREFECT_DATABASE = "prefect"
 
 
 def _bin(name: str) -> str:
-    from pgserver._commands import POSTGRES_BIN_PATH
+    import warnings
+
+    with warnings.catch_warnings():  # pgserver warns about XDG_RUNTIME_DIR on import; we use no socket dir
+        warnings.simplefilter("ignore")
+        from pgserver._commands import POSTGRES_BIN_PATH
 
     return str(POSTGRES_BIN_PATH / name)
 
@@ -45,6 +49,7 @@ def prepare(cfg: SandboxConfig) -> None:
         return
     data = pgdata(cfg)
     if (data / "PG_VERSION").exists():
+        _remove_stale_pid_file(data)
         return
     import subprocess
 
@@ -79,6 +84,20 @@ def prepare(cfg: SandboxConfig) -> None:
         raise RuntimeError(f"initdb failed: {exc.stderr or exc.stdout}") from exc
     finally:
         pwfile.unlink(missing_ok=True)
+
+
+def _remove_stale_pid_file(data: Path) -> None:
+    """After a crash the postmaster may linger as an unreaped zombie, which Postgres takes for a live
+    server ("lock file postmaster.pid already exists"); its pid file is stale once it is not alive."""
+    from . import process
+
+    pid_file = data / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return
+    if not process.is_alive(pid):
+        pid_file.unlink(missing_ok=True)
 
 
 def command(cfg: SandboxConfig) -> list[str] | None:

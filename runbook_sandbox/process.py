@@ -80,25 +80,24 @@ def reap(pid: int) -> None:
 
 
 def stop(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Signal the process group of pid, wait for it to end, then SIGKILL what is left."""
-    if not pid or not is_alive(pid):
+    """Signal the process group led by pid (we start each service in its own session, so the group
+    id is the leader's pid), wait for every member to end, then SIGKILL what is left. Members are
+    found even when the leader already died (e.g. Postgres backends after a crashed postmaster)."""
+    if not pid:
         return
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
+    pgid = pid
+    members = [p for p in psutil.process_iter() if _pgid(p) == pgid]
+    if not members:
+        reap(pid)
         return
-    try:
-        members = [p for p in psutil.process_iter() if _pgid(p) == pgid]
-    except psutil.Error:
-        members = []
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
-        return
+        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         reap(pid)
-        if not any(_alive(p) for p in members) and not is_alive(pid):
+        if not any(_alive(p) for p in members):
             return
         time.sleep(0.1)
     try:
