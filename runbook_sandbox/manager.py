@@ -20,17 +20,17 @@ from pathlib import Path
 from typing import Callable
 
 from . import process
-from .config import SandboxConfig
+from .config import PROJECT_ROOT, SandboxConfig
 
 # The services, in start order (stopped in reverse). One module each, exposing SERVICE.
 SERVICE_MODULES: list[str] = [
     "postgres",  # embedded Postgres (or an existing server), schema, net schema, trigger
-    # "modal_standin",  # the Modal app data-enrichment-workers
+    "modal_standin",  # the Modal app data-enrichment-workers
     # "prefect_server",  # the real Prefect server, backed by the sandbox Postgres
     # "prefect_gateway",  # Prefect Cloud's URL shape + bearer auth in front of it; pool, blocks
-    # "supabase",  # Management API (secrets) + functions gateway running the Edge Function in Deno
-    # "pgnet_relay",  # sends net.http_request_queue after commit, writes net._http_response
-    # "git_server",  # git over smart HTTP, seeded with the orchestrator repository
+    "supabase",  # Management API (secrets) + functions gateway running the Edge Function in Deno
+    "pgnet_relay",  # sends net.http_request_queue after commit, writes net._http_response
+    "git_server",  # git over smart HTTP, seeded with the orchestrator repository
     # "managed_worker",  # the worker serving the prefect:managed pool
 ]
 
@@ -129,6 +129,8 @@ def _process_env(cfg: SandboxConfig, svc: ServiceDef) -> dict[str, str]:
             process.INSTANCE_ENV: cfg.instance_id,
             "PYTHONUNBUFFERED": "1",
             "RUNBOOK_SANDBOX_DIR": cfg.state_dir,
+            # `python -m runbook_sandbox.<module>` runs with cwd=<state>: make the package importable.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
         }
     )
     if svc.env:

@@ -43,33 +43,42 @@ def connect(cfg: SandboxConfig, database: str | None = None, **kw) -> psycopg.Co
     return psycopg.connect(cfg.postgres.url(database), connect_timeout=5, **kw)
 
 
+def _grant_access(data: Path, *files: Path) -> None:
+    """Let the unprivileged Postgres user reach its data directory (and the binaries). Done at every
+    start: something else may have tightened a parent directory since (pytest resets its temp root
+    to 0700, for instance)."""
+    import pwd
+
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+    ensure_user_exists(RUN_AS)
+    ensure_prefix_permissions(data)
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+    ent = pwd.getpwnam(RUN_AS)
+    for p in (data, *files):
+        os.chown(p, ent.pw_uid, ent.pw_gid)
+
+
 def prepare(cfg: SandboxConfig) -> None:
     """initdb on first use (as an unprivileged user when we are root)."""
     if cfg.postgres.external_url:
         return
     data = pgdata(cfg)
+    data.mkdir(parents=True, exist_ok=True)
     if (data / "PG_VERSION").exists():
+        if RUN_AS:
+            _grant_access(data)
         _remove_stale_pid_file(data)
         return
     import subprocess
 
-    data.mkdir(parents=True, exist_ok=True)
     pwfile = cfg.state / ".pgpass-init"
     pwfile.write_text(cfg.postgres.password + "\n")
     if RUN_AS:
-        import pwd
-
-        from pgserver._commands import POSTGRES_BIN_PATH
-        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-
-        ensure_user_exists(RUN_AS)
-        ensure_prefix_permissions(data)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
-        ent = pwd.getpwnam(RUN_AS)
-        os.chown(data, ent.pw_uid, ent.pw_gid)
-        os.chown(pwfile, ent.pw_uid, ent.pw_gid)
+        _grant_access(data, pwfile)
     os.chmod(pwfile, 0o600)
     try:
         subprocess.run(

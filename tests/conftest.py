@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -16,9 +18,19 @@ from runbook_sandbox.config import SandboxConfig
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def make_state_dir(prefix: str = "rbsb-") -> Path:
+    """A sandbox state directory outside pytest's temp root: pytest resets that root to 0700 at
+    every session start, which locks out the unprivileged Postgres user of a concurrent run."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture(scope="session")
-def sandbox_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("sandbox")
+def sandbox_dir() -> Path:
+    path = make_state_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

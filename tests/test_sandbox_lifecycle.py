@@ -16,6 +16,8 @@ from dotenv import dotenv_values
 from runbook_sandbox import manager, process
 from runbook_sandbox.config import SandboxConfig
 
+from .conftest import make_state_dir
+
 
 def cli(state_dir, *args, check=True):
     env = dict(os.environ, RUNBOOK_SANDBOX_DIR=str(state_dir))
@@ -29,11 +31,11 @@ def cli(state_dir, *args, check=True):
 
 
 @pytest.fixture
-def own_sandbox(tmp_path):
-    """A sandbox of its own (postgres only), for tests that break it."""
-    state = tmp_path / "sb"
+def own_sandbox():
+    """A sandbox of its own, for tests that break it."""
+    state = make_state_dir()
     yield state
-    manager.down(state, echo=lambda s: None)
+    manager.down(state, purge=True, echo=lambda s: None)
 
 
 def test_up_writes_state_and_env_then_status_and_down(own_sandbox):
