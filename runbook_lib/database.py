@@ -1,0 +1,217 @@
+"""The pipeline's Postgres (Supabase's, or the sandbox's), with psycopg 3.
+
+Reads what the checks look at (the trigger and its function, pg_net's presence and responses, the
+registry, workflow states and their transitions) and launches a batch exactly as the admin UI
+does, so the end-to-end test goes through the real trigger. Connection failures become a
+`DatabaseError` with the password masked.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg.rows import dict_row
+
+from runbook_lib.errors import DatabaseError
+from runbook_lib.redaction import redact, register_secret
+
+TRIGGER_NAME = "trigger_batch_ready"
+TRIGGER_FUNCTION = "public.notify_prefect_on_batch_insert"
+HTTP_POST_SIGNATURE = "net.http_post(text,jsonb,jsonb,jsonb,integer)"
+ITEM_COLUMNS = ("company_name", "company_domain", "company_linkedin_url", "person_first_name",
+                "person_last_name", "person_linkedin_url", "person_title", "original_data")
+
+
+@dataclass(frozen=True)
+class TriggerInfo:
+    name: str
+    enabled: bool
+    definition: str  # pg_get_triggerdef: timing, event, WHEN clause
+    function: str
+    security_definer: bool
+    function_source: str  # pg_get_functiondef (holds the Edge Function URL and the anon key)
+
+    @property
+    def fires_on_initializing_to_pending(self) -> bool:
+        d = " ".join(self.definition.split())
+        return ("AFTER UPDATE ON public.batches" in d and "'INITIALIZING'" in d and "'PENDING'" in d
+                and "old.status" in d.lower() and "new.status" in d.lower())
+
+    def posts_to(self, url: str) -> bool:
+        return f"'{url}'" in self.function_source
+
+
+@dataclass(frozen=True)
+class LaunchedBatch:
+    batch_id: str
+    item_ids: list[str]
+    trigger_request_ids: list[int]
+
+
+class Database:
+    def __init__(self, dsn: str, *, connect_timeout: int = 10):
+        self._dsn = dsn
+        self.connect_timeout = connect_timeout
+        parts = urlsplit(dsn)
+        if parts.password:
+            register_secret(parts.password, "DATABASE_PASSWORD")
+        self.where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> "Database":
+        settings.require("database.url")
+        return cls(settings.value("database.url"), **kwargs)
+
+    def connect(self, *, autocommit: bool = True) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self._dsn, autocommit=autocommit, connect_timeout=self.connect_timeout, row_factory=dict_row)
+        except psycopg.Error as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DatabaseError(f"cannot connect to {self.where}: {redact(reason)}; check DATABASE_URL") from None
+
+    def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        with self.connect() as conn:
+            try:
+                return conn.execute(sql, params).fetchall()
+            except psycopg.Error as exc:
+                raise DatabaseError(f"query failed on {self.where}: {redact(str(exc).strip())}") from None
+
+    # -- structure ----------------------------------------------------------------------------
+    def server_version(self) -> str:
+        return self.query("SHOW server_version")[0]["server_version"]
+
+    def http_post_available(self) -> bool:
+        """pg_net's `net.http_post` exists with the signature the trigger calls."""
+        row = self.query("SELECT to_regprocedure(%s) IS NOT NULL AS ok", (HTTP_POST_SIGNATURE,))[0]
+        return bool(row["ok"])
+
+    def trigger(self) -> TriggerInfo | None:
+        """The batch trigger and its function, or None when it is not installed."""
+        rows = self.query(
+            """
+            SELECT t.tgname, t.tgenabled <> 'D' AS enabled, pg_get_triggerdef(t.oid) AS definition,
+                   p.oid::regprocedure::text AS function, p.prosecdef, pg_get_functiondef(p.oid) AS source
+              FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE t.tgrelid = to_regclass('public.batches') AND t.tgname = %s AND NOT t.tgisinternal
+            """,
+            (TRIGGER_NAME,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return TriggerInfo(r["tgname"], r["enabled"], r["definition"], r["function"], r["prosecdef"], r["source"])
+
+    # -- registry -----------------------------------------------------------------------------
+    def registry(self, workstream: str | None = None) -> list[dict[str, Any]]:
+        """Registry rows (all, or one workstream's): slug, workstream_slug, sender and receiver."""
+        return self.query(
+            """
+            SELECT slug, workstream_slug, name, type::text AS type, modal_sender_fn, modal_receiver_fn
+              FROM public.enrichment_registry
+             WHERE %(ws)s::text IS NULL OR workstream_slug = %(ws)s
+             ORDER BY workstream_slug NULLS FIRST, slug
+            """,
+            {"ws": workstream},
+        )
+
+    def client_exists(self, client_id: str) -> bool:
+        return bool(self.query("SELECT 1 FROM public.clients WHERE id = %s", (client_id,)))
+
+    # -- batches ------------------------------------------------------------------------------
+    def launch_batch(
+        self, client_id: str, workstream: str, blueprint: list[str], items: Iterable[dict[str, Any]]
+    ) -> LaunchedBatch:
+        """Launch a batch the way the admin UI does: insert it INITIALIZING with its items and one
+        PENDING workflow state per item for blueprint[0] (one transaction), then flip it to
+        PENDING (a second transaction), which fires the trigger."""
+        if not blueprint:
+            raise DatabaseError("a batch needs a non-empty blueprint")
+        items = list(items)
+        if not items:
+            raise DatabaseError("a batch needs at least one item")
+        for item in items:
+            unknown = set(item) - set(ITEM_COLUMNS)
+            if unknown:
+                raise DatabaseError(f"unknown batch item field(s) {sorted(unknown)}; known: {list(ITEM_COLUMNS)}")
+        batch_id = str(uuid.uuid4())
+        columns = ITEM_COLUMNS
+        with self.connect(autocommit=False) as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO public.batches (id, status, blueprint, client_id, workstream_slug) "
+                    "VALUES (%s, 'INITIALIZING', %s, %s, %s)",
+                    (batch_id, json.dumps(blueprint), client_id, workstream),
+                )
+                item_ids = []
+                for item in items:
+                    row = conn.execute(
+                        "INSERT INTO public.batch_items (batch_id, " + ", ".join(columns) + ") "
+                        "VALUES (%s, " + ", ".join(["%s"] * len(columns)) + ") RETURNING id",
+                        (batch_id, *[json.dumps(item[c]) if c == "original_data" and c in item else item.get(c)
+                                     for c in columns]),
+                    ).fetchone()
+                    item_ids.append(str(row["id"]))
+                    conn.execute(
+                        "INSERT INTO public.workflow_states (batch_id, item_id, step_name, status) "
+                        "VALUES (%s, %s, %s, 'PENDING')",
+                        (batch_id, row["id"], blueprint[0]),
+                    )
+                conn.commit()
+            except psycopg.Error as exc:
+                conn.rollback()
+                raise DatabaseError(f"inserting the batch failed: {redact(str(exc).strip())}") from None
+            try:
+                conn.execute("UPDATE public.batches SET status = 'PENDING' WHERE id = %s AND status = 'INITIALIZING'",
+                             (batch_id,))
+                conn.commit()
+            except psycopg.Error as exc:
+                conn.rollback()
+                raise DatabaseError(f"flipping batch {batch_id} to PENDING failed: {redact(str(exc).strip())}") from None
+        return LaunchedBatch(batch_id, item_ids, self.trigger_request_ids(batch_id))
+
+    def trigger_request_ids(self, batch_id: str) -> list[int]:
+        """pg_net request ids the trigger queued for this batch (runbook.trigger_requests)."""
+        rows = self.query("SELECT request_id FROM runbook.trigger_requests WHERE batch_id = %s ORDER BY request_id", (batch_id,))
+        return [r["request_id"] for r in rows]
+
+    def http_responses(self, request_ids: list[int]) -> list[dict[str, Any]]:
+        """pg_net's recorded answers (net._http_response) for these request ids."""
+        if not request_ids:
+            return []
+        return self.query(
+            "SELECT id, status_code, content_type, content, timed_out, error_msg, created "
+            "FROM net._http_response WHERE id = ANY(%s) ORDER BY id",
+            (request_ids,),
+        )
+
+    def state_counts(self, batch_id: str) -> dict[tuple[str, str], int]:
+        """(step_name, status) -> number of workflow states of the batch."""
+        rows = self.query(
+            "SELECT step_name, status::text AS status, count(*) AS n FROM public.workflow_states "
+            "WHERE batch_id = %s GROUP BY 1, 2",
+            (batch_id,),
+        )
+        return {(r["step_name"], r["status"]): r["n"] for r in rows}
+
+    def transitions(self, batch_id: str) -> list[dict[str, Any]]:
+        """Every recorded status change of the batch's workflow states, in order."""
+        return self.query(
+            "SELECT state_id, item_id, step_name, from_status::text AS from_status, to_status::text AS to_status, at "
+            "FROM runbook.workflow_state_transitions WHERE batch_id = %s ORDER BY at, id",
+            (batch_id,),
+        )
+
+    def delete_batch(self, batch_id: str) -> bool:
+        """Remove a (test) batch with its items, states and results; True if it existed."""
+        with self.connect(autocommit=False) as conn:
+            for table in ("runbook.trigger_requests", "runbook.workflow_state_transitions"):
+                if conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (table,)).fetchone()["ok"]:
+                    conn.execute(f"DELETE FROM {table} WHERE batch_id = %s", (batch_id,))
+            existed = conn.execute("DELETE FROM public.batches WHERE id = %s", (batch_id,)).rowcount > 0
+            conn.commit()
+            return existed

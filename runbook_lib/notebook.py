@@ -1,0 +1,173 @@
+"""The entry point of every runbook notebook: `ctx = start_step("<name>", profile=..., confirm=..., run_dir=...)`.
+
+Works from any working directory (project root, `papermill --cwd notebooks`): paths are resolved
+from the project root. It loads the profile's settings, registers their secrets for redaction and
+installs the redaction hooks, and starts the step's results file in the run directory. The
+returned `StepContext` is what the notebook's cells call: show things, record checks (failing
+the cell when a check failed), gate changes behind a confirmation, record values, finish.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from runbook_lib import project, redaction
+from runbook_lib.checks import Check, CheckReport
+from runbook_lib.errors import RunbookError
+from runbook_lib.gate import ConfirmationGate, in_kernel, parse_confirm
+from runbook_lib.results import GateDecision, StepResults, check_step_name, now
+from runbook_lib.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings, load_settings
+
+
+def show(obj: Any) -> None:
+    """Display `obj`: rich HTML in a notebook, a rich rendering (or its text) in a terminal."""
+    if in_kernel():
+        from IPython.display import display
+
+        display(obj)
+        return
+    if hasattr(obj, "__rich__") or hasattr(obj, "__rich_console__"):
+        from rich.console import Console
+
+        Console().print(obj)
+    else:
+        print(redaction.redact(str(obj)))
+
+
+def resolve_run_dir(run_dir: str | Path | None, profile: str, root: Path) -> Path:
+    """An absolute run directory: relative paths are taken from the project root, not the cwd."""
+    if run_dir in (None, ""):
+        return project.default_run_dir(profile, root)
+    path = Path(run_dir).expanduser()
+    return path if path.is_absolute() else (root / path).resolve()
+
+
+def register_settings_secrets(settings: RunbookSettings) -> None:
+    for label, value in settings.secret_values().items():
+        redaction.register_secret(value, label)
+
+
+class StepContext:
+    """One notebook step's state: settings, run directory, results and the confirmation gate."""
+
+    def __init__(self, name: str, settings: RunbookSettings, run_dir: Path, confirm: bool | None, root: Path):
+        self.name = name
+        self.settings = settings
+        self.run_dir = run_dir
+        self.confirm = confirm
+        self.root = root
+        self.results = StepResults(step=name, profile=settings.profile)
+        self.gate: ConfirmationGate | None = None
+        self.save()
+
+    @property
+    def profile(self) -> str:
+        return self.settings.profile
+
+    def save(self) -> Path:
+        return self.results.save(self.run_dir)
+
+    # -- other steps --------------------------------------------------------------------------
+    def previous(self, step: str) -> StepResults:
+        """The results an earlier step wrote in this run directory."""
+        return StepResults.load(self.run_dir, step)
+
+    # -- values -------------------------------------------------------------------------------
+    def set(self, key: str, value: Any) -> Any:
+        """Record a value for later steps (e.g. deployment_id); returns it."""
+        self.results.values[key] = value
+        self.save()
+        return value
+
+    # -- checks -------------------------------------------------------------------------------
+    def new_report(self) -> CheckReport:
+        return CheckReport(step=self.name)
+
+    def record_checks(self, report: CheckReport | list[Check]) -> CheckReport:
+        """Record and show the checks; a failed check marks the step failed and raises ChecksFailed."""
+        if not isinstance(report, CheckReport):
+            report = CheckReport(step=self.name, checks=list(report))
+        self.results.add_checks(report)
+        self.save()
+        show(report)
+        if not report.ok:
+            try:
+                report.raise_for_failures()
+            except RunbookError as exc:
+                self.fail(exc)
+                raise
+        return report
+
+    # -- confirmation -------------------------------------------------------------------------
+    def confirm_plan(self, summary: str, plan: Any, *, interactive: bool | None = None) -> ConfirmationGate:
+        """Show the plan behind a confirmation gate (see runbook_lib.gate). Headless without
+        `confirm`, records the refusal and raises NotConfirmed."""
+        try:
+            self.gate = ConfirmationGate.open(
+                self.name, summary, plan, self.confirm, interactive=interactive, on_decision=self._record_decision
+            )
+        except RunbookError as exc:
+            self.fail(exc)
+            raise
+        show(self.gate)
+        return self.gate
+
+    def require_approved(self, plan: Any = None) -> None:
+        """Before applying: raise NotConfirmed unless the gate approved (this very plan)."""
+        if self.gate is None:
+            raise RunbookError(f"step {self.name!r}: no plan was shown for confirmation; call confirm_plan first")
+        self.gate.require_approved(plan)
+
+    def _record_decision(self, decision: GateDecision) -> None:
+        self.results.gate = decision
+        self.save()
+
+    # -- end ----------------------------------------------------------------------------------
+    def fail(self, exc: BaseException) -> None:
+        self.results.status = "failed"
+        self.results.error = str(exc)
+        self.results.finished_at = now()
+        self.save()
+
+    def finish(self) -> StepResults:
+        """Mark the step passed (unless it already failed) and show its summary."""
+        if self.results.status != "failed":
+            self.results.status = "passed"
+        self.results.finished_at = now()
+        self.save()
+        show(self.results.report)
+        return self.results
+
+
+def start_step(
+    name: str,
+    profile: str | None = "sandbox",
+    confirm: Any = None,
+    run_dir: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    install_hooks: bool = True,
+) -> StepContext:
+    """Load settings, set up redaction, start `<run_dir>/<name>.json`; see the module doc.
+
+    A settings problem is recorded in the step's results (status failed) and raised.
+    """
+    check_step_name(name)
+    root = project.project_root()
+    confirm = parse_confirm(confirm)
+    if install_hooks:
+        redaction.install()
+    env = os.environ if environ is None else environ
+    profile_name = profile or env.get(PROFILE_ENV) or DEFAULT_PROFILE
+    directory = resolve_run_dir(run_dir, profile_name, root)
+    try:
+        settings = load_settings(profile_name, environ=environ, root=root, overrides=overrides)
+    except RunbookError as exc:
+        failed = StepResults(step=name, profile=profile_name, status="failed", error=str(exc), finished_at=now())
+        failed.save(directory)
+        raise
+    register_settings_secrets(settings)
+    return StepContext(name, settings, directory, confirm, root)

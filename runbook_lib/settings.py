@@ -1,0 +1,703 @@
+"""The settings of one target (a profile): what to deploy where, and with which credentials.
+
+Layers, lowest precedence first:
+
+1. the profile file `profiles/<name>.toml` (versioned; non-secret values only; `extends = "<other>"`
+   inherits another profile, tables such as `[deployment.env]` merged key by key; `""` unsets);
+2. the service settings a user exports (`PREFECT_API_KEY`, `DATABASE_URL`, ... see `ENV_SETTINGS`):
+   - profile `production` (any non-sandbox profile): `<project>/.env` (git-ignored), then the environment;
+   - profile `sandbox`: only `<sandbox dir>/sandbox.env` (`RUNBOOK_SANDBOX_DIR`, default
+     `<project>/.sandbox`), written by `python -m runbook_lib sandbox up`. Ambient variables and
+     `.env` of the same names are ignored there, so the sandbox profile can never pick up
+     production credentials; every URL it uses must be on loopback;
+3. `RUNBOOK_<SECTION>__<FIELD>` overrides of profile values (JSON for lists and tables), from
+   `.env` or the environment, e.g. `RUNBOOK_E2E__ITEM_COUNT=5`;
+4. the `overrides` argument of `load_settings` (dotted paths; tests and notebooks).
+
+Secrets (`SECRET_SETTINGS`) may come only from layer 2 or 4. Credentials are optional when
+loading: a step states what it needs with `settings.require(...)`, which fails with one error
+naming each missing setting and where to set it. A malformed value fails at load, naming the
+setting, where its value came from, and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+import typing
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runbook_lib import project
+from runbook_lib.errors import RequirementError, SettingsError
+
+# The settings a production user exports, and the setting each one fills.
+ENV_SETTINGS: dict[str, str] = {
+    "PREFECT_API_URL": "prefect.api_url",
+    "PREFECT_API_KEY": "prefect.api_key",
+    "PREFECT_ACCOUNT_ID": "prefect.account_id",
+    "PREFECT_WORKSPACE_ID": "prefect.workspace_id",
+    "PREFECT_CLOUD_API_URL": "prefect.cloud_api_url",
+    "DATABASE_URL": "database.url",
+    "SUPABASE_API_URL": "supabase.api_url",
+    "SUPABASE_ACCESS_TOKEN": "supabase.access_token",
+    "SUPABASE_PROJECT_REF": "supabase.project_ref",
+    "SUPABASE_FUNCTIONS_URL": "supabase.functions_url",
+    "SUPABASE_ANON_KEY": "supabase.anon_key",
+    "SUPABASE_EDGE_FUNCTION_URL": "supabase.edge_function_url",
+    "RUNBOOK_REPO_URL": "source.repo_url",
+    "GITHUB_TOKEN": "source.github_token",
+    "ENRICHMENT_DISPATCH_URL": "modal.dispatch_url",
+    "MODAL_TOKEN_ID": "modal.token_id",
+    "MODAL_TOKEN_SECRET": "modal.token_secret",
+}
+SETTING_ENV: dict[str, str] = {path: env for env, path in ENV_SETTINGS.items()}
+SECRET_SETTINGS = frozenset(
+    {"prefect.api_key", "supabase.access_token", "database.url", "source.github_token", "modal.token_id", "modal.token_secret"}
+)
+URL_SETTINGS = (
+    "prefect.api_url", "prefect.cloud_api_url", "supabase.api_url", "supabase.functions_url", "supabase.edge_function_url",
+    "source.repo_url", "modal.dispatch_url", "database.url",
+)
+OVERRIDE_PREFIX = "RUNBOOK_"
+PROFILE_ENV = "RUNBOOK_PROFILE"
+DEFAULT_PROFILE = "sandbox"
+SANDBOX_ENV_FILE = "sandbox.env"
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_BLOCK_REFERENCE = re.compile(r"\{\{\s*prefect\.blocks\.secret\.([A-Za-z0-9_-]+)\s*\}\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+# -- value checks -------------------------------------------------------------------------------
+
+
+def _uuid(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError("is not a UUID") from None
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("is not an http(s) URL")
+    return value.rstrip("/")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrefectSettings(_Section):
+    """Prefect Cloud (or the sandbox's Cloud-shaped gateway)."""
+
+    api_url: str | None = None
+    api_key: SecretStr | None = None
+    account_id: str | None = None
+    workspace_id: str | None = None
+    # With no api_url, it is built as <cloud_api_url>/accounts/<account_id>/workspaces/<workspace_id>.
+    # Prefect's clients treat an api_url under it as Cloud (bearer auth on WebSockets too).
+    cloud_api_url: str | None = None
+
+    @property
+    def is_cloud(self) -> bool:
+        return bool(self.api_url and self.cloud_api_url and self.api_url.startswith(self.cloud_api_url))
+
+    _check_ids = field_validator("account_id", "workspace_id")(_uuid)
+    _check_urls = field_validator("api_url", "cloud_api_url")(_http_url)
+
+    @model_validator(mode="after")
+    def _resolve_api_url(self) -> "PrefectSettings":
+        if self.api_url is None and self.cloud_api_url and self.account_id and self.workspace_id:
+            self.api_url = f"{self.cloud_api_url}/accounts/{self.account_id}/workspaces/{self.workspace_id}"
+        match = re.search(r"/accounts/([^/]+)/workspaces/([^/]+)", self.api_url or "")
+        if match:
+            for label, given, in_url in (("account", self.account_id, match.group(1)),
+                                         ("workspace", self.workspace_id, match.group(2))):
+                if given and given != in_url.lower():
+                    raise ValueError(
+                        f"PREFECT_API_URL points at {label} {in_url} but PREFECT_{label.upper()}_ID is {given}: "
+                        "the runbook and the Edge Function would talk to different workspaces"
+                    )
+        return self
+
+
+class SourceSettings(_Section):
+    """The flow's git repository."""
+
+    repo_url: str | None = None
+    branch: str = "main"
+    entrypoint: str
+    github_token: SecretStr | None = None
+
+    @field_validator("repo_url")
+    @classmethod
+    def _repo_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme in ("http", "https", "ssh", "git") and parts.hostname:
+            return value
+        if parts.scheme == "file" or re.match(r"^[\w.-]+@[\w.-]+:", value):
+            return value
+        raise ValueError("is not a git repository URL (https://..., ssh://..., git@host:path or file://...)")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str) -> str:
+        if not re.match(r"^[^:\s]+\.py:[A-Za-z_][A-Za-z0-9_]*$", value):
+            raise ValueError("must look like 'path/to/file.py:function_name'")
+        return value
+
+    @property
+    def entrypoint_path(self) -> str:
+        return self.entrypoint.split(":", 1)[0]
+
+    @property
+    def entrypoint_function(self) -> str:
+        return self.entrypoint.split(":", 1)[1]
+
+
+class DeploymentSettings(_Section):
+    """The Prefect deployment and its managed work pool's job variables."""
+
+    name: str
+    work_pool: str
+    work_pool_type: str
+    pip_packages: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    runtime_python: str = "3.12"
+
+    @field_validator("pip_packages")
+    @classmethod
+    def _requirements(cls, value: list[str]) -> list[str]:
+        from runbook_lib.packages import validate_requirements
+
+        try:
+            validate_requirements(value)
+        except RequirementError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in value if not _ENV_NAME.match(k)]
+        if bad:
+            raise ValueError(f"invalid environment variable name(s) {bad}")
+        return value
+
+    @field_validator("runtime_python")
+    @classmethod
+    def _python(cls, value: str) -> str:
+        if not re.match(r"^3\.\d+$", value):
+            raise ValueError("must be a Python version like '3.12'")
+        return value
+
+    def job_variables(self) -> dict[str, Any]:
+        return {"pip_packages": list(self.pip_packages), "env": dict(self.env)}
+
+    def referenced_secret_blocks(self) -> list[str]:
+        """Secret block names used as `{{ prefect.blocks.secret.<name> }}` in env."""
+        found = []
+        for value in self.env.values():
+            found += [m for m in _SECRET_BLOCK_REFERENCE.findall(value) if m not in found]
+        return found
+
+
+class BlockNames(_Section):
+    """Names of the Secret blocks the runtime needs; each holds the value of one setting."""
+
+    database_url: str = "postgres-connection-string"
+    modal_token_id: str = "modal-token-id"
+    modal_token_secret: str = "modal-token-secret"
+
+    @field_validator("*")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _BLOCK_NAME.match(value):
+            raise ValueError("block names are lowercase letters, digits and dashes")
+        return value
+
+
+# Which setting supplies each Secret block's value.
+BLOCK_VALUE_SETTINGS = {"database_url": "database.url", "modal_token_id": "modal.token_id", "modal_token_secret": "modal.token_secret"}
+
+
+class SupabaseSettings(_Section):
+    """The Supabase project: Management API (secrets) and the Edge Function."""
+
+    api_url: str | None = None
+    access_token: SecretStr | None = None
+    project_ref: str | None = None
+    anon_key: str | None = None  # public by design (browser code, the trigger's SQL): not a secret
+    functions_url: str | None = None
+    edge_function_url: str | None = None
+    function_name: str = "trigger-prefect-orchestrator"
+    deployment_id_secret: str = "PREFECT_DEPLOYMENT_ID"
+    function_secrets: list[str] = Field(default_factory=list)
+
+    _check_urls = field_validator("api_url", "functions_url", "edge_function_url")(_http_url)
+
+    @field_validator("project_ref")
+    @classmethod
+    def _ref(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[a-z]{20}$", value):
+            raise ValueError("a project ref is 20 lowercase letters")
+        return value
+
+    @field_validator("deployment_id_secret")
+    @classmethod
+    def _secret_name(cls, value: str) -> str:
+        _check_function_secret_name(value)
+        return value
+
+    @field_validator("function_secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_function_secret_name(name)
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_urls(self) -> "SupabaseSettings":
+        if self.functions_url is None and self.project_ref:
+            self.functions_url = f"https://{self.project_ref}.supabase.co/functions/v1"
+        if self.edge_function_url is None and self.functions_url:
+            self.edge_function_url = f"{self.functions_url}/{self.function_name}"
+        return self
+
+
+def _check_function_secret_name(name: str) -> None:
+    if not _ENV_NAME.match(name) or len(name) > 256:
+        raise ValueError(f"{name!r} is not a valid secret name")
+    if name.upper().startswith("SUPABASE_"):
+        raise ValueError(f"{name!r}: secret names must not start with SUPABASE_ (reserved)")
+
+
+class DatabaseSettings(_Section):
+    url: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parts = urlsplit(value.get_secret_value())
+            if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+                raise ValueError("is not a PostgreSQL connection URL (postgresql://...)")
+        return value
+
+    @property
+    def password(self) -> str | None:
+        if self.url is None:
+            return None
+        pw = urlsplit(self.url.get_secret_value()).password
+        return unquote(pw) if pw else None
+
+
+class ModalSettings(_Section):
+    app_name: str = "data-enrichment-workers"
+    token_id: SecretStr | None = None
+    token_secret: SecretStr | None = None
+    # Where the sandbox's orchestrator dispatches instead of Modal (unset in production).
+    dispatch_url: str | None = None
+
+    _check_url = field_validator("dispatch_url")(_http_url)
+
+
+class E2ESettings(_Section):
+    """The end-to-end test: a dedicated client's batch launched the way the admin UI does."""
+
+    client_id: str
+    workstream: str
+    blueprint: list[str] = Field(min_length=1)
+    item_count: int = Field(default=3, ge=1, le=1000)
+    trigger_timeout_seconds: float = Field(default=30, gt=0)
+    flow_run_timeout_seconds: float = Field(default=300, gt=0)
+    completion_timeout_seconds: float = Field(default=600, gt=0)
+    poll_interval_seconds: float = Field(default=2, gt=0)
+    expect_completed: bool = True
+
+    _check_client = field_validator("client_id")(_uuid)
+
+
+class RunbookSettings(BaseSettings):
+    """Everything a runbook step needs about its target. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    profile: str
+    description: str = ""
+    sandbox: bool = False
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    source: SourceSettings
+    deployment: DeploymentSettings
+    blocks: BlockNames = Field(default_factory=BlockNames)
+    supabase: SupabaseSettings = Field(default_factory=SupabaseSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    modal: ModalSettings = Field(default_factory=ModalSettings)
+    e2e: E2ESettings
+
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
+    _hints: "_Hints | None" = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # load_settings merges the layers itself, so that every value's origin is known.
+        return (init_settings,)
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, path: str) -> Any:
+        """The value at a dotted path (`"prefect.api_key"`); secrets stay SecretStr."""
+        obj: Any = self
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def value(self, path: str) -> Any:
+        """The value at a dotted path, secrets revealed: for handing to a client, never to display."""
+        v = self.get(path)
+        return v.get_secret_value() if isinstance(v, SecretStr) else v
+
+    def origin(self, path: str) -> str:
+        """Where a setting's value came from (a file, an environment variable, a default)."""
+        return self._origins.get(path, "default")
+
+    def where_to_set(self, path: str) -> str:
+        return self._hints.where(path) if self._hints else f"set {path}"
+
+    def require(self, *paths: str) -> None:
+        """Raise one SettingsError naming every unset setting among `paths` and where to set it."""
+        missing = [p for p in paths if self.get(p) in (None, "", [], {})]
+        if missing:
+            lines = [f"{p} is not set: {self.where_to_set(p)}" for p in missing]
+            raise SettingsError(_one_message(f"profile {self.profile!r}: missing setting(s)", lines))
+
+    def secret_values(self) -> dict[str, str]:
+        """Every secret value that is set, by label (for redaction)."""
+        out = {}
+        for path in sorted(SECRET_SETTINGS):
+            v = self.value(path)
+            if v:
+                out[SETTING_ENV.get(path, path)] = v
+        if self.database.password:
+            out["DATABASE_PASSWORD"] = self.database.password
+        return out
+
+    def secret_block_values(self) -> dict[str, str]:
+        """Secret block name -> the value it must hold; raises if a source setting is unset."""
+        self.require(*BLOCK_VALUE_SETTINGS.values())
+        return {getattr(self.blocks, role): self.value(path) for role, path in BLOCK_VALUE_SETTINGS.items()}
+
+    def describe(self) -> list[dict[str, str]]:
+        """One row per setting (secrets as set/unset only), with its origin: for display."""
+        rows = []
+        for section in ("prefect", "source", "deployment", "blocks", "supabase", "database", "modal", "e2e"):
+            for field, v in getattr(self, section):
+                path = f"{section}.{field}"
+                if path in SECRET_SETTINGS:
+                    shown = "set (hidden)" if v is not None else "not set"
+                else:
+                    shown = json.dumps(v) if isinstance(v, (list, dict)) else ("not set" if v is None else str(v))
+                rows.append({"setting": path, "value": shown, "origin": self.origin(path)})
+        return rows
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+class _Hints:
+    """Where each setting is set, for error messages."""
+
+    def __init__(self, profile: str, profile_file: Path, sandbox_env: Path | None, root: Path):
+        self.profile, self.profile_file, self.sandbox_env, self.root = profile, profile_file, sandbox_env, root
+
+    def where(self, path: str) -> str:
+        env = SETTING_ENV.get(path)
+        if path == "prefect.api_url":
+            env = "PREFECT_API_URL (or PREFECT_ACCOUNT_ID and PREFECT_WORKSPACE_ID)"
+        if path in ("supabase.functions_url", "supabase.edge_function_url"):
+            env = f"{SETTING_ENV[path]} (or SUPABASE_PROJECT_REF)"
+        if env and self.sandbox_env is not None:
+            return f"{env} comes from {self.sandbox_env}, written by `python -m runbook_lib sandbox up`"
+        if env:
+            return f"set {env} in the environment or in {self.root / '.env'} (git-ignored)"
+        section, _, field = path.partition(".")
+        return (
+            f"set `{field}` in section [{section}] of {self.profile_file}, "
+            f"or override it with {OVERRIDE_PREFIX}{section.upper()}__{field.upper()}"
+        )
+
+
+def _one_message(head: str, lines: list[str]) -> str:
+    if len(lines) == 1:
+        return f"{head}: {lines[0]}"
+    return head + ":\n" + "\n".join(f"  - {line}" for line in lines)
+
+
+def available_profiles(root: Path | None = None) -> list[str]:
+    return sorted(p.stem for p in project.profiles_dir(root).glob("*.toml"))
+
+
+def _flatten(data: dict[str, Any], origin: str) -> dict[str, tuple[Any, str]]:
+    """Profile TOML -> {"section.field" or "key": (value, origin)}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in RunbookSettings.model_fields:
+            for field, v in value.items():
+                flat[f"{key}.{field}"] = (v, origin)
+        else:
+            flat[key] = (value, origin)
+    return flat
+
+
+def _read_profile(name: str, root: Path, chain: tuple[str, ...] = ()) -> dict[str, tuple[Any, str]]:
+    if not _PROFILE_NAME.match(name):
+        raise SettingsError(f"profile name {name!r} is not valid (lowercase letters, digits, '-', '_')")
+    path = project.profiles_dir(root) / f"{name}.toml"
+    if not path.is_file():
+        raise SettingsError(
+            f"unknown profile {name!r}: no file {path}. Available profiles: {', '.join(available_profiles(root)) or 'none'}"
+        )
+    if name in chain:
+        raise SettingsError(f"profile {name!r} extends itself (through {' -> '.join(chain)})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"profile file {path} is not valid TOML: {exc}") from None
+    origin = f"{path.relative_to(root) if path.is_relative_to(root) else path}"
+    secrets_inside = [p for p in _flatten(data, origin) if p in SECRET_SETTINGS]
+    if secrets_inside:
+        raise SettingsError(
+            f"profile file {path} contains secret setting(s) {secrets_inside}: profiles are versioned and hold "
+            f"no secrets; remove them and set {', '.join(SETTING_ENV[p] for p in secrets_inside)} in the "
+            f"environment or in {root / '.env'} (git-ignored)"
+        )
+    parent = data.pop("extends", None)
+    merged: dict[str, tuple[Any, str]] = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise SettingsError(f"profile file {path}: `extends` must be a profile name")
+        merged = _read_profile(parent, root, chain + (name,))
+    for key, (value, where) in _flatten(data, origin).items():
+        if isinstance(value, dict) and isinstance(merged.get(key, (None,))[0], dict):
+            value = {**merged[key][0], **value}
+        merged[key] = (value, where)
+    return merged
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def _field_annotation(path: str) -> Any:
+    section, _, field = path.partition(".")
+    model = RunbookSettings.model_fields[section].annotation
+    return model.model_fields[field].annotation  # type: ignore[union-attr]
+
+
+def _overrides_from_env(env: Mapping[str, tuple[str, str]], problems: list[str]) -> dict[str, tuple[Any, str]]:
+    """`RUNBOOK_<SECTION>__<FIELD>` variables -> dotted settings."""
+    out = {}
+    for key, (raw, origin) in env.items():
+        if not key.startswith(OVERRIDE_PREFIX) or "__" not in key:
+            continue
+        section, _, field = key[len(OVERRIDE_PREFIX):].lower().partition("__")
+        path = f"{section}.{field}"
+        model = RunbookSettings.model_fields.get(section)
+        if model is None or not isinstance(model.annotation, type) or not issubclass(model.annotation, BaseModel) \
+                or field not in model.annotation.model_fields:
+            problems.append(f"{key} ({origin}) does not name a setting: expected {OVERRIDE_PREFIX}<SECTION>__<FIELD>")
+            continue
+        if path in SECRET_SETTINGS:
+            problems.append(f"{key} ({origin}): {path} is a secret; set {SETTING_ENV[path]} instead")
+            continue
+        value: Any = raw
+        if typing.get_origin(_field_annotation(path)) in (list, dict):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{key} ({origin}) must be JSON for {path}: {exc.msg}")
+                continue
+        out[path] = (value, origin)
+    return out
+
+
+def _nest(flat: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, (value, _) in flat.items():
+        if value == "":
+            continue  # "" unsets: the setting falls back to its default
+        section, _, field = path.partition(".")
+        if field:
+            nested.setdefault(section, {})[field] = value
+        else:
+            nested[section] = value
+    return nested
+
+
+def load_settings(
+    profile: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    root: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RunbookSettings:
+    """The settings of `profile` (default: $RUNBOOK_PROFILE, else "sandbox"); see the module doc."""
+    root = (root or project.project_root()).resolve()
+    environ = dict(os.environ if environ is None else environ)
+    name = profile or environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    flat = _read_profile(name, root)
+    profile_file = project.profiles_dir(root) / f"{name}.toml"
+    is_sandbox = bool(flat.get("sandbox", (False,))[0])
+
+    dotenv_path = root / ".env"
+    user_env: dict[str, tuple[str, str]] = {}
+    if dotenv_path.is_file():
+        user_env.update({k: (v, f"{dotenv_path} ({k})") for k, v in _read_env_file(dotenv_path).items()})
+    user_env.update({k: (v, f"environment variable {k}") for k, v in environ.items()})
+
+    sandbox_env_path = None
+    if is_sandbox:
+        sandbox_env_path = project.default_sandbox_dir(environ, root) / SANDBOX_ENV_FILE
+        if not sandbox_env_path.is_file():
+            raise SettingsError(
+                f"profile {name!r} reads {sandbox_env_path}, which does not exist: start the sandbox with "
+                "`python -m runbook_lib sandbox up` (or point RUNBOOK_SANDBOX_DIR at its state directory)"
+            )
+        service_env = {k: (v, f"{sandbox_env_path} ({k})") for k, v in _read_env_file(sandbox_env_path).items()}
+    else:
+        service_env = user_env
+    hints = _Hints(name, profile_file, sandbox_env_path, root)
+
+    problems: list[str] = []
+    for env_name, path in ENV_SETTINGS.items():
+        if env_name in service_env and service_env[env_name][0] != "":
+            flat[path] = service_env[env_name]
+    flat.update(_overrides_from_env(user_env, problems))
+    for path, value in (overrides or {}).items():
+        flat[path] = (value, "override argument")
+    flat["profile"] = (name, str(profile_file))
+    _interpolate_env_references(flat, service_env, problems)
+    if problems:
+        raise SettingsError(_one_message(f"settings of profile {name!r} are not usable", problems))
+
+    try:
+        settings = RunbookSettings(**_nest(flat))
+    except ValidationError as exc:
+        raise SettingsError(_one_message(f"settings of profile {name!r} are not usable", _explain(exc, flat, hints))) from None
+    settings._origins = {path: origin for path, (_, origin) in flat.items()}
+    for path, built_from in _BUILT_FROM.items():
+        if settings.get(path) and path not in flat:
+            settings._origins[path] = built_from
+    settings._hints = hints
+    problems = _clear_text_secrets(settings) + (_non_loopback(settings) if is_sandbox else [])
+    if problems:
+        raise SettingsError(_one_message(f"settings of profile {name!r} are not usable", problems))
+    return settings
+
+
+_BUILT_FROM = {
+    "prefect.api_url": "built from PREFECT_ACCOUNT_ID and PREFECT_WORKSPACE_ID",
+    "supabase.functions_url": "built from SUPABASE_PROJECT_REF",
+    "supabase.edge_function_url": "built from the functions URL and supabase.function_name",
+}
+
+
+def _interpolate_env_references(flat: dict[str, tuple[Any, str]], env: Mapping[str, tuple[str, str]], problems: list[str]) -> None:
+    """Replace `${NAME}` in deployment.env values with NAME's value (non-secret names only)."""
+    if "deployment.env" not in flat:
+        return
+    values, origin = flat["deployment.env"]
+    if not isinstance(values, dict):
+        return
+    resolved = {}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            resolved[key] = value
+            continue
+        for ref in _ENV_REFERENCE.findall(value):
+            if ENV_SETTINGS.get(ref) in SECRET_SETTINGS:
+                problems.append(
+                    f"deployment.env.{key} ({origin}) would put the secret {ref} in clear into the deployment's "
+                    "job variables: use a Secret block placeholder {{ prefect.blocks.secret.<name> }}"
+                )
+            elif ref not in env or env[ref][0] == "":
+                problems.append(f"deployment.env.{key} ({origin}) refers to ${{{ref}}}, which is not set")
+        resolved[key] = _ENV_REFERENCE.sub(lambda m: env.get(m.group(1), ("",))[0], value)
+    flat["deployment.env"] = (resolved, origin)
+
+
+def _explain(exc: ValidationError, flat: dict[str, tuple[Any, str]], hints: _Hints) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join(loc[:2])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            lines.append(f"{path} is not set: {hints.where(path)}")
+            continue
+        if err["type"] == "extra_forbidden":
+            origin = flat.get(path, (None, "?"))[1]
+            lines.append(f"{path} ({origin}) is not a known setting")
+            continue
+        where = flat.get(path, (None, None))[1]
+        if where is None and len(loc) == 1:  # a whole-section check: name the section's sources
+            where = ", ".join(sorted({o for p, (_, o) in flat.items() if p.startswith(loc[0] + ".")})) or "defaults"
+        item = path + "".join(f"[{p}]" for p in loc[2:])
+        shown = "" if path in SECRET_SETTINGS or "input" not in err or len(loc) == 1 else f" = {err['input']!r}"
+        fix = hints.where(path) if len(loc) > 1 else "fix the values it is built from"
+        lines.append(f"{item}{shown} (from {where or 'default'}) {msg}; {fix}")
+    return lines
+
+
+def _clear_text_secrets(settings: RunbookSettings) -> list[str]:
+    """Secret values written in clear into job variables or parameters (visible to anyone who can
+    read the deployment)."""
+    problems = []
+    secrets = {label: v for label, v in settings.secret_values().items() if len(v) >= 4}
+    places = {f"deployment.env.{k}": v for k, v in settings.deployment.env.items()}
+    places.update({f"deployment.parameters.{k}": json.dumps(v) for k, v in settings.deployment.parameters.items()})
+    for where, text in places.items():
+        for label, secret in secrets.items():
+            if secret in str(text):
+                problems.append(
+                    f"{where} contains the value of {label} in clear: use a Secret block placeholder "
+                    "{{ prefect.blocks.secret.<name> }} instead"
+                )
+    return problems
+
+
+def _non_loopback(settings: RunbookSettings) -> list[str]:
+    problems = []
+    for path in URL_SETTINGS:
+        url = settings.value(path)
+        if not url:
+            continue
+        host = urlsplit(url).hostname
+        if urlsplit(url).scheme != "file" and host not in _LOOPBACK:
+            problems.append(
+                f"{path} points at {host} (from {settings.origin(path)}), but the sandbox profile only talks to "
+                "loopback services; use the production profile for real services"
+            )
+    return problems
