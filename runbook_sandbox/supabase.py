@@ -12,7 +12,7 @@ Management API (`Authorization: Bearer <cfg.supabase.access_token>`):
   DELETE /v1/projects/{ref}/secrets   body ["NAME", ...] -> 200
   401 bad token, 400 malformed ref or body (nothing changed), 404 unknown ref, 429 past the rate
   limit (fixed window per token, default 120/minute). Every answer to an authenticated request
-  carries `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` (milliseconds until
+  carries `x-ratelimit-limit`, `x-ratelimit-remaining` and `x-ratelimit-reset` (seconds until
   the window resets). Secrets persist in `<state>/supabase/secrets.json` (0600).
 
 Functions gateway: `/functions/v1/<name>[/...]`, any method. Checks the bearer JWT like Supabase's
@@ -242,7 +242,7 @@ class RateLimiter:
         return {
             "x-ratelimit-limit": str(self.limit),
             "x-ratelimit-remaining": str(max(remaining, 0)),
-            "x-ratelimit-reset": str(max(math.ceil(reset_seconds * 1000), 0)),
+            "x-ratelimit-reset": str(max(math.ceil(reset_seconds), 0)),
         }
 
 

@@ -82,7 +82,7 @@ def test_get_lists_digests_of_defaults_and_seeded_prefect_secrets(sb, api):
     assert sb.prefect.api_key not in r.text and sb.supabase.service_role_key not in r.text
     assert int(r.headers["x-ratelimit-limit"]) == 120
     assert 0 <= int(r.headers["x-ratelimit-remaining"]) < 120
-    assert 0 < int(r.headers["x-ratelimit-reset"]) <= 60_000
+    assert 0 < int(r.headers["x-ratelimit-reset"]) <= 60
 
 
 def test_post_upserts_and_delete_removes(sb, api):
@@ -195,10 +195,10 @@ def test_rate_limit_answers_429_with_headers_then_recovers(sb, api):
     assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["2", "1", "0", "0"]
     limited = answers[-1]
     assert limited.headers["x-ratelimit-limit"] == "3"
-    assert 0 < int(limited.headers["x-ratelimit-reset"]) <= 1500
+    assert 0 < int(limited.headers["x-ratelimit-reset"]) <= 2  # seconds, rounded up
     # A refused write is not applied.
     assert api.post(secrets_path(sb), json=[{"name": "MGMT_LIMITED", "value": "x"}]).status_code == 429
-    time.sleep(int(limited.headers["x-ratelimit-reset"]) / 1000 + 0.1)
+    time.sleep(1.6)  # the 1.5 s window has passed
     after = api.get(secrets_path(sb))
     assert after.status_code == 200 and "MGMT_LIMITED" not in {r["name"] for r in after.json()}
     assert admin.post("/_sandbox/rate-limit", json={"limit": 0}).status_code == 400
@@ -262,7 +262,12 @@ def test_restart_keeps_secrets_written_by_the_runbook_and_leaves_nothing(sb, api
     ]
     assert api.post(path, json=written).status_code == 201
     old_pid = manager.read_state(sb)["services"]["supabase"]["pid"]
-    deno_before = [p.pid for p in process.processes_of(sb.instance_id) if p.name() == "deno"]
+    # The write restarts Deno in the background: wait for the new process.
+    deadline = time.monotonic() + 15
+    deno_before: list[int] = []
+    while not deno_before and time.monotonic() < deadline:
+        deno_before = [p.pid for p in process.processes_of(sb.instance_id) if p.name() == "deno"]
+        time.sleep(0.1)
     assert deno_before, "the Edge Function's Deno process should be running"
 
     manager.stop_service("supabase", sb.state)
