@@ -26,12 +26,12 @@ from .config import PROJECT_ROOT, SandboxConfig
 SERVICE_MODULES: list[str] = [
     "postgres",  # embedded Postgres (or an existing server), schema, net schema, trigger
     "modal_standin",  # the Modal app data-enrichment-workers
-    # "prefect_server",  # the real Prefect server, backed by the sandbox Postgres
-    # "prefect_gateway",  # Prefect Cloud's URL shape + bearer auth in front of it; pool, blocks
+    "prefect_server",  # the real Prefect server, backed by the sandbox Postgres
+    "prefect_gateway",  # Prefect Cloud's URL shape + bearer auth in front of it; pool, blocks
     "supabase",  # Management API (secrets) + functions gateway running the Edge Function in Deno
     "pgnet_relay",  # sends net.http_request_queue after commit, writes net._http_response
     "git_server",  # git over smart HTTP, seeded with the orchestrator repository
-    # "managed_worker",  # the worker serving the prefect:managed pool
+    "managed_worker",  # the worker serving the prefect:managed pool
 ]
 
 

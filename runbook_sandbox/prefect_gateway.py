@@ -1,0 +1,398 @@
+"""Prefect Cloud's API surface, on loopback: a gateway with Cloud's URL shape and bearer auth in
+front of the real Prefect server (`prefect_server`).
+
+    {cfg.prefect_api_url} = http://127.0.0.1:<port>/api/accounts/<account id>/workspaces/<workspace id>
+
+Every HTTP request under that base needs `Authorization: Bearer <cfg.prefect.api_key>` (401
+otherwise; 404 for another account or workspace) and is passed through to `<server>/api/...`
+(the key is not forwarded). WebSocket upgrades under it (`/events/in`, `/events/out`, `/logs/out`,
+`/task_runs/subscriptions/scheduled`, `/work_pools/<pool>/workers/connect`) are proxied too,
+authenticated as Cloud authenticates them with prefect 3.9.1's clients:
+
+- a bearer `Authorization` header on the upgrade (the Cloud events client sends one; a bad key is a
+  401 answer to the upgrade), or
+- for the `prefect` subprotocol, the first message `{"type": "auth", "token": <api key>}` (event and
+  log subscribers, the worker channel): a bad token closes the socket with 1008.
+
+The clients pick their Cloud classes (which send the key at all on WebSockets) only when
+PREFECT_API_URL starts with PREFECT_CLOUD_API_URL, so the sandbox exports PREFECT_CLOUD_API_URL
+= `http://127.0.0.1:<port>/api` next to PREFECT_API_URL and PREFECT_API_KEY.
+
+Each request is one JSON line in `cfg.request_log_path("prefect")`: time, method (`WEBSOCKET` for
+upgrades), path, status, duration; never headers, bodies, query strings or the key.
+
+After start, idempotently: the work pool `managed-production` (type `prefect:managed`, with the
+managed worker's base job template: the process template plus `pip_packages` and `image`; Prefect's
+CLI refuses that type on a server, its API does not) and the Secret blocks
+`postgres-connection-string`, `modal-token-id` and `modal-token-secret`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import websockets
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .config import SandboxConfig, config_from_argv
+from .manager import ServiceDef
+
+WORKSPACE_PATH = "/api/accounts/{account_id}/workspaces/{workspace_id}/{path:path}"
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+}
+AUTH_MESSAGE_TIMEOUT = 10.0
+SECRET_BLOCKS = ("postgres-connection-string", "modal-token-id", "modal-token-secret")
+
+
+def client_settings(cfg: SandboxConfig) -> dict[str, str]:
+    """The settings that point a Prefect client, CLI or worker at the sandbox, as at Cloud."""
+    return {
+        "PREFECT_API_URL": cfg.prefect_api_url,
+        "PREFECT_API_KEY": cfg.prefect.api_key,
+        "PREFECT_CLOUD_API_URL": f"http://127.0.0.1:{cfg.prefect.gateway_port}/api",
+    }
+
+
+def exports(cfg: SandboxConfig) -> dict[str, str]:
+    return {
+        **client_settings(cfg),
+        "PREFECT_ACCOUNT_ID": cfg.prefect.account_id,
+        "PREFECT_WORKSPACE_ID": cfg.prefect.workspace_id,
+    }
+
+
+# -- the gateway -----------------------------------------------------------------------------------
+
+
+class RequestLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, method: str, path: str, status: int, started: float) -> None:
+        record = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Gateway:
+    def __init__(self, cfg: SandboxConfig):
+        self.cfg = cfg
+        self.upstream = cfg.prefect_server_api_url  # http://127.0.0.1:<server>/api
+        self.log = RequestLog(cfg.request_log_path("prefect"))
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(120.0), limits=httpx.Limits(max_connections=200))
+
+    def public_base(self) -> str:
+        return self.cfg.prefect_api_url
+
+    def valid_key(self, token: object) -> bool:
+        return isinstance(token, str) and bool(token) and hmac.compare_digest(
+            token.encode(), self.cfg.prefect.api_key.encode()
+        )
+
+    def check_header(self, headers) -> int | None:
+        """None when the bearer header carries the API key, else the status to answer (401)."""
+        scheme, _, token = (headers.get("authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not self.valid_key(token.strip()):
+            return 401
+        return None
+
+    def check_workspace(self, params: dict) -> bool:
+        p = self.cfg.prefect
+        return params["account_id"] == p.account_id and params["workspace_id"] == p.workspace_id
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    async def http_proxy(self, request: Request) -> Response:
+        started = time.monotonic()
+        response = await self._http_proxy(request)
+        self.log.write(request.method, request.url.path, response.status_code, started)
+        return response
+
+    async def _http_proxy(self, request: Request) -> Response:
+        if self.check_header(request.headers):
+            detail = "Invalid API key" if request.headers.get("authorization") else "Missing API key"
+            return JSONResponse({"detail": detail}, status_code=401)
+        if not self.check_workspace(request.path_params):
+            return JSONResponse({"detail": "Workspace not found"}, status_code=404)
+        url = f"{self.upstream}/{request.path_params['path']}"
+        if request.url.query:
+            url += "?" + request.url.query
+        headers = [
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"authorization"}
+        ]
+        upstream_request = self.http.build_request(request.method, url, headers=headers, content=await request.body())
+        try:
+            upstream = await self.http.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            return JSONResponse({"detail": f"Prefect server unavailable: {type(exc).__name__}"}, status_code=502)
+        out_headers = {}
+        for k, v in upstream.headers.multi_items():
+            lk = k.lower()
+            if lk in HOP_BY_HOP - {"content-length"} or lk in {"date", "server"}:
+                continue
+            if lk == "location" and v.startswith(self.upstream):
+                v = self.public_base() + v[len(self.upstream):]
+            out_headers[k] = v
+        return StreamingResponse(
+            upstream.aiter_raw(), status_code=upstream.status_code, headers=out_headers,
+            background=BackgroundTask(upstream.aclose),
+        )
+
+    # -- WebSocket -----------------------------------------------------------------------------
+    async def ws_proxy(self, websocket: WebSocket) -> None:
+        """Logged when decided (refused, or connected through), not when the socket ends."""
+        started = time.monotonic()
+        path = websocket.url.path
+        status = await self._ws_proxy(websocket, lambda code: self.log.write("WEBSOCKET", path, code, started))
+        if status != 101:
+            self.log.write("WEBSOCKET", path, status, started)
+
+    async def _ws_proxy(self, websocket: WebSocket, connected) -> int:
+        has_header = "authorization" in websocket.headers
+        subprotocols = websocket.scope.get("subprotocols") or []
+        if has_header and self.check_header(websocket.headers):
+            await websocket.send_denial_response(JSONResponse({"detail": "Invalid API key"}, status_code=401))
+            return 401
+        if not self.check_workspace(websocket.path_params):
+            await websocket.send_denial_response(JSONResponse({"detail": "Workspace not found"}, status_code=404))
+            return 404
+        message_auth = "prefect" in subprotocols
+        if not has_header and not message_auth:
+            await websocket.send_denial_response(JSONResponse({"detail": "Missing API key"}, status_code=401))
+            return 401
+        await websocket.accept(subprotocol="prefect" if message_auth else None)
+        first: str | None = None
+        if message_auth:
+            try:
+                raw = await asyncio.wait_for(websocket.receive_text(), AUTH_MESSAGE_TIMEOUT)
+                message = json.loads(raw)
+            except (asyncio.TimeoutError, WebSocketDisconnect, ValueError, KeyError):
+                await _close(websocket, 1008, "Expected 'auth' message")
+                return 401
+            if not isinstance(message, dict) or message.get("type") != "auth":
+                await _close(websocket, 1008, "Expected 'auth' message")
+                return 401
+            if not has_header and not self.valid_key(message.get("token")):
+                await _close(websocket, 1008, "Invalid API key")
+                return 401
+            first = json.dumps({"type": "auth", "token": None})  # the server needs no key
+        url = self.upstream.replace("http://", "ws://", 1) + "/" + websocket.path_params["path"]
+        if websocket.url.query:
+            url += "?" + websocket.url.query
+        try:
+            upstream = await websockets.connect(
+                url,
+                subprotocols=[websockets.Subprotocol("prefect")] if message_auth else None,
+                open_timeout=10,
+                max_size=None,
+                ping_interval=None,
+            )
+        except (OSError, websockets.WebSocketException, asyncio.TimeoutError):
+            await _close(websocket, 1011, "Prefect server unavailable")
+            return 502
+        async with upstream:
+            connected(101)
+            if first is not None:
+                await upstream.send(first)
+            await _pipe(websocket, upstream)
+        return 101
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.close(code, reason)
+
+
+async def _pipe(client: WebSocket, upstream) -> None:
+    """Relay frames both ways until either side closes; pass the close code on."""
+
+    async def client_to_upstream() -> None:
+        while True:
+            message = await client.receive()
+            if message["type"] == "websocket.disconnect":
+                await upstream.close(message.get("code") or 1000, message.get("reason") or "")
+                return
+            if message.get("text") is not None:
+                await upstream.send(message["text"])
+            elif message.get("bytes") is not None:
+                await upstream.send(message["bytes"])
+
+    async def upstream_to_client() -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, str):
+                    await client.send_text(data)
+                else:
+                    await client.send_bytes(data)
+        except websockets.ConnectionClosed:
+            pass
+        code = upstream.close_code or 1000
+        await _close(client, 1000 if code in (1005, 1006) else code, upstream.close_reason or "")
+
+    tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def create_app(cfg: SandboxConfig) -> Starlette:
+    gateway = Gateway(cfg)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def not_found(request: Request) -> Response:
+        started = time.monotonic()
+        gateway.log.write(request.method, request.url.path, 404, started)
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await gateway.http.aclose()
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+    return Starlette(
+        routes=[
+            Route("/_sandbox/health", health),
+            Route(WORKSPACE_PATH, gateway.http_proxy, methods=methods),
+            WebSocketRoute(WORKSPACE_PATH, gateway.ws_proxy),
+            Route("/{path:path}", not_found, methods=methods),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def serve(cfg: SandboxConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_app(cfg), host="127.0.0.1", port=cfg.prefect.gateway_port, log_level="warning",
+        server_header=False, date_header=False,
+        timeout_graceful_shutdown=3,  # long-lived WebSockets must not hold `sandbox down`
+    )
+
+
+# -- sandbox service -----------------------------------------------------------------------------
+
+
+def health(cfg: SandboxConfig) -> str | None:
+    base = f"http://127.0.0.1:{cfg.prefect.gateway_port}"
+    try:
+        r = httpx.get(f"{base}/_sandbox/health", timeout=3)
+    except httpx.HTTPError as exc:
+        return f"no answer from {base}: {type(exc).__name__}"
+    return None if r.status_code == 200 else f"/_sandbox/health answered {r.status_code}"
+
+
+def api(cfg: SandboxConfig) -> httpx.Client:
+    """An httpx client on the workspace API, authenticated like any Cloud client."""
+    return httpx.Client(
+        base_url=cfg.prefect_api_url + "/",
+        headers={"Authorization": f"Bearer {cfg.prefect.api_key}"},
+        timeout=30,
+    )
+
+
+def ensure_work_pool(cfg: SandboxConfig) -> None:
+    """Create the managed pool, or bring its base job template up to date (its paused state stays)."""
+    from .managed_worker import base_job_template
+
+    template = base_job_template()
+    with api(cfg) as client:
+        r = client.post(
+            "work_pools/",
+            json={"name": cfg.prefect.work_pool, "type": cfg.prefect.work_pool_type, "base_job_template": template},
+        )
+        if r.status_code == 409:
+            r = client.get(f"work_pools/{cfg.prefect.work_pool}")
+            r.raise_for_status()
+            if r.json().get("type") != cfg.prefect.work_pool_type:
+                raise RuntimeError(
+                    f"work pool {cfg.prefect.work_pool!r} exists with type {r.json().get('type')!r}, "
+                    f"not {cfg.prefect.work_pool_type!r}; delete it and run `sandbox up` again"
+                )
+            if r.json().get("base_job_template") != template:
+                client.patch(f"work_pools/{cfg.prefect.work_pool}", json={"base_job_template": template}).raise_for_status()
+        else:
+            r.raise_for_status()
+
+
+def secret_values(cfg: SandboxConfig) -> dict[str, str]:
+    return {
+        "postgres-connection-string": cfg.database_url,
+        "modal-token-id": cfg.modal.token_id,
+        "modal-token-secret": cfg.modal.token_secret,
+    }
+
+
+def ensure_secret_blocks(cfg: SandboxConfig) -> None:
+    """Create or update the Secret blocks through the REST API (values never printed)."""
+    with api(cfg) as client:
+        r = client.get("block_types/slug/secret")
+        r.raise_for_status()
+        block_type_id = r.json()["id"]
+        r = client.post("block_schemas/filter", json={"block_schemas": {"block_type_id": {"any_": [block_type_id]}}})
+        r.raise_for_status()
+        schemas = r.json()
+        if not schemas:
+            raise RuntimeError("the Prefect server has no schema for the Secret block type")
+        schema_id = schemas[0]["id"]
+        for name, value in secret_values(cfg).items():
+            r = client.get(f"block_types/slug/secret/block_documents/name/{name}")
+            if r.status_code == 404:
+                client.post(
+                    "block_documents/",
+                    json={
+                        "name": name, "data": {"value": value},
+                        "block_schema_id": schema_id, "block_type_id": block_type_id,
+                    },
+                ).raise_for_status()
+                continue
+            r.raise_for_status()
+            client.patch(
+                f"block_documents/{r.json()['id']}",
+                json={"data": {"value": value}, "merge_existing_data": False},
+            ).raise_for_status()
+
+
+def after_start(cfg: SandboxConfig) -> None:
+    ensure_work_pool(cfg)
+    ensure_secret_blocks(cfg)
+
+
+SERVICE = ServiceDef(
+    name="prefect_gateway",
+    ports=["prefect.gateway_port"],
+    health=health,
+    url=lambda cfg: cfg.prefect_api_url,
+    after_start=after_start,
+    exports=exports,
+    start_timeout=30,
+)
+
+
+if __name__ == "__main__":
+    serve(config_from_argv())

@@ -1,0 +1,119 @@
+"""The real Prefect server (the pinned prefect 3.9.1), on loopback, behind the Cloud-shaped gateway.
+
+It has its own home (`<state>/prefect`, never the user's `~/.prefect`) and is backed by the sandbox
+Postgres (database `prefect`, created by `postgres.after_start`): SQLite logs `database is locked`
+under the tests' concurrent load. Analytics, the UI and the services nothing here uses (scheduler,
+automations) are off, so it starts and idles light. Clients never talk to it directly: the gateway
+(`prefect_gateway`) is the only public face, with Prefect Cloud's URL shape and bearer auth.
+
+The embedded Postgres (pgserver's build) ships no contrib extensions, and Prefect's migrations create
+`pg_trgm` GIN indexes on name columns (only to speed up partial-name search). This process runs the
+server in-process and, when the database lacks `pg_trgm`, rewrites those statements: no extension,
+plain btree indexes instead. Every query behaves the same; only a name search over millions of rows
+would be slower.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from .config import SandboxConfig, config_from_argv
+from .manager import ServiceDef
+from .postgres import PREFECT_DATABASE, connect
+
+
+def home(cfg: SandboxConfig) -> str:
+    """`<state>/prefect`: the server's PREFECT_HOME (the worker's is `<state>/prefect/worker`)."""
+    path = cfg.state / "prefect"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def database_url(cfg: SandboxConfig) -> str:
+    """The asyncpg URL of the `prefect` database in the sandbox Postgres."""
+    url = cfg.postgres.url(PREFECT_DATABASE)
+    return "postgresql+asyncpg://" + url.split("://", 1)[1]
+
+
+def server_env(cfg: SandboxConfig) -> dict[str, str]:
+    return {
+        "PREFECT_HOME": home(cfg),
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url(cfg),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",  # runs are event-triggered, no schedules
+        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",  # no automations
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true",  # a run on a paused pool shows as Late
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "5",
+        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(cfg.prefect.server_port),
+    }
+
+
+_TRGM_EXTENSION = re.compile(r"CREATE EXTENSION IF NOT EXISTS pg_trgm", re.IGNORECASE)
+_TRGM_INDEX = re.compile(r"USING\s+gin\s*\(\s*(\w+)\s+gin_trgm_ops\s*\)", re.IGNORECASE)
+
+
+def without_pg_trgm(statement: str) -> str:
+    """The statement, with pg_trgm's extension and GIN trigram indexes replaced (see module doc)."""
+    if _TRGM_EXTENSION.search(statement):
+        return "SELECT 1"
+    return _TRGM_INDEX.sub(r"USING btree (\1)", statement)
+
+
+def pg_trgm_available(cfg: SandboxConfig) -> bool:
+    with connect(cfg, PREFECT_DATABASE) as conn:
+        return conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm'").fetchone() is not None
+
+
+def _install_pg_trgm_rewrite() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "before_cursor_execute", retval=True)
+    def _rewrite(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        return without_pg_trgm(statement), parameters
+
+
+def serve(cfg: SandboxConfig) -> None:
+    """Run the Prefect server (API and its background services) in this process until stopped."""
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    if not pg_trgm_available(cfg):
+        _install_pg_trgm_rewrite()
+    uvicorn.run(
+        app=create_app(final=True),
+        host="127.0.0.1",
+        port=cfg.prefect.server_port,
+        log_level="warning",
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def health(cfg: SandboxConfig) -> str | None:
+    try:
+        r = httpx.get(f"{cfg.prefect_server_api_url}/health", timeout=3)
+    except httpx.HTTPError as exc:
+        return f"no answer from {cfg.prefect_server_api_url}: {type(exc).__name__}"
+    return None if r.status_code == 200 else f"/api/health answered {r.status_code}"
+
+
+SERVICE = ServiceDef(
+    name="prefect_server",
+    ports=["prefect.server_port"],
+    health=health,
+    url=lambda cfg: cfg.prefect_server_api_url,
+    env=server_env,
+    start_timeout=180,  # the first start runs every migration on an empty database
+)
+
+
+if __name__ == "__main__":
+    serve(config_from_argv())
