@@ -1,4 +1,4 @@
-"""Command line: `python -m runbook_lib sandbox up | status | down` (and, later, `run`)."""
+"""Command line: `python -m runbook_lib sandbox up | status | down` and `python -m runbook_lib run`."""
 
 from __future__ import annotations
 
@@ -56,3 +56,31 @@ def sandbox_down(state_dir: Optional[Path] = StateDir, purge: bool = typer.Optio
 
     manager.down(state_dir, purge=purge, echo=typer.echo)
     typer.echo("sandbox is down")
+
+
+@app.command("run")
+def run(
+    profile: str = typer.Option("sandbox", "--profile", help="sandbox or production (profiles/<name>.toml)."),
+    confirm: bool = typer.Option(False, "--confirm", help="Approve every confirmation gate (headless)."),
+    from_step: Optional[str] = typer.Option(None, "--from", help="Resume a run from this step (03, 03_deploy or deploy)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only this step."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="The run's id and directory under the outputs directory."),
+    param: list[str] = typer.Option([], "-p", "--param", help="key=value passed to every notebook (never a secret)."),
+    notebooks_dir: Optional[Path] = typer.Option(None, "--notebooks-dir", help="Default notebooks/."),
+    outputs_dir: Optional[Path] = typer.Option(None, "--outputs-dir", help="Default outputs/."),
+    cell_timeout: float = typer.Option(3600.0, "--cell-timeout", help="Seconds one cell may run before the step fails."),
+    kernel: Optional[str] = typer.Option(None, "--kernel", help="Jupyter kernel (default: the notebook's)."),
+) -> None:
+    """Execute the runbook's notebooks in order with papermill; records in outputs/<run-id>/."""
+    from runbook_lib.runner import EXIT_REFUSED, RunRefused, parse_param_args, run_runbook
+
+    try:
+        outcome = run_runbook(
+            profile=profile, confirm=confirm, from_step=from_step, only=only, run_id=run_id,
+            params=parse_param_args(param), notebooks_dir=notebooks_dir, outputs_dir=outputs_dir,
+            cell_timeout=cell_timeout, kernel_name=kernel,
+        )
+    except RunRefused as exc:
+        typer.secho(f"run refused: {exc}", fg="red", err=True)
+        raise typer.Exit(EXIT_REFUSED)
+    raise typer.Exit(outcome.exit_code)

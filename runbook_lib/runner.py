@@ -1,0 +1,803 @@
+"""The headless runner: `python -m runbook_lib run` executes the runbook's notebooks in order with
+papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_lib.records).
+
+- The sequence is every `NN_name.ipynb` of the notebooks directory, in order (other notebooks,
+  such as the fallback, run only with `--only`). Each notebook gets the parameters `profile`,
+  `run_dir` (where it writes its StepResults), `confirm` (only with --confirm) and the `-p`
+  overrides, which are refused when they look secret: papermill writes parameters into the
+  output notebook twice.
+- Each step runs in its own process (papermill + a kernel started with RUNBOOK_HEADLESS=1, so an
+  unconfirmed gate fails closed). The verdict is the runner's own: papermill's exception, the
+  process's exit, then the executed notebook (papermill returns normally after `sys.exit(0)`),
+  then the step's StepResults. A cell timeout or a dead kernel is a failure, whatever the notebook
+  metadata says. The run stops at the first failure; later steps stay `not_run`.
+- One run per profile at a time: `<outputs>/.locks/<profile>.lock` is held with flock and names
+  the holder (pid, run id). A lock left by a runner that died is taken over with a note; the run
+  it names is marked `interrupted` and its leftover step process is stopped.
+- SIGTERM/SIGINT kill the step's kernel and mark the step and the run `killed`. After a SIGKILL the
+  manifest still says `running` (it is written at every step start and end).
+- `--from STEP` resumes a run (the same run directory: `--run-id`, default the profile's latest
+  run): the steps before it must have passed and are kept as "passed earlier".
+- Before the run ends, every file it wrote is scanned for the secrets it knows.
+
+Exit codes: 0 every selected step passed; 1 a step failed or a secret was found; 2 refused before
+running (bad option, lock held); 128+signal when killed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from urllib.parse import unquote, urlsplit
+
+import psutil
+
+from runbook_lib import project, redaction
+from runbook_lib.errors import RunbookError
+from runbook_lib.gate import HEADLESS_ENV
+from runbook_lib.records import Attempt, RunManifest, StepRecord, render_index, render_notebook_html, scan_for_secrets
+from runbook_lib.results import StepResults, list_results
+from runbook_lib.settings import (
+    DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV, available_profiles, load_settings,
+)
+
+DEFAULT_CELL_TIMEOUT = 3600.0
+EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+RESERVED_PARAMS = {"profile": "--profile", "confirm": "--confirm", "run_dir": "--run-id / --outputs-dir"}
+
+_STEP_FILE = re.compile(r"^\d+_[A-Za-z0-9_.\-]+\.ipynb$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_PARAM_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_KEY = re.compile(r"key|token|secret|passw|pwd|dsn|credential", re.IGNORECASE)
+_SECRET_VALUE_PATTERNS = {
+    "a JWT": re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
+    "a Prefect API key": re.compile(r"\bpnu_[A-Za-z0-9]"),
+    "a Supabase access token": re.compile(r"\bsbp_[A-Za-z0-9]"),
+    "a GitHub token": re.compile(r"\b(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]|\bgithub_pat_"),
+    "a URL with a password": re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:]*:[^\s/@]+@"),
+}
+
+
+class RunRefused(RunbookError):
+    """The run did not start (bad option, lock held, nothing to resume); nothing was changed."""
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    run_dir: Path
+    status: str  # passed | failed | killed
+    exit_code: int
+    manifest: RunManifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.run_dir / "manifest.json"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- parameters ----------------------------------------------------------------------------------
+
+
+def parse_param_args(args: Sequence[str]) -> dict[str, Any]:
+    """`["key=value", ...]` -> dict; values are JSON when they parse as JSON (5, true, [..]), else text."""
+    params: dict[str, Any] = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise RunRefused(f"-p {arg!r}: expected key=value")
+        try:
+            params[key.strip()] = json.loads(raw)
+        except ValueError:
+            params[key.strip()] = raw
+    return params
+
+
+def check_params(params: Mapping[str, Any], known_secrets: Mapping[str, str]) -> None:
+    """Refuse parameter overrides that are reserved, malformed or look secret (by key or value)."""
+    problems = []
+    for key, value in params.items():
+        if not _PARAM_KEY.match(str(key)):
+            problems.append(f"{key!r} is not a valid parameter name")
+        elif key in RESERVED_PARAMS:
+            problems.append(f"{key!r} is set by the runner: use {RESERVED_PARAMS[key]}")
+        elif _SECRET_KEY.search(key):
+            problems.append(f"{key!r} looks like a secret's name")
+        text = json.dumps(value) if not isinstance(value, str) else value
+        looks = [what for what, pattern in _SECRET_VALUE_PATTERNS.items() if pattern.search(text)]
+        if not looks and "://" in text and any(urlsplit(part).password for part in text.split() if "://" in part):
+            looks.append("a URL with a password")
+        looks += [f"the value of {name}" for name, secret in known_secrets.items()
+                  if len(secret) >= redaction.MIN_SECRET_LENGTH and secret in text]
+        if looks:
+            problems.append(f"the value of {key!r} looks like {', '.join(looks)}")
+    if problems:
+        raise RunRefused(
+            "refused -p parameter(s): " + "; ".join(problems) + ". Parameters are written in clear into the "
+            "executed notebooks; secrets come from the profile's settings (environment, .env or sandbox.env)"
+        )
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    name: str  # "03_deploy"
+    notebook: Path
+
+    @property
+    def short(self) -> str:
+        return self.name.split("_", 1)[1] if _STEP_FILE.match(self.notebook.name) else self.name
+
+
+def discover_steps(notebooks_dir: Path) -> list[Step]:
+    """The default sequence: every `NN_name.ipynb` in `notebooks_dir`, in order."""
+    found = sorted(p for p in notebooks_dir.glob("*.ipynb") if _STEP_FILE.match(p.name))
+    return [Step(p.stem, p) for p in sorted(found, key=lambda p: (int(p.name.split("_", 1)[0]), p.name))]
+
+
+def find_step(steps: Sequence[Step], wanted: str, option: str) -> int:
+    """The index of `wanted` ("03", "03_deploy", "deploy", "03_deploy.ipynb") in `steps`."""
+    key = wanted.strip().removesuffix(".ipynb")
+    for i, step in enumerate(steps):
+        number = step.name.split("_", 1)[0]
+        if key in (step.name, step.short) or (key.isdigit() and number.isdigit() and int(key) == int(number)):
+            return i
+    raise RunRefused(f"{option} {wanted!r}: no such step; the steps are: {', '.join(s.name for s in steps) or 'none'}")
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+
+class ProfileLock:
+    """One runner per profile and outputs directory: an flock'd file naming its holder."""
+
+    def __init__(self, outputs_dir: Path, profile: str):
+        self.path = outputs_dir / ".locks" / f"{profile}.lock"
+        self.profile = profile
+        self._fd: int | None = None
+        self.content: dict[str, Any] = {}
+        self.previous: dict[str, Any] = {}  # what a holder that died left in the file
+
+    def acquire(self, run_id: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_json(self.path)
+            os.close(fd)
+            raise RunRefused(
+                f"another run holds the lock for profile {self.profile!r}: run {holder.get('run_id', '?')} "
+                f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started_at', '?')}); "
+                f"wait for it to finish or stop it (lock file {self.path})"
+            ) from None
+        self._fd = fd
+        self.previous = _read_json(self.path)
+        self.update(run_id=run_id, pid=os.getpid(), create_time=psutil.Process().create_time(),
+                    host=socket.gethostname(), started_at=now().isoformat())
+
+    def update(self, **fields: Any) -> None:
+        """Rewrite the holder's details (the running step's process is added while it runs)."""
+        assert self._fd is not None
+        self.content.update(fields)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(self.content).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty file: released cleanly
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text() or "{}")
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _same_process(pid: Any, create_time: Any) -> psutil.Process | None:
+    """The process `pid` if it is still the one started at `create_time`."""
+    try:
+        proc = psutil.Process(int(pid))
+        return proc if abs(proc.create_time() - float(create_time)) < 0.01 else None
+    except (psutil.Error, TypeError, ValueError):
+        return None
+
+
+def kill_tree(proc: psutil.Process, timeout: float = 5.0) -> None:
+    """Stop `proc` and every descendant (the step process and its kernel)."""
+    try:
+        family = proc.children(recursive=True) + [proc]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=timeout)
+
+
+# -- progress ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Which step runs, for how long, and how each ended: a live rich table on a TTY, plain lines otherwise."""
+
+    def __init__(self, steps: Sequence[Step], stream: Any = None, live: bool | None = None):
+        from rich.console import Console
+
+        self.console = Console(file=stream or sys.stdout, highlight=False)
+        self.live = self.console.is_terminal if live is None else live
+        self.steps = list(steps)
+        self.state: dict[str, tuple[str, float | None, float | None, str]] = {}  # name -> (status, start, duration, detail)
+        self._live: Any = None
+
+    def __enter__(self) -> "Progress":
+        if self.live:
+            from rich.live import Live
+
+            self._live = Live(self, console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+
+    def __rich__(self) -> Any:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(show_header=True, header_style="bold", box=None)
+        for col in ("step", "status", "elapsed", ""):
+            table.add_column(col)
+        styles = {"passed": "green", "failed": "red", "killed": "red", "running": "yellow", "not_run": "dim"}
+        for step in self.steps:
+            status, started, duration, detail = self.state.get(step.name, ("not_run", None, None, ""))
+            elapsed = duration if duration is not None else (time.monotonic() - started if started else None)
+            table.add_row(step.name, f"[{styles.get(status, '')}]{status.replace('_', ' ')}[/]",
+                          f"{elapsed:.1f} s" if elapsed is not None else "", Text(detail))
+        return table
+
+    def note(self, text: str) -> None:
+        self.console.print(redaction.redact(text), markup=False)
+
+    def started(self, step: Step) -> None:
+        self.state[step.name] = ("running", time.monotonic(), None, "")
+        if not self.live:
+            self.note(f"[{self._pos(step)}] {step.name}: running")
+
+    def finished(self, step: Step, record: StepRecord) -> None:
+        error = f" ({record.error_type}: {record.error})" if record.error_type else ""
+        self.state[step.name] = (record.status, None, record.duration_seconds or 0.0, redaction.redact(error.strip(" ()")[:120]))
+        if not self.live:
+            self.note(f"[{self._pos(step)}] {step.name}: {record.status} in {record.duration_seconds or 0:.1f} s{error}")
+
+    def skipped(self, step: Step, record: StepRecord) -> None:
+        self.state[step.name] = (record.status, None, record.duration_seconds, "earlier attempt" if record.earlier else "")
+        if not self.live:
+            self.note(f"[{self._pos(step)}] {step.name}: {record.status.replace('_', ' ')}"
+                      + (" (earlier attempt)" if record.earlier else ""))
+
+    def _pos(self, step: Step) -> str:
+        return f"{self.steps.index(step) + 1}/{len(self.steps)}"
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _git_state(root: Path) -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain")
+    return {"root": str(root), "commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("prefect", "papermill", "nbclient", "ipykernel"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _default_run_id(profile: str, outputs_dir: Path) -> str:
+    base = f"{now():%Y%m%d-%H%M%S}-{profile}"
+    candidate, n = base, 1
+    while (outputs_dir / candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+SECRET_VARIABLES = sorted(SETTING_ENV[path] for path in SECRET_SETTINGS)
+
+
+def _secret_variable_sources(environ: Mapping[str, str]) -> list[tuple[str, Mapping[str, str]]]:
+    from dotenv import dotenv_values
+
+    sources: list[tuple[str, Mapping[str, str]]] = [("environment", environ)]
+    for label, path in ((".env", project.project_root() / ".env"),
+                        ("sandbox.env", project.default_sandbox_dir(dict(environ)) / SANDBOX_ENV_FILE)):
+        if path.is_file():
+            sources.append((label, {k: v for k, v in dotenv_values(path).items() if v}))
+    return sources
+
+
+def _latest_run(outputs_dir: Path, profile: str) -> str | None:
+    runs = []
+    for path in outputs_dir.glob("*/manifest.json"):
+        try:
+            m = RunManifest.model_validate_json(path.read_text())
+        except ValueError:
+            continue
+        if m.profile == profile:
+            runs.append((m.started_at, m.run_id))
+    return max(runs)[1] if runs else None
+
+
+class _Runner:
+    """One invocation: owns the lock, the manifest and the step processes."""
+
+    def __init__(self, *, profile: str, confirm: bool, from_step: str | None, only: str | None,
+                 run_id: str | None, params: Mapping[str, Any], notebooks_dir: Path, outputs_dir: Path,
+                 cell_timeout: float | None, kernel_name: str | None, environ: Mapping[str, str], stream: Any):
+        self.profile, self.confirm, self.from_step, self.only = profile, confirm, from_step, only
+        self.params = dict(params)
+        self.notebooks_dir, self.outputs_dir = notebooks_dir, outputs_dir
+        self.cell_timeout, self.kernel_name = cell_timeout, kernel_name
+        self.environ = dict(environ)
+        self.requested_run_id = run_id
+        self.stream = stream
+        self.killed_by: int | None = None
+        self.worker: psutil.Process | None = None
+        self.notes: list[str] = []
+
+    # -- preparation: everything that can refuse happens before anything is written ---------------
+    def prepare(self) -> None:
+        if self.profile not in available_profiles():
+            raise RunRefused(f"unknown profile {self.profile!r}; profiles: {', '.join(available_profiles())}")
+        if self.from_step and self.only:
+            raise RunRefused("--from and --only cannot be combined")
+        if self.cell_timeout is not None and self.cell_timeout <= 0:
+            raise RunRefused("--cell-timeout must be a positive number of seconds")
+        if not self.notebooks_dir.is_dir():
+            raise RunRefused(f"notebooks directory {self.notebooks_dir} does not exist")
+        self.secrets = self._known_secrets()
+        check_params(self.params, self.secrets)
+        self.steps = discover_steps(self.notebooks_dir)
+        if not self.steps and not self.only:
+            raise RunRefused(f"no notebooks named NN_name.ipynb in {self.notebooks_dir}")
+        if self.only:
+            outside = self.notebooks_dir / f"{self.only.removesuffix('.ipynb')}.ipynb"
+            if outside.is_file() and not _STEP_FILE.match(outside.name):  # e.g. the fallback notebook
+                self.steps.append(Step(outside.stem, outside))
+            self.selected = [find_step(self.steps, self.only, "--only")]
+        elif self.from_step:
+            self.selected = list(range(find_step(self.steps, self.from_step, "--from"), len(self.steps)))
+        else:
+            self.selected = list(range(len(self.steps)))
+
+        run_id = self.requested_run_id
+        if run_id is None and self.from_step:
+            run_id = _latest_run(self.outputs_dir, self.profile)
+            if run_id is None:
+                raise RunRefused(f"--from {self.from_step}: no earlier run of profile {self.profile!r} in {self.outputs_dir} to resume")
+            self.notes.append(f"resuming the latest run of profile {self.profile!r}: {run_id}")
+        if run_id is not None and not _RUN_ID.match(run_id):
+            raise RunRefused(f"--run-id {run_id!r}: letters, digits, '_', '-', '.' only")
+        self.run_id = run_id or _default_run_id(self.profile, self.outputs_dir)
+        self.run_dir = self.outputs_dir / self.run_id
+        existing = (self.run_dir / "manifest.json").is_file()
+        if existing and not (self.from_step or self.only):
+            raise RunRefused(f"run {self.run_id} already exists in {self.outputs_dir}: resume it with --from STEP, "
+                             "re-run one step with --only STEP, or choose another --run-id")
+        if self.from_step and not existing:
+            raise RunRefused(f"--from {self.from_step}: there is no run {self.run_id} in {self.outputs_dir} to resume")
+        if existing:
+            earlier = RunManifest.load(self.run_dir)
+            if earlier.profile != self.profile:
+                raise RunRefused(f"run {self.run_id} was a {earlier.profile!r} run, not {self.profile!r}")
+            before = {s.step: s.status for s in earlier.steps}
+            for step in self.steps[: self.selected[0]] if self.from_step else []:
+                if before.get(step.name) != "passed":
+                    raise RunRefused(f"cannot resume run {self.run_id} from {self.steps[self.selected[0]].name}: step "
+                                     f"{step.name} did not pass earlier ({before.get(step.name, 'not in that run')}); "
+                                     "resume from it instead")
+
+    def _known_secrets(self) -> dict[str, str]:
+        """Every secret value known here, by name, for the -p check, redaction and the secret scan: the
+        profile's settings (Secret block values are the values of these settings), plus any secret
+        variable set in the environment, `.env` or the sandbox's sandbox.env, so the scan still
+        knows them when the settings do not load."""
+        secrets: dict[str, str] = {}
+        try:
+            secrets.update(load_settings(self.profile, environ=self.environ).secret_values())
+        except RunbookError as exc:
+            self.notes.append(f"the settings of profile {self.profile!r} could not be loaded ({exc}); the secret "
+                              "scan uses the secret variables of the environment, .env and sandbox.env")
+        for source, values in _secret_variable_sources(self.environ):
+            for name in SECRET_VARIABLES:
+                value = values.get(name)
+                found = {name: value} if value else {}
+                if name == "DATABASE_URL" and value and urlsplit(value).password:
+                    found["DATABASE_PASSWORD"] = unquote(urlsplit(value).password or "")
+                for label, v in found.items():
+                    if v not in secrets.values():
+                        secrets[f"{label} ({source})"] = v
+        for label, value in secrets.items():
+            redaction.register_secret(value, label)
+        return secrets
+
+    # -- the run ----------------------------------------------------------------------------------
+    def run(self) -> RunOutcome:
+        lock = ProfileLock(self.outputs_dir, self.profile)
+        lock.acquire(self.run_id)
+        self.lock = lock
+        self.manifest: RunManifest | None = None
+        try:
+            self._take_over(lock.previous)
+            self.manifest = self._start_manifest()
+            self.save()
+            with Progress(self.steps, self.stream) as progress:
+                self.progress = progress
+                for note in self.notes:
+                    progress.note(f"note: {note}")
+                progress.note(f"run {self.run_id} (profile {self.profile}) -> {self.run_dir}")
+                self._run_steps()
+            return self._finish()
+        except BaseException as exc:  # a fault of the runner itself: the record says so
+            if self.worker is not None:
+                kill_tree(self.worker)
+            if self.manifest is not None and self.manifest.status == "running":
+                self.manifest.status, self.manifest.ended_at = "failed", now()
+                self.manifest.error = f"the runner failed: {type(exc).__name__}: {exc}"
+                self.save()
+            raise
+        finally:
+            lock.release()
+
+    def _take_over(self, previous: Mapping[str, Any]) -> None:
+        """The lock file was left by a runner that died: say so, stop its step process, and mark
+        its run interrupted."""
+        if not previous.get("run_id"):
+            return
+        alive = _same_process(previous.get("pid"), previous.get("create_time")) is not None
+        self.notes.append(
+            f"took over the lock of profile {self.profile!r} left by run {previous['run_id']} "
+            f"(pid {previous.get('pid')}, {'alive but not holding it' if alive else 'no longer running'})"
+        )
+        leftover = _same_process(previous.get("worker_pid"), previous.get("worker_create_time"))
+        if leftover is not None:
+            kill_tree(leftover)
+            self.notes.append(f"stopped the leftover step process {leftover.pid} of run {previous['run_id']}")
+        run_dir = self.outputs_dir / str(previous["run_id"])
+        if _RUN_ID.match(str(previous["run_id"])) and (run_dir / "manifest.json").is_file():
+            self._mark_interrupted(run_dir, f"the runner (pid {previous.get('pid')}) stopped without finishing; "
+                                            f"found by run {self.run_id} at {now().isoformat()}")
+
+    @staticmethod
+    def _mark_interrupted(run_dir: Path, why: str) -> None:
+        try:
+            m = RunManifest.load(run_dir)
+        except RunbookError:
+            return
+        if m.status != "running":
+            return
+        m.status = "interrupted"
+        m.notes.append(f"interrupted: {why}")
+        for s in m.steps:
+            if s.status == "running":
+                s.status, s.pid = "interrupted", None
+                s.notes.append("the step was running when the runner stopped; its outcome is unknown")
+        for a in m.attempts:
+            if a.status == "running":
+                a.status = "interrupted"
+        m.save(run_dir)
+        render_index(m, run_dir)
+
+    def _start_manifest(self) -> RunManifest:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        attempt = Attempt(started_at=now(), from_step=self.from_step, only=self.only, confirm=self.confirm,
+                          params=self.params, runner_pid=os.getpid())
+        fresh = {s.name: StepRecord(step=s.name, notebook=str(s.notebook)) for s in self.steps}
+        common = dict(confirm=self.confirm, params=self.params, from_step=self.from_step, only=self.only,
+                      cell_timeout_seconds=self.cell_timeout, runbook=_git_state(project.project_root()),
+                      host=socket.gethostname(), user=getpass.getuser(), versions=_versions(), runner_pid=os.getpid())
+        if (self.run_dir / "manifest.json").is_file():
+            self._mark_interrupted(self.run_dir, f"found unfinished when run {self.run_id} was resumed")
+            m = RunManifest.load(self.run_dir)
+            before = {s.step: s for s in m.steps}
+            for i, step in enumerate(self.steps):
+                old = before.get(step.name)
+                if i not in self.selected and old is not None:
+                    fresh[step.name] = old.model_copy(update={"earlier": old.earlier or old.status == "passed"})
+            m = m.model_copy(update=dict(common, status="running", ended_at=None, duration_seconds=None,
+                                         error=None, secret_scan=None, steps=list(fresh.values()),
+                                         attempts=m.attempts + [attempt], notes=m.notes + self.notes))
+            return m
+        return RunManifest(run_id=self.run_id, profile=self.profile, started_at=attempt.started_at,
+                           steps=list(fresh.values()), attempts=[attempt], notes=list(self.notes), **common)
+
+    def save(self) -> None:
+        self.manifest.save(self.run_dir)
+
+    def _run_steps(self) -> None:
+        for i, step in enumerate(self.steps):
+            if i not in self.selected or self.killed_by is not None or self.manifest.error:
+                self.progress.skipped(step, self.manifest.step(step.name))  # stays as it was: not_run, or earlier
+                continue
+            record = self._run_step(step)
+            if record.status != "passed":
+                self.manifest.error = f"step {step.name} {record.status}: {record.error_type or ''} {record.error or ''}".strip()
+
+    def _run_step(self, step: Step) -> StepRecord:
+        work = self.run_dir / ".runner"
+        work.mkdir(exist_ok=True)
+        result_path = work / f"{step.name}.result.json"
+        result_path.unlink(missing_ok=True)
+        output = self.run_dir / step.notebook.name
+        parameters: dict[str, Any] = {"profile": self.profile, "run_dir": str(self.run_dir), **self.params}
+        if self.confirm:
+            parameters["confirm"] = True
+        spec = {"input": str(step.notebook), "output": str(output), "cwd": str(step.notebook.parent),
+                "parameters": parameters, "kernel_name": self.kernel_name, "execution_timeout": self.cell_timeout,
+                "result": str(result_path)}
+        env = dict(self.environ)
+        env[HEADLESS_ENV] = "1"
+        root = str(project.project_root())
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root])
+
+        record = StepRecord(step=step.name, notebook=str(step.notebook), status="running", started_at=now(),
+                            output=output.name)
+        self.manifest.steps = [record if s.step == step.name else s for s in self.manifest.steps]
+        started = time.monotonic()
+        # A session of its own: a Ctrl-C in the terminal reaches the runner only, which stops the step.
+        proc = subprocess.Popen([sys.executable, "-m", "runbook_lib.runner", json.dumps(spec)], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, errors="replace", start_new_session=True)
+        self.worker = psutil.Process(proc.pid)
+        record.pid = proc.pid
+        self.lock.update(worker_pid=proc.pid, worker_create_time=self.worker.create_time())
+        self.save()
+        self.progress.started(step)
+        stderr_lines: deque[str] = deque(maxlen=20)
+        reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        while proc.poll() is None:
+            if self.killed_by is not None:
+                kill_tree(self.worker)
+                break
+            time.sleep(0.2)
+        exit_code = proc.wait()
+        reader.join(timeout=5)
+        self.worker = None
+        self.lock.update(worker_pid=None, worker_create_time=None)
+
+        record.pid = None
+        record.ended_at = now()
+        record.duration_seconds = round(time.monotonic() - started, 3)
+        self._judge(record, exit_code, result_path, output, stderr_lines)
+        self._collect_results(record, record.started_at)
+        if output.is_file():
+            try:
+                record.html = render_notebook_html(output, self.run_dir / f"{step.name}.html").name
+            except Exception as exc:  # a half-written notebook of a killed step: keep the .ipynb
+                record.notes.append(f"could not render HTML: {type(exc).__name__}: {exc}")
+        shutil.rmtree(work, ignore_errors=True)
+        self.save()
+        render_index(self.manifest, self.run_dir)
+        self.progress.finished(step, record)
+        return record
+
+    def _judge(self, record: StepRecord, exit_code: int, result_path: Path, output: Path, stderr: Sequence[str]) -> None:
+        """The step's verdict: killed by us, papermill's exception, the process's exit, the executed notebook."""
+        if self.killed_by is not None:
+            record.status, record.error_type = "killed", "Killed"
+            record.error = f"the runner received {signal.Signals(self.killed_by).name}: the step's kernel was stopped"
+            return
+        result = _read_json(result_path)
+        if result.get("error_type"):
+            record.status, record.error_type, record.error = "failed", result["error_type"], result.get("error")
+            return
+        if exit_code != 0 or not result:
+            how = f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}"
+            tail = " ".join(line.strip() for line in list(stderr)[-5:])
+            record.status, record.error_type = "failed", "StepProcessDied"
+            record.error = f"the step's process ended with {how} without a verdict" + (f": {tail}" if tail else "")
+            return
+        error = notebook_error(output)
+        if error:
+            record.status, (record.error_type, record.error) = "failed", error
+            return
+        record.status = "passed"
+
+    def _collect_results(self, record: StepRecord, since: datetime | None) -> None:
+        """The StepResults the notebook wrote during the step: values, gate, checks; a result that
+        says failed fails the step even when the notebook ran to the end."""
+        for res in list_results(self.run_dir):
+            if since is None or res.started_at < since.replace(microsecond=0):
+                continue
+            record.result_files.append(StepResults.path(self.run_dir, res.step).name)
+            record.results.update(res.values)
+            if res.gate is not None:
+                record.gate = res.gate.model_dump(mode="json")
+            record.checks += [{"step": res.step, "id": c.id, "title": c.title, "status": c.status.value} for c in res.checks]
+            if res.status == "failed" and record.status == "passed":
+                record.status, record.error_type, record.error = "failed", "StepFailed", res.error
+            elif res.status == "running" and record.status == "passed":
+                record.notes.append(f"results {res.step!r} were never finished (the notebook did not call ctx.finish())")
+        if not record.result_files and record.status == "passed":
+            record.notes.append("the notebook recorded no step results")
+
+    def _finish(self) -> RunOutcome:
+        m = self.manifest
+        ran = [m.steps[i] for i in self.selected]
+        if self.killed_by is not None:
+            status = "killed"
+            m.error = f"killed by {signal.Signals(self.killed_by).name}"
+        else:
+            status = "passed" if all(s.status == "passed" for s in ran) else "failed"
+        # The secret scan sees every file this run wrote, before the final records are saved
+        # (those are written redacted).
+        m.secret_scan = scan_for_secrets(self.run_dir, self.secrets)
+        if m.secret_scan.findings:
+            listing = "; ".join(f"{f.file} contained the value of {f.secret}" for f in m.secret_scan.findings)
+            m.error = (m.error + "; " if m.error else "") + f"secret scan: {listing} (masked in place)"
+            if status == "passed":
+                status = "failed"
+            self.progress.note(f"SECRET FOUND: {listing}; the values were masked in those files")
+        m.status = status
+        m.ended_at = now()
+        m.duration_seconds = round((m.ended_at - m.attempts[-1].started_at).total_seconds(), 3)
+        m.attempts[-1].status, m.attempts[-1].ended_at = status, m.ended_at
+        self.save()
+        render_index(m, self.run_dir)
+        code = {"passed": EXIT_PASSED, "failed": EXIT_FAILED}.get(status, 128 + (self.killed_by or 0))
+        self.progress.note(f"run {self.run_id}: {status}" + (f" ({m.error})" if m.error else "")
+                           + f"; records in {self.run_dir / 'index.html'}")
+        return RunOutcome(self.run_id, self.run_dir, status, code, m)
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        """SIGTERM/SIGINT: the step loop stops the step's process and kernel, and records the kill."""
+        self.killed_by = signum
+
+
+def notebook_error(path: Path) -> tuple[str, str] | None:
+    """The first error in an executed notebook (papermill returns normally after `sys.exit(0)`),
+    or a cell left unexecuted; None when every cell completed cleanly."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception as exc:
+        return "UnreadableNotebook", f"the executed notebook {path.name} cannot be read: {exc}"
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                name, value = out.get("ename", "Error"), out.get("evalue", "")
+                if name == "SystemExit":
+                    return name, f"the notebook called sys.exit({value}); the cells after it did not run"
+                return name, value
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.metadata.get("papermill", {}).get("status") not in (None, "completed"):
+            return "NotExecuted", f"cell {nb.cells.index(cell)} was left {cell.metadata['papermill']['status']}"
+    if nb.metadata.get("papermill", {}).get("exception"):
+        return "PapermillException", "papermill recorded an exception in the notebook"
+    return None
+
+
+def run_runbook(
+    profile: str = DEFAULT_PROFILE,
+    confirm: bool = False,
+    from_step: str | None = None,
+    only: str | None = None,
+    run_id: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    notebooks_dir: Path | str | None = None,
+    outputs_dir: Path | str | None = None,
+    *,
+    cell_timeout: float | None = DEFAULT_CELL_TIMEOUT,
+    kernel_name: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    stream: Any = None,
+    handle_signals: bool = True,
+) -> RunOutcome:
+    """Run the runbook's notebooks (see the module doc). Raises RunRefused, before writing anything,
+    when the run cannot start. `environ` adds environment variables for the notebooks and the
+    settings (e.g. RUNBOOK_SANDBOX_DIR). SIGTERM/SIGINT are handled when called from the main thread."""
+    root = project.project_root()
+    runner = _Runner(
+        profile=profile, confirm=confirm, from_step=from_step, only=only, run_id=run_id, params=params or {},
+        notebooks_dir=Path(notebooks_dir or root / "notebooks").resolve(),
+        outputs_dir=Path(outputs_dir or root / "outputs").resolve(),
+        cell_timeout=cell_timeout, kernel_name=kernel_name, environ=dict(os.environ, **(environ or {})), stream=stream,
+    )
+    runner.prepare()
+    previous: dict[int, Any] = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, runner.on_signal)
+    try:
+        return runner.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- the step process ----------------------------------------------------------------------------
+
+
+def _execute_step(spec: dict[str, Any]) -> int:
+    """Run one notebook with papermill; write {"error_type", "error"} (empty on success) to the
+    result file. Dies with its kernel when the runner disappears."""
+    import papermill
+
+    runner_pid = os.getppid()
+
+    def watch_runner() -> None:
+        while os.getppid() == runner_pid:
+            time.sleep(0.3)
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        os._exit(3)
+
+    threading.Thread(target=watch_runner, daemon=True).start()
+    result: dict[str, Any] = {"ok": True}
+    try:
+        papermill.execute_notebook(
+            spec["input"], spec["output"], parameters=spec["parameters"], cwd=spec["cwd"],
+            kernel_name=spec["kernel_name"], execution_timeout=spec["execution_timeout"],
+            progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+        )
+    except papermill.PapermillExecutionError as exc:
+        result = {"ok": False, "error_type": exc.ename, "error": exc.evalue}
+    except BaseException as exc:  # CellTimeoutError, DeadKernelError, NoSuchKernel...: all failures
+        message = str(exc).strip().split("\n")
+        result = {"ok": False, "error_type": type(exc).__name__, "error": " ".join(m.strip() for m in message[:3])[:1000]}
+    result = redaction.redact_obj(result)
+    tmp = Path(spec["result"] + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(spec["result"])
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_execute_step(json.loads(sys.argv[1])))
