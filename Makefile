@@ -17,12 +17,16 @@ $(STAMP): requirements.txt
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The whole runbook against the sandbox; the sandbox is brought down whatever the outcome.
 run: venv
-	$(PY) -m runbook_sandbox.demo
+	$(PY) -m runbook_lib sandbox up
+	status=0; $(PY) -m runbook_lib run --profile sandbox --confirm $(RUN_ARGS) || status=$$?; \
+	$(PY) -m runbook_lib sandbox down; exit $$status
 
+# JupyterLab on the notebooks, its kernels seeing runbook_lib and the sandbox profile.
 lab: venv
 	$(PY) -m runbook_lib sandbox up
-	$(VENV)/bin/jupyter lab notebooks/
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/jupyter lab notebooks/
 
 sandbox-up: venv
 	$(PY) -m runbook_lib sandbox up

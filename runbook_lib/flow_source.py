@@ -240,9 +240,24 @@ def _describe(handler: ast.ExceptHandler) -> str:
     return f"{kind} (line {handler.lineno})"
 
 
+def _module_constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level `NAME = "literal"` assignments (a block name is often held in one)."""
+    out = {}
+    for node in tree.body:
+        value = getattr(node, "value", None)
+        if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
+            continue
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            if isinstance(target, ast.Name):
+                out[target.id] = value.value
+    return out
+
+
 def secret_loads(tree: ast.Module, names: _Names | None = None) -> list[SecretLoad]:
     names = names or _Names(tree)
     parents = _parents(tree)
+    constants = _module_constants(tree)
     out = []
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
@@ -251,6 +266,8 @@ def secret_loads(tree: ast.Module, names: _Names | None = None) -> list[SecretLo
             continue
         arg = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
         block = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+        if isinstance(arg, ast.Name):
+            block = constants.get(arg.id)
         fn = _enclosing_function(node, parents)
         handler = _swallowing_handler(node, parents)
         out.append(SecretLoad(
