@@ -100,6 +100,14 @@ class StepContext:
                 raise
         return report
 
+    def record_failure(self, check: Check, exc: RunbookError) -> None:
+        """Record and show a failed check and mark the step failed with `exc`'s message; the caller
+        raises `exc`, so the cell ends with one clear message (cause and fix), not check ids."""
+        report = CheckReport(step=self.name, checks=[check])
+        self.results.add_checks(report)
+        self.fail(exc)
+        show(report)
+
     # -- confirmation -------------------------------------------------------------------------
     def confirm_plan(self, summary: str, plan: Any, *, interactive: bool | None = None) -> ConfirmationGate:
         """Show the plan behind a confirmation gate (see runbook_lib.gate). Headless without
@@ -109,6 +117,8 @@ class StepContext:
                 self.name, summary, plan, self.confirm, interactive=interactive, on_decision=self._record_decision
             )
         except RunbookError as exc:
+            if self.results.gate is not None:  # refused headless: the plan is still shown, with the refusal
+                show(ConfirmationGate(self.name, summary, plan, self.results.gate))
             self.fail(exc)
             raise
         show(self.gate)

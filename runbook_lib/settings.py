@@ -185,6 +185,8 @@ class DeploymentSettings(_Section):
     tags: list[str] = Field(default_factory=list)
     parameters: dict[str, Any] = Field(default_factory=dict)
     runtime_python: str = "3.12"
+    # Step 03 starts one flow run of the deployment after deploying (its `smoke_run` parameter overrides).
+    smoke_run: bool = False
 
     @field_validator("pip_packages")
     @classmethod
@@ -339,6 +341,21 @@ class E2ESettings(_Section):
     _check_client = field_validator("client_id")(_uuid)
 
 
+class FallbackSettings(_Section):
+    """The plan's fallback when Managed is not usable: the same flow on a process work pool,
+    served by a worker on an always-on host (whose own environment must hold the flow's packages)."""
+
+    deployment_name: str = "data-enrichment-orchestrator-process"
+    work_pool: str = "default-agent-pool"
+    work_pool_type: str = "process"
+    worker_name: str = "runbook-fallback-worker"
+    # true: the runbook starts the worker here as a background process (pid file, log);
+    # false: it prints the command and writes a service definition for the worker's host.
+    start_worker: bool = False
+    worker_start_timeout_seconds: float = Field(default=90, gt=0)
+    worker_query_seconds: int = Field(default=10, ge=1)  # how often the worker polls for runs
+
+
 class RunbookSettings(BaseSettings):
     """Everything a runbook step needs about its target. Build it with `load_settings`."""
 
@@ -355,6 +372,7 @@ class RunbookSettings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     modal: ModalSettings = Field(default_factory=ModalSettings)
     e2e: E2ESettings
+    fallback: FallbackSettings = Field(default_factory=FallbackSettings)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
     _hints: "_Hints | None" = PrivateAttr(default=None)

@@ -189,14 +189,17 @@ class SupabaseManagementApi:
     def secret_digests(self) -> dict[str, SecretDigest]:
         return {s.name: s for s in self.list_secrets()}
 
-    def upsert_secrets(self, secrets: Mapping[str, str]) -> None:
-        """Create or update secrets; every name and value is validated before the request."""
+    def upsert_secrets(self, secrets: Mapping[str, str], *, mask_values: bool = True) -> None:
+        """Create or update secrets; every name and value is validated before the request. The values
+        are masked in all output from then on, unless `mask_values` is False (a value that is no
+        secret, such as a deployment id, which the runbook records)."""
         if not secrets:
             raise SupabaseApiError("no secrets to upsert")
         for name, value in secrets.items():
             check_secret_name(name)
             check_secret_value(name, value)
-            register_secret(value, name)
+            if mask_values:
+                register_secret(value, name)
         self._request("POST", self._secrets_path, json=[{"name": n, "value": v} for n, v in secrets.items()])
 
     def delete_secrets(self, names: Iterable[str]) -> None:

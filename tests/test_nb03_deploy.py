@@ -1,0 +1,456 @@
+"""Notebook 03 (deploy), against the sandbox: the real Prefect server behind the Cloud-shaped
+gateway, the managed pool and its worker, the git server holding the orchestrator's repository.
+
+Papermill runs the notebook for the paths a user takes (deploy, re-run with no changes, headless
+without `confirm`, a plaintext secret in the job variables); the error paths run the same library
+calls in-process with one setting changed. No test mocks a service: every failure is produced by
+the real service (a missing pool, a missing file in the repository, a refused key, a 422).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import papermill
+import pytest
+from papermill.exceptions import PapermillExecutionError
+
+from runbook_lib import deploy
+from runbook_lib.errors import ChecksFailed, NotConfirmed, RunbookError
+from runbook_lib.git_repo import GitRepo
+from runbook_lib.notebook import StepContext, start_step
+from runbook_lib.settings import load_settings
+from runbook_sandbox import prefect_gateway
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+STEP = "03_deploy"
+DEPLOYMENT = "data-enrichment-orchestrator"
+FLOW = "orchestrator_main"
+
+
+# -- helpers (also used by test_nb04_edge_secret) -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def environ(updates: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the kernel papermill starts; restore them afterwards."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class Run:
+    results: dict[str, Any]
+    notebook: Path
+    error: PapermillExecutionError | None
+
+    def check(self, id: str) -> dict[str, Any]:
+        return next(c for c in self.results["checks"] if c["id"] == id)
+
+    def statuses(self) -> dict[str, str]:
+        return {c["id"]: c["status"] for c in self.results["checks"]}
+
+
+def run_notebook(notebook: str, sandbox_dir: Path, run_dir: Path, parameters: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> Run:
+    """Execute notebooks/<notebook>.ipynb headless (cwd notebooks/), results in `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    output = run_dir / f"{notebook}.executed-{uuid.uuid4().hex[:6]}.ipynb"
+    settings_env = {"RUNBOOK_SANDBOX_DIR": str(sandbox_dir), "RUNBOOK_HEADLESS": "1", "PYTHONPATH": str(PROJECT_ROOT),
+                    "RUNBOOK_PROFILE": "sandbox", **(env or {})}
+    error = None
+    with environ(settings_env):
+        try:
+            papermill.execute_notebook(
+                str(NOTEBOOKS / f"{notebook}.ipynb"), str(output), parameters={"run_dir": str(run_dir), **(parameters or {})},
+                cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=300,
+            )
+        except PapermillExecutionError as exc:
+            error = exc
+    return Run(json.loads((run_dir / f"{notebook}.json").read_text()), output, error)
+
+
+def step_context(step: str, sandbox, run_dir: Path, overrides: dict[str, Any] | None = None,
+                 confirm: Any = True) -> StepContext:
+    """The notebook's first cell, in this process: settings from the test sandbox plus `overrides`."""
+    return start_step(step, "sandbox", confirm=confirm, run_dir=run_dir, environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)},
+                      overrides=overrides, install_hooks=False)
+
+
+def settings_of(sandbox, overrides: dict[str, Any] | None = None):
+    return load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)}, overrides=overrides)
+
+
+def deploy_in_process(sandbox, run_dir: Path, overrides: dict[str, Any] | None = None, *, pin_commit: bool = False,
+                      smoke: bool = False) -> tuple[StepContext, deploy.DeployPlan, str]:
+    """Step 03's cells in order, confirmed."""
+    ctx = step_context(STEP, sandbox, run_dir, overrides)
+    the_plan = deploy.plan(ctx, pin_commit=pin_commit)
+    deploy.confirm(ctx, the_plan)
+    deployment_id = deploy.apply(ctx, the_plan)
+    deploy.verify(ctx, the_plan, deployment_id)
+    deploy.smoke_run(ctx, deployment_id, enabled=smoke)
+    ctx.finish()
+    return ctx, the_plan, deployment_id
+
+
+def log_mark(sandbox, service: str) -> int:
+    path = sandbox.request_log_path(service)
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def requests_since(sandbox, service: str, mark: int) -> list[dict[str, Any]]:
+    path = sandbox.request_log_path(service)
+    return [json.loads(line) for line in path.read_text().splitlines()[mark:]] if path.exists() else []
+
+
+def deployment_writes(entries: list[dict[str, Any]]) -> list[str]:
+    """Writes to the gateway's deployment (and deployment automation) endpoints; reads by filter excluded."""
+    out = []
+    for e in entries:
+        path = e["path"].split("/workspaces/", 1)[-1]
+        rest = path.split("/", 1)[-1] if "/" in path else ""
+        if e["method"] in ("POST", "PATCH", "PUT", "DELETE") and rest.startswith(("deployments", "automations")) \
+                and not rest.endswith(("/filter", "/count", "/paginate")):
+            out.append(f"{e['method']} {rest}")
+    return out
+
+
+def secret_values(sandbox, sandbox_env: dict[str, str]) -> dict[str, str]:
+    return {
+        "PREFECT_API_KEY": sandbox_env["PREFECT_API_KEY"],
+        "SUPABASE_ACCESS_TOKEN": sandbox_env["SUPABASE_ACCESS_TOKEN"],
+        "GITHUB_TOKEN": sandbox_env["GITHUB_TOKEN"],
+        "DATABASE_PASSWORD": sandbox.postgres.password,
+        "MODAL_TOKEN_ID": sandbox_env["MODAL_TOKEN_ID"],
+        "MODAL_TOKEN_SECRET": sandbox_env["MODAL_TOKEN_SECRET"],
+        "service_role key": sandbox.supabase.service_role_key,
+    }
+
+
+def assert_no_secrets(run: Run, secrets: dict[str, str]) -> None:
+    texts = {"executed notebook": run.notebook.read_text(), "results": json.dumps(run.results)}
+    for where, text in texts.items():
+        for label, value in secrets.items():
+            assert value not in text, f"{label} appears in the {where}"
+
+
+def gateway(sandbox) -> httpx.Client:
+    return prefect_gateway.api(sandbox)
+
+
+def read_deployment(sandbox, flow: str, name: str) -> dict[str, Any] | None:
+    with gateway(sandbox) as client:
+        r = client.get(f"deployments/name/{flow}/{name}")
+    if r.status_code == 404:
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def branch_head(sandbox, branch: str = "main") -> str:
+    with GitRepo(sandbox.repo_url) as git:
+        sha = git.branch_sha(branch)
+    assert sha
+    return sha
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# -- papermill ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_deploy_then_rerun_reports_no_changes_without_api_writes(sandbox, sandbox_env, tmp_path):
+    first = run_notebook(STEP, sandbox.state, tmp_path / "run1", {"confirm": True})
+    assert first.error is None, first.error
+    assert first.results["status"] == "passed"
+    assert first.results["gate"] is None or first.results["gate"]["decision"] == "approved"
+    values = first.results["values"]
+    deployment_id = values["deployment_id"]
+    uuid.UUID(deployment_id)
+    assert values["flow_name"] == FLOW
+    assert values["commit_sha"] == values["version"] == branch_head(sandbox)
+    assert all(status in ("pass", "skip") for status in first.statuses().values()), first.statuses()
+    assert first.check("smoke_run")["status"] == "skip"  # off by default
+
+    stored = read_deployment(sandbox, FLOW, DEPLOYMENT)
+    assert stored["id"] == deployment_id
+    assert stored["work_pool_name"] == "managed-production"
+    assert stored["entrypoint"] == "src/orchestrator.py:orchestrator_main"
+    clone = stored["pull_steps"][0]["prefect.deployments.steps.git_clone"]
+    assert clone["repository"] == sandbox.repo_url and clone["repository"].endswith(".git")
+    assert clone["branch"] == "main"
+    assert stored["job_variables"]["pip_packages"] == ["psycopg2-binary", "modal", "python-dotenv"]
+    assert stored["job_variables"]["env"]["MODAL_TOKEN_SECRET"] == "{{ prefect.blocks.secret.modal-token-secret }}"
+    assert stored["parameters"] == {"batch_size": 50}
+    assert sorted(stored["tags"]) == ["enrichment", "orchestrator", "production"]
+    assert stored["version"] == values["commit_sha"]
+
+    # Again, headless and without confirm: nothing to apply, so nothing to confirm, and no write.
+    mark = log_mark(sandbox, "prefect")
+    second = run_notebook(STEP, sandbox.state, tmp_path / "run2")
+    assert second.error is None, second.error
+    assert second.results["status"] == "passed"
+    assert second.results["gate"] is None
+    assert second.results["values"]["deployment_id"] == deployment_id
+    assert second.results["values"]["no_changes"] is True and second.results["values"]["changed"] is False
+    assert {d["status"] for d in second.results["values"]["diff"]} == {"unchanged"}
+    assert "no changes" in second.check("deploy.apply")["detail"]
+    assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
+    assert read_deployment(sandbox, FLOW, DEPLOYMENT)["updated"] == stored["updated"]
+
+    secrets = secret_values(sandbox, sandbox_env)
+    assert_no_secrets(first, secrets)
+    assert_no_secrets(second, secrets)
+
+
+@pytest.mark.timeout(300)
+def test_headless_without_confirm_shows_the_plan_and_applies_nothing(sandbox, tmp_path):
+    name = unique_name("runbook-test-unconfirmed")
+    mark = log_mark(sandbox, "prefect")
+    run = run_notebook(STEP, sandbox.state, tmp_path / "run", env={"RUNBOOK_DEPLOYMENT__NAME": name})
+    assert run.error is not None and run.error.ename == "NotConfirmed"
+    assert "pass -p confirm true" in run.error.evalue
+    assert run.results["status"] == "failed"
+    assert run.results["gate"]["decision"] == "rejected" and run.results["gate"]["mode"] == "headless"
+    assert {d["status"] for d in run.results["values"]["diff"]} == {"created"}
+    assert "deployment_id" not in run.results["values"]
+    executed = run.notebook.read_text()
+    assert "Plan for step 03_deploy" in executed and name in executed  # the plan was shown
+    assert read_deployment(sandbox, FLOW, name) is None
+    assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
+
+
+@pytest.mark.timeout(300)
+def test_plaintext_secret_in_job_variables_fails_before_anything_is_applied(sandbox, sandbox_env, tmp_path):
+    name = unique_name("runbook-test-plaintext")
+    literal = "as-" + uuid.uuid4().hex  # shaped like a Modal token secret, known to no setting
+    env_table = {
+        "MODAL_TOKEN_ID": "{{ prefect.blocks.secret.modal-token-id }}",
+        "MODAL_TOKEN_SECRET": literal,
+    }
+    mark = log_mark(sandbox, "prefect")
+    run = run_notebook(STEP, sandbox.state, tmp_path / "run", {"confirm": True},
+                       env={"RUNBOOK_DEPLOYMENT__NAME": name, "RUNBOOK_DEPLOYMENT__ENV": json.dumps(env_table)})
+    assert run.error is not None and run.error.ename == "ChecksFailed"
+    check = run.check("job_variables.secrets")
+    assert check["status"] == "fail"
+    assert "job_variables.env.MODAL_TOKEN_SECRET" in check["detail"]
+    assert "prefect.blocks.secret" in check["remediation"]
+    assert "deploy.apply" not in run.statuses()
+    assert read_deployment(sandbox, FLOW, name) is None
+    assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
+    assert_no_secrets(run, {"the plaintext literal": literal, **secret_values(sandbox, sandbox_env)})
+
+
+# -- in-process: the plan's checks -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_url_without_dot_git_is_normalised_with_a_warning_and_a_pinned_commit(sandbox, tmp_path):
+    name = unique_name("runbook-test-nogit")
+    overrides = {"source.repo_url": sandbox.repo_url.removesuffix(".git"), "deployment.name": name}
+    ctx, the_plan, deployment_id = deploy_in_process(sandbox, tmp_path / "run1", overrides, pin_commit=True)
+    checks = {c.id: c for c in ctx.results.checks}
+    assert checks["source.url"].status.value == "warn"
+    assert sandbox.repo_url in checks["source.url"].detail and checks["source.url"].remediation
+    assert ctx.results.status == "passed"
+    head = branch_head(sandbox)
+    stored = read_deployment(sandbox, FLOW, name)
+    assert stored["id"] == deployment_id
+    clone = stored["pull_steps"][0]["prefect.deployments.steps.git_clone"]
+    assert clone["repository"] == sandbox.repo_url  # normalised: ends in .git
+    assert clone["commit_sha"] == head and not clone.get("branch")
+    assert stored["version"] == head
+    assert checks["verify.pull_step"].status.value == "pass"
+
+    # Re-planned with the same settings: nothing differs.
+    again, _ = deploy.build_plan(settings_of(sandbox, overrides), pin_commit=True)
+    assert again.no_changes and again.live_id == deployment_id
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["missing_pool", "missing_entrypoint", "entrypoint_not_a_flow"])
+def test_plan_failures_name_the_cause_and_apply_nothing(case, sandbox, tmp_path):
+    name = unique_name(f"runbook-test-{case.replace('_', '-')}")
+    overrides = {"deployment.name": name}
+    expected_check = {
+        "missing_pool": ("work_pool.exists", "prefect work-pool create no-such-pool"),
+        "missing_entrypoint": ("source.entrypoint", "source.entrypoint"),
+        "entrypoint_not_a_flow": ("source.entrypoint", "source.entrypoint"),
+    }[case]
+    if case == "missing_pool":
+        overrides["deployment.work_pool"] = "no-such-pool"
+    elif case == "missing_entrypoint":
+        overrides["source.entrypoint"] = "src/missing.py:orchestrator_main"
+    else:
+        overrides["source.entrypoint"] = "src/orchestrator.py:connect"
+    ctx = step_context(STEP, sandbox, tmp_path / "run", overrides)
+    mark = log_mark(sandbox, "prefect")
+    with pytest.raises(ChecksFailed) as failed:
+        deploy.plan(ctx)
+    check_id, remedy = expected_check
+    assert failed.value.failed == [check_id]
+    check = next(c for c in ctx.results.checks if c.id == check_id)
+    assert check.status.value == "fail" and remedy in check.remediation
+    saved = json.loads((tmp_path / "run" / f"{STEP}.json").read_text())
+    assert saved["status"] == "failed" and check_id in saved["error"]
+    assert read_deployment(sandbox, FLOW, name) is None
+    assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
+
+
+@pytest.mark.timeout(300)
+def test_wrong_work_pool_type_fails_the_plan(sandbox, tmp_path):
+    pool = unique_name("runbook-test-process-pool")
+    with gateway(sandbox) as client:
+        client.post("work_pools/", json={"name": pool, "type": "process"}).raise_for_status()
+        try:
+            ctx = step_context(STEP, sandbox, tmp_path / "run", {"deployment.work_pool": pool,
+                                                                  "deployment.name": unique_name("runbook-test-pool")})
+            with pytest.raises(ChecksFailed) as failed:
+                deploy.plan(ctx)
+        finally:
+            client.delete(f"work_pools/{pool}").raise_for_status()
+    assert failed.value.failed == ["work_pool.type"]
+    check = next(c for c in ctx.results.checks if c.id == "work_pool.type")
+    assert "'process'" in check.detail and "prefect:managed" in check.remediation
+
+
+# -- in-process: deploy errors from the real services, translated ------------------------------------
+
+
+@pytest.fixture
+def desired(sandbox) -> deploy.DesiredDeployment:
+    the_plan, report = deploy.build_plan(settings_of(sandbox, {"deployment.name": unique_name("runbook-test-err")}))
+    assert report.ok, report.summary_line()
+    return the_plan.desired
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["missing_pool", "missing_entrypoint", "bad_url", "bad_key", "schema_422"])
+def test_deploy_errors_become_one_message_with_cause_and_fix(case, sandbox, desired):
+    settings = settings_of(sandbox)
+    broken = desired
+    if case == "missing_pool":
+        broken = replace(desired, work_pool_name="no-such-pool")
+        cause, fix = "work pool 'no-such-pool' does not exist", "prefect work-pool create no-such-pool --type prefect:managed"
+    elif case == "missing_entrypoint":
+        broken = replace(desired, entrypoint="src/missing.py:orchestrator_main")
+        cause, fix = "entrypoint src/missing.py:orchestrator_main was not found", "source.entrypoint"
+    elif case == "bad_url":
+        broken = replace(desired, repository=sandbox.repo_url.replace("orchestration-v1", "no-such-repo"))
+        cause, fix = "could not be cloned", "source.repo_url"
+    elif case == "bad_key":
+        settings = settings_of(sandbox, {"prefect.api_key": "pnu_" + "0" * 36})
+        cause, fix = "refused the API key (401)", "PREFECT_API_KEY"
+    else:
+        broken = replace(desired, job_variables={**desired.job_variables, "pip_packages": "psycopg2-binary"})
+        cause, fix = "422", "pip_packages"
+    with pytest.raises(deploy.DeployError) as err:
+        deploy.deploy_flow(settings, broken)
+    assert cause in err.value.cause, err.value.cause
+    assert fix in err.value.fix, err.value.fix
+    assert "Fix:" in str(err.value)
+    assert read_deployment(sandbox, FLOW, desired.name) is None
+
+
+# -- smoke run ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smoke_run_completes_and_a_failing_run_shows_its_logs(sandbox, tmp_path):
+    """The orchestrator of feature/secret-blocks, deployed under its own name: one flow run on the
+    managed pool completes; with its Secret block gone, the next one fails and the check shows why."""
+    # batch_id (a parameter of this repository's orchestrator) names no batch: the run touches no item
+    # that other tests may have left PENDING.
+    overrides = {"deployment.name": unique_name("runbook-test-smoke"), "source.branch": "feature/secret-blocks",
+                 "deployment.parameters": {"batch_size": 50, "batch_id": str(uuid.uuid4())}}
+    ctx, _, deployment_id = deploy_in_process(sandbox, tmp_path / "run1", overrides, smoke=True)
+    smoke = next(c for c in ctx.results.checks if c.id == "smoke_run")
+    assert smoke.status.value == "pass", smoke.detail
+    assert "COMPLETED" in smoke.detail
+
+    ctx = step_context(STEP, sandbox, tmp_path / "run2", overrides)
+    with gateway(sandbox) as client:
+        block = client.get("block_types/slug/secret/block_documents/name/postgres-connection-string")
+        block.raise_for_status()
+        client.delete(f"block_documents/{block.json()['id']}").raise_for_status()
+        try:
+            with pytest.raises(ChecksFailed):
+                deploy.smoke_run(ctx, deployment_id, enabled=True)
+        finally:
+            prefect_gateway.ensure_secret_blocks(sandbox)
+    smoke = next(c for c in ctx.results.checks if c.id == "smoke_run")
+    assert smoke.status.value == "fail"
+    assert "FAILED" in smoke.detail and "postgres-connection-string" in smoke.detail
+    assert "last log lines" in smoke.detail
+    assert smoke.remediation
+
+
+# -- pure functions ----------------------------------------------------------------------------------
+
+
+def test_plaintext_secret_detection_names_paths_never_values():
+    job_variables = {
+        "pip_packages": ["modal"],
+        "env": {
+            "MODAL_TOKEN_ID": "{{ prefect.blocks.secret.modal-token-id }}",
+            "API_TOKEN": "literal-token-value",
+            "DSN_URL": "postgresql://app:hunter2hunter2@db.example.com/app",
+            "KNOWN": "prefix-known-secret-value",
+            "PLAIN": "https://example.com/hook",
+        },
+    }
+    found = dict(deploy.plaintext_secrets(job_variables, {"SOME_KEY": "known-secret-value"}))
+    assert set(found) == {"job_variables.env.API_TOKEN", "job_variables.env.DSN_URL", "job_variables.env.KNOWN"}
+    assert "SOME_KEY" in found["job_variables.env.KNOWN"]
+    assert "password" in found["job_variables.env.DSN_URL"]
+    assert not any(v in text for text in found.values() for v in ("literal-token-value", "hunter2", "known-secret-value"))
+
+
+def test_diff_reports_created_changed_and_unchanged_fields():
+    desired = {f: f"want-{f}" for f in deploy.FIELDS}
+    assert {c.status for c in deploy.diff_fields(desired, None)} == {"created"}
+    live = dict(desired, tags="other")
+    changes = {c.field: c.status for c in deploy.diff_fields(desired, live)}
+    assert changes.pop("tags") == "changed"
+    assert set(changes.values()) == {"unchanged"}
+
+
+def test_flag_parameters_accept_text_and_refuse_anything_else():
+    assert deploy.parse_flag("smoke_run", "true") is True and deploy.parse_flag("smoke_run", "False") is False
+    assert deploy.parse_flag("smoke_run", None) is None and deploy.parse_flag("smoke_run", "null") is None
+    with pytest.raises(RunbookError, match="smoke_run must be true or false"):
+        deploy.parse_flag("smoke_run", "sometimes")
+
+
+def test_headless_gate_refuses_before_apply(sandbox, tmp_path):
+    """The gate alone: a plan with changes, no confirm, headless -> NotConfirmed, decision recorded."""
+    ctx = step_context(STEP, sandbox, tmp_path / "run", {"deployment.name": unique_name("runbook-test-gate")}, confirm=None)
+    the_plan = deploy.plan(ctx)
+    with pytest.raises(NotConfirmed):
+        deploy.confirm(ctx, the_plan)
+    assert ctx.results.gate.decision == "rejected"
+    with pytest.raises(RunbookError, match="no plan was shown"):
+        deploy.apply(ctx, the_plan)
+    assert read_deployment(sandbox, FLOW, the_plan.desired.name) is None
