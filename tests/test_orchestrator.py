@@ -1,0 +1,538 @@
+"""The orchestrator flow (flows/src/orchestrator.py) against the sandbox: real Postgres, the real Modal
+stand-in over HTTP, and a real (temporary) Prefect server for the flows and the Secret block.
+
+Every test works on its own client, workstream, registry rows and Modal function names, and scopes the
+orchestrator to its own batches (`batch_id`), so no other row is touched; all of it is deleted after."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from runbook_sandbox import git_seed
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ORCHESTRATOR_PATH = PROJECT_ROOT / "flows" / "src" / "orchestrator.py"
+BLOCK = "postgres-connection-string"
+
+
+def load_module(name: str, source: str | None = None):
+    """Import the flow module by path, as Prefect loads an entrypoint (or from derived source)."""
+    if source is None:
+        spec = importlib.util.spec_from_file_location(name, ORCHESTRATOR_PATH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = type(sys)(name)
+        module.__file__ = str(ORCHESTRATOR_PATH)
+        sys.modules[name] = module
+        exec(compile(source, str(ORCHESTRATOR_PATH), "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def orch():
+    return load_module("orchestrator")
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect server of our own (Secret blocks here never collide with other tests)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def dispatch_env(monkeypatch, sandbox_env):
+    """The deployment env of the sandbox profile: dispatch to the Modal stand-in."""
+    for key in ("ENRICHMENT_DISPATCH_URL", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
+        monkeypatch.setenv(key, sandbox_env[key])
+    monkeypatch.delenv("ORCHESTRATOR_ALLOW_ENV_DSN", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    return sandbox_env
+
+
+@pytest.fixture
+def modal(sandbox):
+    with httpx.Client(base_url=sandbox.modal_url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def secret_block(prefect_api, sandbox):
+    """The Secret block `postgres-connection-string` holding the sandbox DSN; deleted afterwards."""
+    from prefect.blocks.system import Secret
+
+    Secret(value=sandbox.database_url).save(BLOCK, overwrite=True)
+    yield
+    Secret.delete(BLOCK)
+
+
+class World:
+    """A test's own rows: client, workstream with two registry steps, batches. Removed on exit."""
+
+    def __init__(self, db, unique: str):
+        self.db, self.unique = db, unique
+        self.client_id = str(uuid.uuid4())
+        self.workstream = f"orch-test-{unique}"
+        self.step_a, self.step_b = f"step-a-{unique}", f"step-b-{unique}"
+        self.sender_a, self.sender_b = f"send_step_a_{unique}", f"send_step_b_{unique}"
+        self.registry_ids: list[str] = []
+        self.batch_ids: list[str] = []
+        db.execute("INSERT INTO public.clients (id, company_name) VALUES (%s, %s)", (self.client_id, f"orch {unique}"))
+        for slug, sender in ((self.step_a, self.sender_a), (self.step_b, self.sender_b)):
+            self.add_registry(slug, self.workstream, sender, "receive" + sender[4:])
+
+    def add_registry(self, slug, workstream, sender, receiver=None) -> None:
+        row = self.db.execute(
+            "INSERT INTO public.enrichment_registry (slug, workstream_slug, name, type, modal_sender_fn, modal_receiver_fn)"
+            " VALUES (%s, %s, %s, 'ASYNC', %s, %s) RETURNING id", (slug, workstream, slug, sender, receiver),
+        ).fetchone()
+        self.registry_ids.append(row[0])
+
+    def batch(self, n_items: int, blueprint: list[str] | None = None, workstream: str | None = "default") -> str:
+        """A launched batch: n items, one PENDING state each for the blueprint's first step."""
+        blueprint = blueprint or [self.step_a, self.step_b]
+        workstream = self.workstream if workstream == "default" else workstream
+        batch_id = self.db.execute(
+            "INSERT INTO public.batches (status, blueprint, client_id, workstream_slug)"
+            " VALUES ('PENDING', %s, %s, %s) RETURNING id::text",
+            (json.dumps(blueprint), self.client_id, workstream),
+        ).fetchone()[0]
+        self.batch_ids.append(batch_id)
+        self.db.execute(
+            """WITH items AS (
+                   INSERT INTO public.batch_items (batch_id, company_name, company_domain)
+                   SELECT %(b)s, 'Company ' || g, 'c' || g || '.example' FROM generate_series(1, %(n)s) g
+                   RETURNING id)
+               INSERT INTO public.workflow_states (batch_id, item_id, step_name, status)
+               SELECT %(b)s, id, %(step)s, 'PENDING' FROM items""",
+            {"b": batch_id, "n": n_items, "step": blueprint[0]},
+        )
+        return batch_id
+
+    def states(self, batch_id: str, step: str | None = None) -> list[dict]:
+        cur = self.db.execute(
+            "SELECT id::text, item_id::text, step_name, status::text, meta, advanced_at"
+            " FROM public.workflow_states WHERE batch_id = %s AND (%s::text IS NULL OR step_name = %s)"
+            " ORDER BY item_id", (batch_id, step, step),
+        )
+        cols = [c.name for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def transitions(self, batch_id: str) -> dict[str, list[str]]:
+        """state id -> its recorded statuses, in order (from the audit trigger)."""
+        out: dict[str, list[str]] = {}
+        for state_id, to_status in self.db.execute(
+            "SELECT state_id::text, to_status::text FROM runbook.workflow_state_transitions"
+            " WHERE batch_id = %s ORDER BY id", (batch_id,),
+        ):
+            out.setdefault(state_id, []).append(to_status)
+        return out
+
+    def wait_for(self, batch_id: str, step: str, status: str, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            states = self.states(batch_id, step)
+            if states and all(s["status"] == status for s in states):
+                return states
+            if time.monotonic() > deadline:
+                pytest.fail(f"states of {step} not all {status} within {timeout}s: "
+                            f"{sorted({s['status'] for s in states})}")
+            time.sleep(0.2)
+
+    def cleanup(self, modal) -> None:
+        """Wait (bounded) for the stand-in's work on our items to end, then delete our rows."""
+        ours = {self.sender_a, self.sender_b, "receive" + self.sender_a[4:], "receive" + self.sender_b[4:]}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+            c["function"] in ours and c["status"] in ("pending", "running") for c in modal.get("/_sandbox/calls").json()
+        ):
+            time.sleep(0.2)
+        for batch_id in self.batch_ids:
+            self.db.execute("DELETE FROM runbook.workflow_state_transitions WHERE batch_id = %s", (batch_id,))
+        self.db.execute("DELETE FROM public.clients WHERE id = %s", (self.client_id,))
+        self.db.execute("DELETE FROM public.enrichment_registry WHERE id = ANY(%s)", (self.registry_ids,))
+
+
+@pytest.fixture
+def world(db, unique, modal):
+    w = World(db, unique)
+    yield w
+    modal.delete("/_sandbox/faults")
+    w.cleanup(modal)
+
+
+def spawn_calls(modal, function_name: str) -> list[dict]:
+    return [c for c in modal.get("/_sandbox/calls").json() if c["function"] == function_name]
+
+
+@contextmanager
+def captured_run_logs():
+    """Records of Prefect's flow-run loggers (the messages a run shows in the UI)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+# -- the module itself -----------------------------------------------------------------------------------
+
+
+def test_entrypoint_contract_and_imports(orch):
+    """Production name and defaults (the Edge Function passes no parameters); top-level third-party
+    imports are exactly the deployment's pip_packages (modal only lazily, for the real backend)."""
+    main = orch.orchestrator_main
+    assert main.name == "orchestrator_main"
+    schema = main.parameters.model_dump()
+    assert schema["properties"]["batch_size"]["default"] == 50
+    assert not schema.get("required"), "every parameter must have a default"
+    assert orch.advance_completed_items.name == "advance_completed_items"
+    assert orch.dispatch_pending_items.name == "dispatch_pending_items"
+
+    tree = ast.parse(ORCHESTRATOR_PATH.read_text())
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            top.add(node.module.split(".")[0])
+    third_party = {m for m in top if m not in sys.stdlib_module_names and m != "__future__"}
+    assert third_party == {"psycopg2", "dotenv", "prefect"}
+    spawner = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "modal_spawner")
+    assert any(isinstance(n, ast.Import) and n.names[0].name == "modal" for n in ast.walk(spawner))
+
+
+# -- dispatcher --------------------------------------------------------------------------------------------
+
+
+def test_flow_drains_every_pending_item_not_only_batch_size(orch, world, dispatch_env, secret_block, modal):
+    batch = world.batch(120)
+    with captured_run_logs() as logs:
+        result = orch.orchestrator_main(batch_size=50, batch_id=batch)
+    dispatcher = result["dispatcher"]
+    assert dispatcher["processed"] == dispatcher["queued"] == dispatcher["dispatched"] == 120
+    assert dispatcher["failed"] == dispatcher["skipped"] == dispatcher["pending_remaining"] == 0
+
+    states = world.states(batch)
+    assert len(states) == 120 and not [s for s in states if s["status"] == "PENDING"]
+    assert all(s["meta"]["dispatch_attempts"] == 1 and s["meta"]["claimed_by"].startswith("flow-run/") for s in states)
+    for statuses in world.transitions(batch).values():
+        assert statuses[:2] == ["PENDING", "QUEUED"] and statuses.count("QUEUED") == 1
+    calls = spawn_calls(modal, world.sender_a)
+    assert sorted(c["args"][0] for c in calls) == sorted(s["item_id"] for s in states)
+    assert all(c["args"][1] == world.workstream for c in calls)
+    messages = [r.getMessage() for r in logs]
+    assert any(f"Prefect Secret block {BLOCK!r}" in m for m in messages)
+
+
+def test_concurrent_claimers_never_dispatch_an_item_twice(orch, world, dispatch_env, sandbox, modal):
+    import psycopg2
+
+    batch = world.batch(400)
+    http_spawn = orch.http_spawner(dispatch_env["ENRICHMENT_DISPATCH_URL"], dispatch_env["MODAL_TOKEN_ID"],
+                                   dispatch_env["MODAL_TOKEN_SECRET"])
+
+    def slow_spawn(fn, item_id, workstream):  # keeps every claimer busy long enough to overlap
+        time.sleep(0.005)
+        return http_spawn(fn, item_id, workstream)
+
+    start = threading.Barrier(4)
+    results, errors = {}, []
+
+    def claimer(n: int) -> None:
+        conn = psycopg2.connect(sandbox.database_url)
+        conn.autocommit = True
+        try:
+            start.wait(timeout=30)
+            results[n] = orch.drain_pending(conn, slow_spawn, batch_size=20, batch_id=batch,
+                                            time_budget_seconds=120, claimed_by=f"claimer-{n}")
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    assert not errors and len(results) == 4
+    assert sum(r["dispatched"] for r in results.values()) == 400
+
+    item_ids = [c["args"][0] for c in spawn_calls(modal, world.sender_a)]
+    assert len(item_ids) == len(set(item_ids)) == 400, "an item was spawned twice"
+    states = world.states(batch)
+    assert all(s["status"] != "PENDING" and s["meta"]["dispatch_attempts"] == 1 for s in states)
+    assert len({s["meta"]["claimed_by"] for s in states}) >= 2, "the claimers did not run concurrently"
+    for statuses in world.transitions(batch).values():
+        assert statuses.count("QUEUED") == 1
+
+
+def test_failed_spawn_goes_back_to_pending_then_failed_after_max_attempts(orch, world, dispatch_env, sandbox, modal):
+    import psycopg2
+
+    batch = world.batch(3)
+    assert modal.put(f"/_sandbox/faults/{world.sender_a}", json={"mode": "spawn_error"}).status_code == 200
+    spawn = orch.spawner_from_env()
+    conn = psycopg2.connect(sandbox.database_url)
+    conn.autocommit = True
+    try:
+        for attempt in (1, 2):  # each run waits for the retry delay, tries once more, puts the items back
+            counts = orch.drain_pending(conn, spawn, batch_id=batch, max_dispatch_attempts=3,
+                                        retry_delay_seconds=0.3, time_budget_seconds=30)
+            assert counts["dispatch_errors"] == counts["requeued"] == counts["pending_remaining"] == 3
+            assert counts["dispatched"] == counts["failed"] == 0
+            assert "3 back to PENDING after a failed dispatch" in orch.incomplete_reason(counts)
+            for s in world.states(batch):
+                assert s["status"] == "PENDING" and s["meta"]["dispatch_attempts"] == attempt
+                assert "HTTP 500 injected spawn failure" in s["meta"]["last_dispatch_error"]
+                assert "retry_after" in s["meta"] and "error" not in s["meta"]
+
+        last = orch.drain_pending(conn, spawn, batch_id=batch, max_dispatch_attempts=3,
+                                  retry_delay_seconds=0.3, time_budget_seconds=30)
+        assert last["dispatch_errors"] == last["failed"] == 3 and last["requeued"] == 0
+        assert "3 FAILED after the last dispatch attempt" in orch.incomplete_reason(last)
+        for s in world.states(batch):
+            assert s["status"] == "FAILED" and s["meta"]["dispatch_attempts"] == 3
+            assert s["meta"]["error"].startswith("dispatch failed 3 time(s); last error:")
+            assert "injected spawn failure" in s["meta"]["error"]
+        for statuses in world.transitions(batch).values():
+            assert statuses == ["PENDING", "QUEUED", "PENDING", "QUEUED", "PENDING", "QUEUED", "FAILED"]
+        assert spawn_calls(modal, world.sender_a) == []  # the stand-in accepted none of them
+        assert orch.drain_pending(conn, spawn, batch_id=batch)["processed"] == 0  # FAILED is final
+    finally:
+        conn.close()
+
+
+def test_a_chunk_where_every_spawn_fails_stops_the_run(orch, world, dispatch_env, sandbox, modal):
+    """Bad credentials or Modal down: one chunk pays an attempt, the other items are left untouched."""
+    import psycopg2
+
+    batch = world.batch(12)
+    modal.put(f"/_sandbox/faults/{world.sender_a}", json={"mode": "spawn_error"})
+    conn = psycopg2.connect(sandbox.database_url)
+    conn.autocommit = True
+    try:
+        counts = orch.drain_pending(conn, orch.spawner_from_env(), batch_size=5, batch_id=batch,
+                                    retry_delay_seconds=0)
+    finally:
+        conn.close()
+    assert counts["processed"] == counts["dispatch_errors"] == counts["requeued"] == 5
+    assert counts["pending_remaining"] == 12
+    states = world.states(batch)
+    assert all(s["status"] == "PENDING" for s in states)
+    assert sorted((s["meta"] or {}).get("dispatch_attempts", 0) for s in states) == [0] * 7 + [1] * 5
+
+
+def test_transient_spawn_failure_is_retried_in_the_same_run(orch, world, dispatch_env, sandbox, modal):
+    import psycopg2
+
+    batch = world.batch(6)
+    flaky = {s["item_id"] for s in world.states(batch)[::2]}  # half the items: their first spawn fails
+    http_spawn = orch.spawner_from_env()
+    lock, refused = threading.Lock(), set()
+
+    def flaky_spawn(fn, item_id, workstream):
+        with lock:
+            first_time = item_id in flaky and item_id not in refused
+            refused.add(item_id)
+        if first_time:
+            raise RuntimeError("connection reset by peer")
+        return http_spawn(fn, item_id, workstream)
+
+    conn = psycopg2.connect(sandbox.database_url)
+    conn.autocommit = True
+    try:
+        counts = orch.drain_pending(conn, flaky_spawn, batch_id=batch, retry_delay_seconds=0.3,
+                                    time_budget_seconds=30)
+    finally:
+        conn.close()
+    assert counts["dispatched"] == 6 and counts["dispatch_errors"] == 3
+    assert counts["failed"] == counts["requeued"] == 0 and orch.incomplete_reason(counts) is None
+    for s in world.states(batch):
+        assert s["status"] != "PENDING"
+        assert s["meta"]["dispatch_attempts"] == (2 if s["item_id"] in flaky else 1)
+    assert len(spawn_calls(modal, world.sender_a)) == 6
+
+
+def test_flow_run_with_failures_ends_failed_with_counts(orch, world, dispatch_env, secret_block, modal):
+    batch = world.batch(3)
+    modal.put(f"/_sandbox/faults/{world.sender_a}", json={"mode": "spawn_error"})
+    state = orch.orchestrator_main(batch_size=50, batch_id=batch, retry_delay_seconds=0.2, return_state=True)
+    assert state.is_failed()
+    assert "3 back to PENDING after a failed dispatch" in state.message
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, orch.OrchestratorIncomplete)
+    assert error.counts["dispatcher"]["requeued"] == 3 and error.counts["sequencer"]["processed"] == 0
+    assert all(s["status"] == "PENDING" for s in world.states(batch))
+
+
+def test_unmapped_steps_go_failed_with_the_reason(orch, world, dispatch_env, sandbox, modal):
+    import psycopg2
+
+    orphan = f"orphan-step-{world.unique}"
+    world.add_registry(orphan, None, f"send_orphan_{world.unique}")
+    registry_miss = world.batch(2, blueprint=[f"no-such-step-{world.unique}"])
+    null_workstream = world.batch(2, workstream=None)
+    null_registry_workstream = world.batch(2, blueprint=[orphan])
+    spawn = orch.spawner_from_env()
+    conn = psycopg2.connect(sandbox.database_url)
+    conn.autocommit = True
+    try:
+        expected = {
+            registry_miss: f"no enrichment_registry row for step 'no-such-step-{world.unique}' in workstream "
+                           f"'{world.workstream}'",
+            null_workstream: f"batch {null_workstream} has no workstream_slug",
+            null_registry_workstream: "(a row for this step has a NULL workstream_slug)",
+        }
+        for batch, reason in expected.items():
+            counts = orch.drain_pending(conn, spawn, batch_id=batch)
+            assert counts["skipped"] == 2 and counts["queued"] == counts["dispatched"] == 0
+            assert "2 FAILED with no Modal sender mapped" in orch.incomplete_reason(counts)
+            for s in world.states(batch):
+                assert s["status"] == "FAILED"
+                assert s["meta"]["error"].startswith("no Modal sender mapped") and reason in s["meta"]["error"]
+            assert all(t == ["PENDING", "FAILED"] for t in world.transitions(batch).values())
+    finally:
+        conn.close()
+    assert spawn_calls(modal, f"send_orphan_{world.unique}") == []
+
+
+# -- sequencer ---------------------------------------------------------------------------------------------
+
+
+def test_sequencer_advances_each_completed_step_once(orch, world, db, sandbox):
+    import psycopg2
+
+    batch = world.batch(4)
+    a_states = world.states(batch, world.step_a)
+    done = [s["id"] for s in a_states[:3]]
+    db.execute("UPDATE public.workflow_states SET status = 'COMPLETED' WHERE id = ANY(%s::uuid[])", (done,))
+    # The next step already exists for one item (e.g. a run that crashed before setting advanced_at).
+    db.execute("INSERT INTO public.workflow_states (batch_id, item_id, step_name) VALUES (%s, %s, %s)",
+               (batch, a_states[2]["item_id"], world.step_b))
+    # A completed step that is not in the blueprint.
+    stray_item = a_states[3]["item_id"]
+    db.execute("INSERT INTO public.workflow_states (batch_id, item_id, step_name, status)"
+               " VALUES (%s, %s, 'not-in-blueprint', 'COMPLETED')", (batch, stray_item))
+    conn = psycopg2.connect(sandbox.database_url)
+    conn.autocommit = True
+    try:
+        counts = orch.advance_completed(conn, batch_size=2, batch_id=batch)
+        assert counts == {"processed": 4, "advanced": 2, "already_present": 1, "finished": 0, "not_in_blueprint": 1}
+        b_states = world.states(batch, world.step_b)
+        assert sorted(s["item_id"] for s in b_states) == sorted(s["item_id"] for s in a_states[:3])
+        assert all(s["status"] == "PENDING" and s["advanced_at"] is None for s in b_states)
+        assert all(s["advanced_at"] is not None for s in world.states(batch, world.step_a) if s["id"] in done)
+        assert world.states(batch, world.step_a)[3]["advanced_at"] is None  # still PENDING: not touched
+
+        assert orch.advance_completed(conn, batch_id=batch)["processed"] == 0  # advanced once only
+        assert len(world.states(batch, world.step_b)) == 3
+
+        db.execute("UPDATE public.workflow_states SET status = 'COMPLETED' WHERE batch_id = %s AND step_name = %s",
+                   (batch, world.step_b))
+        last = orch.advance_completed(conn, batch_id=batch)
+        assert last["processed"] == last["finished"] == 3 and last["advanced"] == 0
+        assert len(world.states(batch)) == 4 + 3 + 1
+    finally:
+        conn.close()
+
+
+def test_two_step_pipeline_through_the_modal_standin(orch, world, dispatch_env, secret_block, modal):
+    """Run 1 dispatches step A; the stand-in completes it; run 2 advances to step B and dispatches it."""
+    batch = world.batch(3)
+    first = orch.orchestrator_main(batch_id=batch)
+    assert first["dispatcher"]["dispatched"] == 3
+    world.wait_for(batch, world.step_a, "COMPLETED")
+    second = orch.orchestrator_main(batch_id=batch)
+    assert second["sequencer"]["advanced"] == 3 and second["dispatcher"]["dispatched"] == 3
+    world.wait_for(batch, world.step_b, "COMPLETED")
+    for statuses in world.transitions(batch).values():
+        assert statuses == ["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"]
+    results = world.db.execute(
+        "SELECT workflow_slug, count(*) FROM public.enrichment_results r JOIN public.batch_items i"
+        " ON i.id = r.batch_item_id WHERE i.batch_id = %s GROUP BY 1 ORDER BY 1", (batch,)).fetchall()
+    assert results == [(world.step_a, 3), (world.step_b, 3)]
+
+
+# -- the DSN source ----------------------------------------------------------------------------------------
+
+
+def test_missing_secret_block_fails_naming_it_and_changes_nothing(orch, world, dispatch_env, prefect_api,
+                                                                 sandbox, monkeypatch):
+    batch = world.batch(3)
+    monkeypatch.setenv("DATABASE_URL", sandbox.database_url)  # present, but not allowed as a fallback
+    state = orch.orchestrator_main(batch_id=batch, return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RuntimeError)
+    assert f"Prefect Secret block {BLOCK!r}" in str(error) and "ORCHESTRATOR_ALLOW_ENV_DSN=1" in str(error)
+    assert sandbox.postgres.password not in str(error)
+    assert all(s["status"] == "PENDING" and s["meta"] is None for s in world.states(batch))
+
+
+def test_env_fallback_only_when_enabled_and_logged_without_the_value(orch, world, dispatch_env, prefect_api,
+                                                                   sandbox, monkeypatch):
+    batch = world.batch(2)
+    monkeypatch.setenv("DATABASE_URL", sandbox.database_url)
+    monkeypatch.setenv("ORCHESTRATOR_ALLOW_ENV_DSN", "1")
+    with captured_run_logs() as logs:
+        result = orch.orchestrator_main(batch_id=batch)
+    assert result["dispatcher"]["dispatched"] == 2
+    messages = [r.getMessage() for r in logs]
+    assert any("database DSN source: environment variable DATABASE_URL" in m for m in messages)
+    assert not any(sandbox.postgres.password in m for m in messages)
+
+    monkeypatch.setenv("ORCHESTRATOR_ALLOW_ENV_DSN", "yes")  # only "1" enables it
+    with pytest.raises(RuntimeError, match=BLOCK):
+        orch.get_database_url()
+
+
+# -- bad input changes nothing ------------------------------------------------------------------------------
+
+
+def test_bad_input_is_refused_before_any_claim(orch, world, dispatch_env, secret_block, monkeypatch):
+    batch = world.batch(2)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        orch.orchestrator_main(batch_size=0, batch_id=batch)
+    with pytest.raises(ValueError, match="batch_id must be a batch's UUID"):
+        orch.orchestrator_main(batch_id="batch-1")
+    monkeypatch.delenv("MODAL_TOKEN_SECRET")
+    state = orch.orchestrator_main(batch_id=batch, return_state=True)
+    assert state.is_failed() and "MODAL_TOKEN_SECRET are not" in state.message
+    assert all(s["status"] == "PENDING" and s["meta"] is None for s in world.states(batch))
+
+
+def test_env_only_main_version_from_the_git_seeder_still_works(world, dispatch_env, sandbox, monkeypatch):
+    """The seeder derives `main`'s orchestrator by swapping the DSN section; the rest must still run."""
+    source = git_seed.env_only_version(ORCHESTRATOR_PATH.read_text())
+    assert "Secret.load" not in source
+    env_only = load_module("orchestrator_env_only", source)
+    monkeypatch.setenv("DATABASE_URL", sandbox.database_url)
+    batch = world.batch(2)
+    conn = env_only.connect()
+    try:
+        counts = env_only.drain_pending(conn, env_only.spawner_from_env(), batch_id=batch)
+    finally:
+        conn.close()
+    assert counts["dispatched"] == 2
