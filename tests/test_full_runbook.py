@@ -1,0 +1,83 @@
+"""The whole runbook, as `make run` runs it: every notebook in order through the real CLI, headless
+with --confirm, against a sandbox of its own (the runbook merges, deploys and rewrites the Edge
+Function secret, which the shared sandbox's other tests must not see)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runbook_sandbox import manager
+from runbook_sandbox.config import SandboxConfig
+
+from .conftest import PROJECT_ROOT, make_state_dir
+
+STEPS = [p.stem for p in sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
+
+
+@pytest.fixture(scope="module")
+def fresh_sandbox():
+    state = make_state_dir("rbsb-full-")
+    try:
+        manager.up(state, echo=lambda s: None)
+        yield SandboxConfig.load_or_create(state)
+    finally:
+        manager.down(state, purge=True, echo=lambda s: None)
+
+
+def known_secrets(cfg: SandboxConfig) -> dict[str, str]:
+    return {
+        "PREFECT_API_KEY": cfg.prefect.api_key,
+        "SUPABASE_ACCESS_TOKEN": cfg.supabase.access_token,
+        "SUPABASE_JWT_SECRET": cfg.supabase.jwt_secret,
+        "SUPABASE_SERVICE_ROLE_KEY": cfg.supabase.service_role_key,
+        "GITHUB_TOKEN": cfg.git.token,
+        "DATABASE_PASSWORD": cfg.postgres.password,
+        "MODAL_TOKEN_SECRET": cfg.modal.token_secret,
+    }
+
+
+def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_sandbox, tmp_path):
+    outputs = tmp_path / "outputs"
+    env = dict(os.environ, RUNBOOK_SANDBOX_DIR=fresh_sandbox.state_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runbook_lib", "run", "--profile", "sandbox", "--confirm",
+         "--outputs-dir", str(outputs), "--run-id", "full"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, f"runbook failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run_dir = outputs / "full"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "passed" and manifest["profile"] == "sandbox"
+    steps = {s["name"] if "name" in s else s["step"]: s for s in manifest["steps"]}
+    assert [*steps] == STEPS
+    assert all(s["status"] == "passed" for s in steps.values()), steps
+
+    # Step 03 deployed, step 04 pointed the Edge Function at that deployment, 05 proved the chain.
+    deploy = json.dumps(steps["03_deploy"])
+    deployment_id = json.loads((run_dir / "03_deploy.json").read_text())["values"]["deployment_id"]
+    assert deployment_id in deploy
+    secret = json.loads((run_dir / "04_update_edge_function_secret.json").read_text())["values"]
+    assert secret["deployment_id"] == deployment_id
+    e2e = json.loads((run_dir / "05_end_to_end_test.json").read_text())["values"]
+    assert e2e["flow_run_id"] and "timeline" in e2e
+    assert "timeline" in json.dumps(steps["05_end_to_end_test"])
+
+    # The records: one executed notebook and one HTML page per step, and the index linking them.
+    index = (run_dir / "index.html").read_text()
+    for step in STEPS:
+        assert (run_dir / f"{step}.ipynb").is_file()
+        html = next(run_dir.glob(f"{step}*.html"))
+        assert html.name in index
+
+    # No secret the sandbox knows appears anywhere in the records.
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            for name, value in known_secrets(fresh_sandbox).items():
+                assert value not in text, f"{name} leaked into {path}"
