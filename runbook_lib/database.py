@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
@@ -51,6 +52,7 @@ class LaunchedBatch:
     batch_id: str
     item_ids: list[str]
     trigger_request_ids: list[int]
+    launched_at: datetime | None = None  # the database's clock when the batch became PENDING
 
 
 class Database:
@@ -124,11 +126,13 @@ class Database:
 
     # -- batches ------------------------------------------------------------------------------
     def launch_batch(
-        self, client_id: str, workstream: str, blueprint: list[str], items: Iterable[dict[str, Any]]
+        self, client_id: str, workstream: str, blueprint: list[str], items: Iterable[dict[str, Any]],
+        *, direct_pending: bool = False,
     ) -> LaunchedBatch:
         """Launch a batch the way the admin UI does: insert it INITIALIZING with its items and one
         PENDING workflow state per item for blueprint[0] (one transaction), then flip it to
-        PENDING (a second transaction), which fires the trigger."""
+        PENDING (a second transaction), which fires the trigger. `direct_pending=True` takes the
+        other UI path instead: the batch is inserted as PENDING at once, which never fires it."""
         if not blueprint:
             raise DatabaseError("a batch needs a non-empty blueprint")
         items = list(items)
@@ -144,8 +148,9 @@ class Database:
             try:
                 conn.execute(
                     "INSERT INTO public.batches (id, status, blueprint, client_id, workstream_slug) "
-                    "VALUES (%s, 'INITIALIZING', %s, %s, %s)",
-                    (batch_id, json.dumps(blueprint), client_id, workstream),
+                    "VALUES (%s, %s, %s, %s, %s)",
+                    (batch_id, "PENDING" if direct_pending else "INITIALIZING", json.dumps(blueprint), client_id,
+                     workstream),
                 )
                 item_ids = []
                 for item in items:
@@ -161,18 +166,22 @@ class Database:
                         "VALUES (%s, %s, %s, 'PENDING')",
                         (batch_id, row["id"], blueprint[0]),
                     )
+                launched_at = conn.execute("SELECT clock_timestamp() AS at").fetchone()["at"]
                 conn.commit()
             except psycopg.Error as exc:
                 conn.rollback()
                 raise DatabaseError(f"inserting the batch failed: {redact(str(exc).strip())}") from None
-            try:
-                conn.execute("UPDATE public.batches SET status = 'PENDING' WHERE id = %s AND status = 'INITIALIZING'",
-                             (batch_id,))
-                conn.commit()
-            except psycopg.Error as exc:
-                conn.rollback()
-                raise DatabaseError(f"flipping batch {batch_id} to PENDING failed: {redact(str(exc).strip())}") from None
-        return LaunchedBatch(batch_id, item_ids, self.trigger_request_ids(batch_id))
+            if not direct_pending:
+                try:
+                    launched_at = conn.execute(
+                        "UPDATE public.batches SET status = 'PENDING' WHERE id = %s AND status = 'INITIALIZING' "
+                        "RETURNING clock_timestamp() AS at", (batch_id,),
+                    ).fetchone()["at"]
+                    conn.commit()
+                except psycopg.Error as exc:
+                    conn.rollback()
+                    raise DatabaseError(f"flipping batch {batch_id} to PENDING failed: {redact(str(exc).strip())}") from None
+        return LaunchedBatch(batch_id, item_ids, self.trigger_request_ids(batch_id), launched_at)
 
     def trigger_request_ids(self, batch_id: str) -> list[int]:
         """pg_net request ids the trigger queued for this batch (runbook.trigger_requests)."""

@@ -1,0 +1,223 @@
+"""The chain, proven (issue 4), against the sandbox: the orchestrator deployed from the sandbox git
+server to `managed-production` (pip_packages, Secret block placeholders and ENRICHMENT_DISPATCH_URL in
+env), the Edge Function's PREFECT_DEPLOYMENT_ID set through the Management API stand-in, and a batch
+launched the UI's way, followed with runbook_lib.e2e (the code notebook 05 runs).
+
+Every assertion reads a real service: pg_net's response rows, the Prefect API, the database's
+recorded transitions (runbook.workflow_state_transitions). The helpers here are shared with
+test_nb05_e2e and test_fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from runbook_lib import deploy, e2e
+from runbook_lib.database import Database
+from runbook_lib.prefect_api import PrefectApi
+from runbook_lib.settings import load_settings
+from runbook_lib.supabase_api import SupabaseManagementApi
+
+# The branch whose orchestrator loads the DSN from the Secret block (main gets it when step 02
+# merges; these tests do not depend on whether that happened in this session).
+FLOW_BRANCH = "feature/secret-blocks"
+FIRST_SENDER = "send_company_firmographics"
+
+
+# -- helpers (also used by test_nb05_e2e and test_fallback) -------------------------------------------
+
+
+def sandbox_settings(sandbox, overrides: dict[str, Any] | None = None):
+    return load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)},
+                         overrides={"source.branch": FLOW_BRANCH, **(overrides or {})})
+
+
+def deploy_managed(settings) -> str:
+    """Step 03's library calls: the orchestrator on managed-production; returns the deployment id."""
+    the_plan, report = deploy.build_plan(settings)
+    assert report.ok, report.summary_line() + "\n" + "\n".join(f"{c.id}: {c.detail}" for c in report.failures)
+    if the_plan.no_changes:
+        return the_plan.live_id
+    return deploy.deploy_flow(settings, the_plan.desired)
+
+
+def set_function_deployment_id(settings, deployment_id: str) -> None:
+    """PREFECT_DEPLOYMENT_ID through the Management API stand-in, verified by digest."""
+    with SupabaseManagementApi.from_settings(settings) as api:
+        api.upsert_secrets({"PREFECT_DEPLOYMENT_ID": deployment_id}, mask_values=False)
+        assert api.secret_digests()["PREFECT_DEPLOYMENT_ID"].matches(deployment_id)
+
+
+def function_deployment_digest(settings) -> str:
+    with SupabaseManagementApi.from_settings(settings) as api:
+        return api.secret_digests()["PREFECT_DEPLOYMENT_ID"].digest
+
+
+def modal_fault(sandbox, function: str | None, mode: str | None = None) -> None:
+    """Inject a fault on one Modal stand-in function, or clear every fault (function None)."""
+    with httpx.Client(base_url=sandbox.modal_url, timeout=10) as http:
+        if function is None:
+            http.delete("/_sandbox/faults").raise_for_status()
+        else:
+            http.put(f"/_sandbox/faults/{function}", json={"mode": mode}).raise_for_status()
+
+
+def batches_of_client(db: Database, client_id: str) -> set[str]:
+    return {str(r["id"]) for r in db.query("SELECT id FROM public.batches WHERE client_id = %s", (client_id,))}
+
+
+def recorded_paths(db: Database, batch_id: str, step: str) -> dict[str, list[str]]:
+    paths: dict[str, list[str]] = {}
+    for t in db.transitions(batch_id):
+        if t["step_name"] == step:
+            paths.setdefault(str(t["item_id"]), []).append(t["to_status"])
+    return paths
+
+
+def new_test(settings, deployment_id: str, **params: Any) -> e2e.EndToEndTest:
+    api = PrefectApi.from_settings(settings)
+    options = e2e.E2EOptions.from_settings(settings, **params)
+    return e2e.EndToEndTest(settings, options, e2e.resolve_deployment(settings, api, deployment_id=deployment_id),
+                            api=api, progress=e2e.Progress(options.item_count, interactive=False))
+
+
+# -- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def settings(sandbox):
+    return sandbox_settings(sandbox)
+
+
+@pytest.fixture(scope="module")
+def managed(settings) -> str:
+    deployment_id = deploy_managed(settings)
+    set_function_deployment_id(settings, deployment_id)
+    return deployment_id
+
+
+@pytest.fixture
+def database(settings) -> Database:
+    return Database.from_settings(settings)
+
+
+# -- tests -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_a_batch_of_120_items_goes_through_every_link(settings, managed, database):
+    test = new_test(settings, managed, n_items=120, completion_timeout=300, cleanup=False)
+    result = test.run()
+    try:
+        assert result.ok, "\n".join(f"{c.id} {c.status.value}: {c.detail}" for c in result.report.checks)
+        # One pg_net response, 200, carrying the flow run id.
+        responses = database.http_responses(database.trigger_request_ids(result.batch_id))
+        assert len(responses) == 1
+        assert responses[0]["status_code"] == 200 and not responses[0]["timed_out"] and not responses[0]["error_msg"]
+        body = json.loads(responses[0]["content"])
+        assert body["success"] is True and body["batch_id"] == result.batch_id
+        assert body["flow_run_id"] == result.flow_run_id
+        # That flow run belongs to the deployment and ran on managed-production.
+        run = PrefectApi.from_settings(settings).read_flow_run(result.flow_run_id)
+        assert str(run.deployment_id) == managed
+        assert run.work_pool_name == "managed-production" and run.state.type.value == "COMPLETED"
+        # Every item went PENDING -> QUEUED -> IN_PROGRESS -> COMPLETED, as recorded; none left QUEUED.
+        paths = recorded_paths(database, result.batch_id, "company-firmographics")
+        assert len(paths) == 120
+        assert all(p == ["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"] for p in paths.values()), \
+            {tuple(p) for p in paths.values()}
+        counts = database.state_counts(result.batch_id)
+        assert counts == {("company-firmographics", "COMPLETED"): 120}
+        # The timeline and latencies are filled, in the order the chain runs.
+        t = result.timeline_ms
+        assert 0 < t["flow_run_created"] <= t["flow_run_running"] <= t["first_queued"] <= t["last_in_progress"]
+        assert t["last_in_progress"] <= t["completed"] and t["pg_net_response"] > 0
+        assert all(v is not None and v >= 0 for v in result.latencies_ms.values()), result.latencies_ms
+    finally:
+        database.delete_batch(result.batch_id)
+    assert not database.state_counts(result.batch_id)
+
+
+@pytest.mark.timeout(400)
+def test_modal_spawn_failures_leave_items_pending_for_retry_or_failed_never_queued(sandbox, settings, managed, database):
+    modal_fault(sandbox, FIRST_SENDER, "spawn_error")
+    try:
+        result = new_test(settings, managed, n_items=6, completion_timeout=120, cleanup=False).run()
+        try:
+            states = database.query(
+                "SELECT item_id, status::text AS status, meta FROM public.workflow_states WHERE batch_id = %s",
+                (result.batch_id,),
+            )
+            assert len(states) == 6
+            assert not [s for s in states if s["status"] == "QUEUED"]
+            for s in states:
+                meta = s["meta"] or {}
+                if s["status"] == "PENDING":
+                    assert meta.get("last_dispatch_error"), meta  # for a retry, with the reason
+                else:
+                    assert s["status"] == "FAILED" and meta.get("error"), s
+            # Claimed (QUEUED) then handed back, as recorded.
+            paths = recorded_paths(database, result.batch_id, "company-firmographics")
+            assert all(p[:3] == ["PENDING", "QUEUED", p[2]] and p[2] in ("PENDING", "FAILED") for p in paths.values())
+            # The test says which link broke and why.
+            assert result.failed_link == e2e.LINK_ITEMS
+            assert result.report.get(e2e.LINK_WORK_POOL).status.value in ("warn", "fail")
+            items = result.report.get(e2e.LINK_ITEMS)
+            assert "dispatch failed" in items.detail or "FAILED" in items.detail
+            assert "QUEUED" not in {g["status"] for g in result.stuck}
+        finally:
+            database.delete_batch(result.batch_id)
+    finally:
+        modal_fault(sandbox, None)
+
+
+@pytest.mark.timeout(120)
+def test_bad_parameters_are_refused_before_anything_is_launched(settings, managed, database):
+    before = batches_of_client(database, settings.e2e.client_id)
+    for params, needle in (
+        ({"n_items": 0}, "n_items must be greater than 0"),
+        ({"n_items": "many"}, "n_items must be an integer"),
+        ({"launch_mode": "sideways"}, "launch_mode must be one of"),
+        ({"blueprint": []}, None),  # empty: the profile's blueprint
+        ({"flow_run_timeout": -1}, "flow_run_timeout must be greater than 0"),
+        ({"cleanup": "maybe"}, "cleanup must be true or false"),
+    ):
+        if needle is None:
+            assert e2e.E2EOptions.from_settings(settings, **params).blueprint == settings.e2e.blueprint
+            continue
+        with pytest.raises(e2e.E2EError, match=needle):
+            e2e.E2EOptions.from_settings(settings, **params)
+    api = PrefectApi.from_settings(settings)
+    with pytest.raises(e2e.E2EError, match="is not a UUID"):
+        e2e.resolve_deployment(settings, api, deployment_id="not-a-uuid")
+    with pytest.raises(e2e.E2EError, match="does not exist"):
+        e2e.resolve_deployment(settings, api, deployment_id="00000000-0000-4000-8000-00000000beef")
+    # Without a parameter or step 03's results, the profile's deployment is found by name.
+    found = e2e.resolve_deployment(settings, api)
+    assert found.id == managed and "looked up by name" in found.source
+    assert batches_of_client(database, settings.e2e.client_id) == before
+
+
+@pytest.mark.timeout(120)
+def test_a_launch_the_database_refuses_fails_the_launch_and_skips_every_link(settings, managed, database):
+    test = new_test(settings, managed, n_items=2)
+    test.options.client_id = "99999999-9999-4999-8999-999999999999"  # no such client: the insert is refused
+    result = test.run()
+    launch = result.report.get("launch")
+    assert launch.status.value == "fail" and "inserting the batch failed" in launch.detail and launch.remediation
+    assert [result.report.get(link).status.value for link in e2e.LINKS] == ["skip"] * 5
+    assert "the launch failed" in result.report.get(e2e.LINK_TRIGGER).detail
+    assert result.batch_id is None and not batches_of_client(database, test.options.client_id)
+
+
+def test_recorded_paths_must_follow_the_pipeline_in_order():
+    expected = ["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"]
+    assert e2e._follows(["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"], expected)
+    assert e2e._follows(["PENDING", "QUEUED", "PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # a retry
+    assert not e2e._follows(["PENDING", "IN_PROGRESS", "COMPLETED"], expected)  # QUEUED not recorded
+    assert not e2e._follows(["QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # not inserted PENDING
+    assert not e2e._follows(["PENDING", "QUEUED", "IN_PROGRESS"], expected)
