@@ -96,13 +96,27 @@ def _mask(obj: Any, paths: set[str], path: str) -> Any:
     return obj
 
 
-def _withhold(obj: Any, where: str, settings: Any) -> tuple[Any, list[tuple[str, str]]]:
+def withhold(obj: Any, where: str, settings: Any) -> tuple[Any, list[tuple[str, str]]]:
     """`obj` with every plaintext secret replaced by WITHHELD (each one also registered for
     redaction), and the findings."""
     findings = plaintext_secrets(obj, settings.secret_values(), where, _public(settings))
     paths = {p for p, _ in findings}
     _register_literals(obj, paths, where)
     return _mask(obj, paths, where), findings
+
+
+def job_variables_secrets_check(findings: list[tuple[str, str]], *, consequence: str = "",
+                                where: str = "[deployment.env]") -> Check:
+    """The `job_variables.secrets` check from `withhold`'s findings: `consequence` ends the detail of
+    a FAIL, `where` names the place the Secret block placeholders go."""
+    if findings:
+        return Check.failed(
+            "job_variables.secrets", "No plaintext secret in job_variables",
+            "; ".join(f"{path} {why}" for path, why in findings) + consequence,
+            "replace each with a Secret block placeholder {{ prefect.blocks.secret.<name> }} in " + where,
+        )
+    return Check.passed("job_variables.secrets", "No plaintext secret in job_variables",
+                        "env holds Secret block placeholders and plain settings only")
 
 
 def _public(settings: Any) -> tuple[str, ...]:
@@ -300,7 +314,7 @@ class DeployPlan:
         }
 
 
-def _source_checks(report: CheckReport, settings: Any, pin_commit: bool) -> tuple[dict[str, Any] | None, Any]:
+def source_checks(report: CheckReport, settings: Any, pin_commit: bool) -> tuple[dict[str, Any] | None, Any]:
     """Check the repository, branch and entrypoint; returns (source facts, FlowInfo) or (None, None)."""
     raw_url = settings.value("source.repo_url")
     url, changed = normalise_repo_url(raw_url)
@@ -444,7 +458,7 @@ def _pool_checks(report: CheckReport, settings: Any, api: PrefectApi, job_variab
         return True
     report.add(Check.passed("work_pool.type", f"Work pool type is {dep.work_pool_type}", pool.type))
     variables = (pool.base_job_template or {}).get("variables") or {}
-    problems = _template_problems(variables, job_variables)
+    problems = template_problems(variables, job_variables)
     if problems:
         report.add(Check.failed(
             "job_variables.schema", "Job variables fit the pool's base job template", "; ".join(problems),
@@ -457,7 +471,7 @@ def _pool_checks(report: CheckReport, settings: Any, api: PrefectApi, job_variab
     return True
 
 
-def _template_problems(variables: dict[str, Any], job_variables: dict[str, Any]) -> list[str]:
+def template_problems(variables: dict[str, Any], job_variables: dict[str, Any]) -> list[str]:
     """What Prefect's server validation of job_variables against the pool's variables would refuse."""
     import jsonschema
 
@@ -471,7 +485,7 @@ def _template_problems(variables: dict[str, Any], job_variables: dict[str, Any])
     return problems
 
 
-def _blocks_check(report: CheckReport, settings: Any, api: PrefectApi, info: Any) -> None:
+def blocks_check(report: CheckReport, settings: Any, api: PrefectApi, info: Any) -> None:
     """The Secret blocks the runs need: job_variables placeholders (resolved at submission) and the
     blocks the flow's source loads."""
     needed = {name: "job_variables" for name in settings.deployment.referenced_secret_blocks()}
@@ -496,24 +510,18 @@ def build_plan(settings: Any, *, pin_commit: bool = False) -> tuple[DeployPlan, 
     settings.require("prefect.api_url", "prefect.api_key", "source.repo_url")
     report = CheckReport(step="03_deploy")
     dep = settings.deployment
-    job_variables, findings = _withhold(dep.job_variables(), "job_variables", settings)
-    if findings:
-        report.add(Check.failed(
-            "job_variables.secrets", "No plaintext secret in job_variables",
-            "; ".join(f"{path} {why}" for path, why in findings) + ": anyone who can read the deployment would see it",
-            "replace each with a Secret block placeholder {{ prefect.blocks.secret.<name> }} in [deployment.env] "
-            "of the profile (the block holds the value)",
-        ))
-    else:
-        report.add(Check.passed("job_variables.secrets", "No plaintext secret in job_variables",
-                                "env holds Secret block placeholders and plain settings only"))
-    source, info = _source_checks(report, settings, pin_commit)
+    job_variables, findings = withhold(dep.job_variables(), "job_variables", settings)
+    report.add(job_variables_secrets_check(
+        findings, consequence=": anyone who can read the deployment would see it",
+        where="[deployment.env] of the profile (the block holds the value)",
+    ))
+    source, info = source_checks(report, settings, pin_commit)
     if info is not None:
         _parameters_check(report, settings, info)
     api = PrefectApi.from_settings(settings)
     reachable = _pool_checks(report, settings, api, job_variables)
     if reachable:
-        _blocks_check(report, settings, api, info)
+        blocks_check(report, settings, api, info)
     if source is None or not reachable:
         return DeployPlan(None, None, []), report
     desired = DesiredDeployment(

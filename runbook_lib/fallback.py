@@ -146,18 +146,10 @@ def build_plan(settings: Any) -> tuple[FallbackPlan | None, CheckReport]:
         report.add(Check.passed("fallback.pool", f"Work pool {dep.work_pool} is a {dep.work_pool_type} pool",
                                 f"exists{' (PAUSED: resume it in the UI)' if pool.is_paused else ''}"))
         variables = (pool.base_job_template or {}).get("variables") or {}
-    # deploy's own checks (private helpers of step 03, shared so both deployments are held to the same rules)
-    job_variables, findings = deploy._withhold({"env": dict(dep.env)}, "job_variables", settings)
-    if findings:
-        report.add(Check.failed(
-            "job_variables.secrets", "No plaintext secret in job_variables",
-            "; ".join(f"{path} {why}" for path, why in findings),
-            "replace each with a Secret block placeholder {{ prefect.blocks.secret.<name> }} in [deployment.env]",
-        ))
-    else:
-        report.add(Check.passed("job_variables.secrets", "No plaintext secret in job_variables",
-                                "env holds Secret block placeholders and plain settings only"))
-    problems = deploy._template_problems(variables, job_variables)
+    # step 03's own checks, shared so both deployments are held to the same rules
+    job_variables, findings = deploy.withhold({"env": dict(dep.env)}, "job_variables", settings)
+    report.add(deploy.job_variables_secrets_check(findings))
+    problems = deploy.template_problems(variables, job_variables)
     if problems:
         report.add(Check.failed("job_variables.schema", "Job variables fit the pool's base job template",
                                 "; ".join(problems), "fix [deployment.env] in the profile"))
@@ -165,8 +157,8 @@ def build_plan(settings: Any) -> tuple[FallbackPlan | None, CheckReport]:
         report.add(Check.passed("job_variables.schema", "Job variables fit the pool's base job template",
                                 f"env only (a process pool has no pip_packages: {dep.pip_packages} must be installed "
                                 "in the worker's environment)"))
-    source, info = deploy._source_checks(report, settings, pin_commit=False)
-    deploy._blocks_check(report, settings, api, info)
+    source, info = deploy.source_checks(report, settings, pin_commit=False)
+    deploy.blocks_check(report, settings, api, info)
     mode = "start" if fb.start_worker else "service_files"
     report.add(Check.passed(
         "fallback.worker_mode", "How the worker is run (fallback.start_worker)",

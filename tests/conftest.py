@@ -3,19 +3,24 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import json
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SEED_CLIENT_ID = "00000000-0000-4000-8000-000000000001"  # the client runbook_sandbox/sql/003_seed.sql creates
 
 
 def make_state_dir(prefix: str = "rbsb-") -> Path:
@@ -63,3 +68,93 @@ def db(sandbox):
 @pytest.fixture
 def unique() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def wait_for(probe: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.1) -> Any:
+    """Poll probe() until it returns something truthy, and return that; fail with `what` after
+    timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = probe()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- a partial sandbox (test_modal_standin, test_pgnet_relay) -----------------------------------------
+
+
+@contextlib.contextmanager
+def partial_sandbox(prefix: str, only: list[str]) -> Iterator[SandboxConfig]:
+    """Only the stand-ins `only`, in a state directory of their own, purged afterwards. Not under
+    pytest's basetemp: pytest re-restricts /tmp/pytest-of-<user> to its owner at every session
+    start, which locks out Postgres (running as `pgserver`) when sessions overlap."""
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        manager.up(state_dir, only=only, echo=lambda s: None)
+        yield SandboxConfig.load_or_create(state_dir)
+    finally:
+        manager.down(state_dir, purge=True, echo=lambda s: None)
+
+
+@pytest.fixture
+def conn(stack):
+    """An autocommit connection returning dict rows, to the database of the test module's `stack`
+    fixture (a partial sandbox)."""
+    with psycopg.connect(stack.database_url, autocommit=True, row_factory=dict_row) as c:
+        yield c
+
+
+def insert_batch(conn, status: str, blueprint: list[str], items: list[tuple[str, str]], *,
+                 client_id: str = SEED_CLIENT_ID, workstream: str = "company-enrichment") -> tuple[str, list[str]]:
+    """The admin UI's inserts, in one transaction on `conn` (dict rows): the batch with `status`, its
+    items (company name, domain), one PENDING workflow state per item at blueprint[0]. Returns the
+    batch id and the item ids. (runbook_lib.database.Database.launch_batch does the same on a
+    connection of its own; these tests also insert inside a transaction they roll back.)"""
+    with conn.transaction():
+        batch_id = conn.execute(
+            "INSERT INTO batches (status, blueprint, client_id, workstream_slug) VALUES (%s, %s, %s, %s) RETURNING id",
+            (status, json.dumps(blueprint), client_id, workstream),
+        ).fetchone()["id"]
+        item_ids = []
+        for name, domain in items:
+            item_id = conn.execute(
+                "INSERT INTO batch_items (batch_id, company_name, company_domain) VALUES (%s, %s, %s) RETURNING id",
+                (batch_id, name, domain),
+            ).fetchone()["id"]
+            conn.execute(
+                "INSERT INTO workflow_states (batch_id, item_id, step_name, status) VALUES (%s, %s, %s, 'PENDING')",
+                (batch_id, item_id, blueprint[0]),
+            )
+            item_ids.append(str(item_id))
+    return str(batch_id), item_ids
+
+
+# -- the chain (test_chain, test_nb05_e2e, test_fallback) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def settings(sandbox):
+    """The sandbox profile on the branch whose flow reads the Secret block (chain_helpers.FLOW_BRANCH)."""
+    from .chain_helpers import sandbox_settings
+
+    return sandbox_settings(sandbox)
+
+
+@pytest.fixture(scope="module")
+def managed(settings) -> str:
+    """The managed deployment (step 03's library calls), and the Edge Function pointed at it."""
+    from .chain_helpers import deploy_managed, set_function_deployment_id
+
+    deployment_id = deploy_managed(settings)
+    set_function_deployment_id(settings, deployment_id)
+    return deployment_id
+
+
+@pytest.fixture(scope="module")
+def database(settings):
+    """runbook_lib's Database of the profile."""
+    from runbook_lib.database import Database
+
+    return Database.from_settings(settings)

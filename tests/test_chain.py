@@ -4,8 +4,9 @@ env), the Edge Function's PREFECT_DEPLOYMENT_ID set through the Management API s
 launched the UI's way, followed with runbook_lib.e2e (the code notebook 05 runs).
 
 Every assertion reads a real service: pg_net's response rows, the Prefect API, the database's
-recorded transitions (runbook.workflow_state_transitions). The helpers here are shared with
-test_nb05_e2e and test_fallback.
+recorded transitions (runbook.workflow_state_transitions). The helpers shared with test_nb05_e2e
+and test_fallback are in tests/chain_helpers.py; the `settings`, `managed` and `database` fixtures
+in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,61 +14,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import pytest
 
-from runbook_lib import deploy, e2e
+from runbook_lib import e2e
 from runbook_lib.database import Database
 from runbook_lib.prefect_api import PrefectApi
-from runbook_lib.settings import load_settings
-from runbook_lib.supabase_api import SupabaseManagementApi
 
-# The branch whose orchestrator loads the DSN from the Secret block (main gets it when step 02
-# merges; these tests do not depend on whether that happened in this session).
-FLOW_BRANCH = "feature/secret-blocks"
-FIRST_SENDER = "send_company_firmographics"
+from .chain_helpers import FIRST_SENDER, batches_of_client, modal_fault
 
 
-# -- helpers (also used by test_nb05_e2e and test_fallback) -------------------------------------------
-
-
-def sandbox_settings(sandbox, overrides: dict[str, Any] | None = None):
-    return load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)},
-                         overrides={"source.branch": FLOW_BRANCH, **(overrides or {})})
-
-
-def deploy_managed(settings) -> str:
-    """Step 03's library calls: the orchestrator on managed-production; returns the deployment id."""
-    the_plan, report = deploy.build_plan(settings)
-    assert report.ok, report.summary_line() + "\n" + "\n".join(f"{c.id}: {c.detail}" for c in report.failures)
-    if the_plan.no_changes:
-        return the_plan.live_id
-    return deploy.deploy_flow(settings, the_plan.desired)
-
-
-def set_function_deployment_id(settings, deployment_id: str) -> None:
-    """PREFECT_DEPLOYMENT_ID through the Management API stand-in, verified by digest."""
-    with SupabaseManagementApi.from_settings(settings) as api:
-        api.upsert_secrets({"PREFECT_DEPLOYMENT_ID": deployment_id}, mask_values=False)
-        assert api.secret_digests()["PREFECT_DEPLOYMENT_ID"].matches(deployment_id)
-
-
-def function_deployment_digest(settings) -> str:
-    with SupabaseManagementApi.from_settings(settings) as api:
-        return api.secret_digests()["PREFECT_DEPLOYMENT_ID"].digest
-
-
-def modal_fault(sandbox, function: str | None, mode: str | None = None) -> None:
-    """Inject a fault on one Modal stand-in function, or clear every fault (function None)."""
-    with httpx.Client(base_url=sandbox.modal_url, timeout=10) as http:
-        if function is None:
-            http.delete("/_sandbox/faults").raise_for_status()
-        else:
-            http.put(f"/_sandbox/faults/{function}", json={"mode": mode}).raise_for_status()
-
-
-def batches_of_client(db: Database, client_id: str) -> set[str]:
-    return {str(r["id"]) for r in db.query("SELECT id FROM public.batches WHERE client_id = %s", (client_id,))}
+# -- helpers -----------------------------------------------------------------------------------------
 
 
 def recorded_paths(db: Database, batch_id: str, step: str) -> dict[str, list[str]]:
@@ -83,26 +39,6 @@ def new_test(settings, deployment_id: str, **params: Any) -> e2e.EndToEndTest:
     options = e2e.E2EOptions.from_settings(settings, **params)
     return e2e.EndToEndTest(settings, options, e2e.resolve_deployment(settings, api, deployment_id=deployment_id),
                             api=api, progress=e2e.Progress(options.item_count, interactive=False))
-
-
-# -- fixtures ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def settings(sandbox):
-    return sandbox_settings(sandbox)
-
-
-@pytest.fixture(scope="module")
-def managed(settings) -> str:
-    deployment_id = deploy_managed(settings)
-    set_function_deployment_id(settings, deployment_id)
-    return deployment_id
-
-
-@pytest.fixture
-def database(settings) -> Database:
-    return Database.from_settings(settings)
 
 
 # -- tests -------------------------------------------------------------------------------------------

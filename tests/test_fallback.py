@@ -13,7 +13,6 @@ import shutil
 import time
 import uuid
 from importlib import metadata
-from pathlib import Path
 
 import psutil
 import pytest
@@ -22,25 +21,13 @@ from runbook_lib import e2e, fallback
 from runbook_lib.prefect_api import PrefectApi
 from runbook_lib.supabase_api import secret_digest
 from runbook_sandbox import process
-from tests.test_chain import deploy_managed, function_deployment_digest, sandbox_settings, set_function_deployment_id
-from tests.test_nb05_e2e import LINK_IDS, assert_no_secrets, known_secrets, run_notebook
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from .chain_helpers import LINK_IDS, function_deployment_digest, run_chain_notebook, set_function_deployment_id
+from .conftest import PROJECT_ROOT
+from .notebook_runs import assert_no_secrets_under, secret_values
+
 STEP = "fallback_process_pool"
 E2E = {"n_items": 6, "flow_run_timeout": 120, "completion_timeout": 150}
-
-
-@pytest.fixture(scope="module")
-def settings(sandbox):
-    return sandbox_settings(sandbox)
-
-
-@pytest.fixture(scope="module")
-def managed(settings) -> str:
-    """The managed deployment, and the Edge Function pointed at it (what the fallback replaces)."""
-    deployment_id = deploy_managed(settings)
-    set_function_deployment_id(settings, deployment_id)
-    return deployment_id
 
 
 def fallback_worker_processes() -> list[int]:
@@ -59,7 +46,7 @@ def fallback_worker_processes() -> list[int]:
 def test_fallback_passes_end_to_end_and_stops_its_worker(sandbox, sandbox_env, settings, managed, tmp_path):
     spec = fallback.worker_spec(settings)
     try:
-        run = run_notebook(STEP, sandbox, tmp_path, {"confirm": True, "stop_worker": True, **E2E})
+        run = run_chain_notebook(STEP, sandbox, tmp_path, {"confirm": True, "stop_worker": True, **E2E})
         assert run.error is None, run.results
         statuses = run.statuses()
         for check in ("fallback.pool", "fallback.pool_ready", "fallback.deploy", "verify.work_pool", "fallback.worker",
@@ -90,7 +77,7 @@ def test_fallback_passes_end_to_end_and_stops_its_worker(sandbox, sandbox_env, s
         # Switching back is one command: step 04 with the managed deployment's id.
         assert run.values["switch_back_command"].endswith(
             f"--only 04_update_edge_function_secret -p deployment_id={managed} --confirm")
-        assert_no_secrets(tmp_path, known_secrets(sandbox, sandbox_env))
+        assert_no_secrets_under(tmp_path, secret_values(sandbox, sandbox_env, service_role=False))
     finally:
         fallback.stop_worker(settings)
         set_function_deployment_id(settings, managed)
@@ -108,7 +95,7 @@ def test_without_start_worker_it_writes_a_service_definition_and_switches_only_o
     before = function_deployment_digest(settings)
     host_pid = None
     try:
-        first = run_notebook(STEP, sandbox, tmp_path / "first", {"confirm": True, **E2E}, env=env)
+        first = run_chain_notebook(STEP, sandbox, tmp_path / "first", {"confirm": True, **E2E}, env=env)
         # No worker serves the new pool: the step stops before touching the Edge Function.
         assert first.error is not None and "fallback.worker" in first.results["error"]
         check = first.check("fallback.worker")
@@ -128,7 +115,7 @@ def test_without_start_worker_it_writes_a_service_definition_and_switches_only_o
         assert f'"--pool", "{pool}"' in dockerfile
         env_example = (service / "worker.env.example").read_text()
         assert "PREFECT_API_KEY=\n" in env_example and f"PREFECT_API_URL={sandbox_env['PREFECT_API_URL']}" in env_example
-        assert_no_secrets(tmp_path / "first", known_secrets(sandbox, sandbox_env))
+        assert_no_secrets_under(tmp_path / "first", secret_values(sandbox, sandbox_env, service_role=False))
         # A host runs the Procfile's command with the settings worker.env.example names.
         host_env = {"PATH": f"{PROJECT_ROOT / '.venv' / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path),
                     "PREFECT_HOME": str(tmp_path / "host-prefect"), "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -145,7 +132,7 @@ def test_without_start_worker_it_writes_a_service_definition_and_switches_only_o
             assert process.is_alive(host_pid), process.log_tail(tmp_path / "host-worker.log")
             time.sleep(1)
         assert fallback.online_workers(api, pool, worker_name), process.log_tail(tmp_path / "host-worker.log")
-        second = run_notebook(STEP, sandbox, tmp_path / "second", {"confirm": True, **E2E}, env=env)
+        second = run_chain_notebook(STEP, sandbox, tmp_path / "second", {"confirm": True, **E2E}, env=env)
         assert second.error is None, second.results
         assert second.check("fallback.worker")["status"] == "pass" and worker_name in second.check("fallback.worker")["detail"]
         assert second.check(e2e.LINK_WORK_POOL)["data"]["work_pool"] == pool

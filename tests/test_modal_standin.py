@@ -4,55 +4,33 @@ fault mode. Real HTTP against the real stand-in process and real Postgres."""
 
 from __future__ import annotations
 
-import json
-import tempfile
+import functools
 import time
 import uuid
-from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 from dotenv import dotenv_values
-from psycopg.rows import dict_row
 
-from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
+
+from . import conftest
+from .conftest import insert_batch, partial_sandbox
 
 pytestmark = pytest.mark.timeout(120)
 
-CLIENT_ID = "00000000-0000-4000-8000-000000000001"
 WORKSTREAM = "company-enrichment"
 STEP = "company-firmographics"
 SENDER, RECEIVER = "send_company_firmographics", "receive_company_firmographics"
 APP = "data-enrichment-workers"
 
-
-def wait_for(probe, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = probe()
-        if result:
-            return result
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+wait_for = functools.partial(conftest.wait_for, interval=0.05)
 
 
 @pytest.fixture(scope="module")
 def stack() -> SandboxConfig:
-    # Not under pytest's basetemp (see tests/test_pgnet_relay.py): Postgres runs as another user.
-    state_dir = Path(tempfile.mkdtemp(prefix="runbook-modal-"))
-    try:
-        manager.up(state_dir, only=["postgres", "modal_standin"], echo=lambda s: None)
-        yield SandboxConfig.load_or_create(state_dir)
-    finally:
-        manager.down(state_dir, purge=True, echo=lambda s: None)
-
-
-@pytest.fixture
-def conn(stack):
-    with psycopg.connect(stack.database_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
+    with partial_sandbox("runbook-modal-", ["postgres", "modal_standin"]) as cfg:
+        yield cfg
 
 
 @pytest.fixture
@@ -67,18 +45,11 @@ def modal(stack):
 
 def make_state(conn, status: str = "QUEUED") -> tuple[str, str]:
     """A batch with one item whose first step's workflow state is PENDING, then moved to status."""
-    batch_id = conn.execute(
-        "INSERT INTO batches (status, blueprint, client_id, workstream_slug) VALUES ('PENDING', %s, %s, %s) RETURNING id",
-        (json.dumps([STEP, "person-contact"]), CLIENT_ID, WORKSTREAM),
-    ).fetchone()["id"]
-    item_id = conn.execute(
-        "INSERT INTO batch_items (batch_id, company_name, company_domain) VALUES (%s, 'Initech', 'initech.example') RETURNING id",
-        (batch_id,),
-    ).fetchone()["id"]
-    conn.execute("INSERT INTO workflow_states (batch_id, item_id, step_name) VALUES (%s, %s, %s)", (batch_id, item_id, STEP))
+    batch_id, (item_id,) = insert_batch(conn, "PENDING", [STEP, "person-contact"], [("Initech", "initech.example")],
+                                        workstream=WORKSTREAM)
     if status != "PENDING":
         conn.execute("UPDATE workflow_states SET status = %s WHERE item_id = %s", (status, item_id))
-    return str(batch_id), str(item_id)
+    return batch_id, item_id
 
 
 def state(conn, item_id: str) -> dict:

@@ -12,26 +12,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
-import papermill
 import psycopg
 import pytest
 from dotenv import dotenv_values
-from papermill.exceptions import PapermillExecutionError
 
 from runbook_lib.prerequisites import Prerequisites, clear_text_secrets, normalise_repo_url
 from runbook_sandbox import postgres, prefect_gateway
 from runbook_sandbox.config import _anon_key
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NB01 = PROJECT_ROOT / "notebooks" / "01_verify_prerequisites.ipynb"
+from . import notebook_runs
+from .notebook_runs import Run, assert_no_secrets, secret_values
+
 STEP = "01_verify_prerequisites"
 JWT_SECRET = "a-test-jwt-secret-of-32-bytes-or-more"
 
@@ -50,70 +47,10 @@ ALL_CHECKS = {
 # -- running the notebook ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def environ(updates: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the kernel papermill starts; restore them afterwards."""
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@dataclass
-class Run:
-    results: dict[str, Any]
-    notebook: Path
-    error: PapermillExecutionError | None
-
-    def check(self, id: str) -> dict[str, Any]:
-        return next(c for c in self.results["checks"] if c["id"] == id)
-
-    def ids(self, status: str) -> set[str]:
-        return {c["id"] for c in self.results["checks"] if c["status"] == status}
-
-
 def run_notebook(sandbox_dir: Path, out_dir: Path, env: dict[str, str] | None = None) -> Run:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = out_dir / "run"
-    output = out_dir / "01_verify_prerequisites.ipynb"
-    settings_env = {"RUNBOOK_SANDBOX_DIR": str(sandbox_dir), "RUNBOOK_HEADLESS": "1", "PYTHONPATH": str(PROJECT_ROOT),
-                    "RUNBOOK_PROFILE": "sandbox", **(env or {})}
-    error = None
-    with environ(settings_env):
-        try:
-            papermill.execute_notebook(
-                str(NB01), str(output), parameters={"run_dir": str(run_dir)}, cwd=str(PROJECT_ROOT / "notebooks"),
-                kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=180,
-            )
-        except PapermillExecutionError as exc:
-            error = exc
-    results = json.loads((run_dir / f"{STEP}.json").read_text())
-    return Run(results, output, error)
-
-
-def secret_values(sandbox, sandbox_env: dict[str, str]) -> dict[str, str]:
-    return {
-        "PREFECT_API_KEY": sandbox_env["PREFECT_API_KEY"],
-        "SUPABASE_ACCESS_TOKEN": sandbox_env["SUPABASE_ACCESS_TOKEN"],
-        "GITHUB_TOKEN": sandbox_env["GITHUB_TOKEN"],
-        "DATABASE_PASSWORD": sandbox.postgres.password,
-        "MODAL_TOKEN_ID": sandbox_env["MODAL_TOKEN_ID"],
-        "MODAL_TOKEN_SECRET": sandbox_env["MODAL_TOKEN_SECRET"],
-        "service_role key": sandbox.supabase.service_role_key,
-    }
-
-
-def assert_no_secrets(run: Run, secrets: dict[str, str]) -> None:
-    texts = {"executed notebook": run.notebook.read_text(), "results": json.dumps(run.results)}
-    for where, text in texts.items():
-        for label, value in secrets.items():
-            assert value not in text, f"{label} appears in the {where}"
+    """Notebook 01, headless: the executed notebook in `out_dir`, the results in `out_dir/run`."""
+    return notebook_runs.run_notebook(STEP, sandbox_dir, out_dir / "run", env=env, output=out_dir / f"{STEP}.ipynb",
+                                      timeout=180)
 
 
 # -- breaking the sandbox in one way ----------------------------------------------------------------

@@ -8,7 +8,6 @@ the refs of the bare repository itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -18,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import papermill
 import pytest
-from papermill.exceptions import PapermillExecutionError
 
 from runbook_lib.flow_source import parse, secret_loads
 from runbook_lib.merge_check import MergeCheck, _branch_name, _raises_outside_handler, block_loading
@@ -28,25 +25,12 @@ from runbook_lib.notebook import start_step
 from runbook_lib.errors import RunbookError
 from runbook_sandbox.git_seed import FEATURE_BRANCH, MAIN_BRANCH, ORCHESTRATOR, repo_path, seed_repository
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NB02 = PROJECT_ROOT / "notebooks" / "02_merge_check.ipynb"
+from . import notebook_runs
+from .notebook_runs import Run
+
 STEP = "02_merge_check"
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.invalid", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
-
-
-@contextlib.contextmanager
-def environ(updates: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def git(*args: str, cwd: Path | None = None) -> str:
@@ -94,42 +78,18 @@ def receive_pack_posts(sandbox, repo: Repo) -> list[dict[str, Any]]:
     return [r for r in records if r["method"] == "POST" and r["path"] == f"/{sandbox.git.owner}/{repo.name}.git/git-receive-pack"]
 
 
-@dataclass
-class Run:
-    results: dict[str, Any]
-    notebook: Path
-    error: PapermillExecutionError | None
-
-    def check(self, id: str) -> dict[str, Any]:
-        return next(c for c in self.results["checks"] if c["id"] == id)
-
-
 def run_notebook(sandbox, out_dir: Path, repo: Repo | None, **parameters: Any) -> Run:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = out_dir / "run"
-    output = out_dir / "02_merge_check.ipynb"
-    env = {"RUNBOOK_SANDBOX_DIR": str(sandbox.state), "RUNBOOK_HEADLESS": "1", "PYTHONPATH": str(PROJECT_ROOT),
-           "RUNBOOK_PROFILE": "sandbox", "RUNBOOK_SOURCE__REPO_URL": repo.url if repo else ""}
-    error = None
-    with environ(env):
-        try:
-            papermill.execute_notebook(
-                str(NB02), str(output), parameters={"run_dir": str(run_dir), **parameters},
-                cwd=str(PROJECT_ROOT / "notebooks"), kernel_name="python3", progress_bar=False, log_output=False,
-                execution_timeout=180,
-            )
-        except PapermillExecutionError as exc:
-            error = exc
-    return Run(json.loads((run_dir / f"{STEP}.json").read_text()), output, error)
+    """Notebook 02, headless, on `repo`: the executed notebook in `out_dir`, the results in `out_dir/run`."""
+    return notebook_runs.run_notebook(STEP, sandbox.state, out_dir / "run", parameters,
+                                      {"RUNBOOK_SOURCE__REPO_URL": repo.url if repo else ""},
+                                      output=out_dir / f"{STEP}.ipynb", timeout=180)
 
 
 def assert_no_secrets(run: Run, sandbox, sandbox_env: dict[str, str]) -> None:
-    secrets = {"GITHUB_TOKEN": sandbox_env["GITHUB_TOKEN"], "PREFECT_API_KEY": sandbox_env["PREFECT_API_KEY"],
-               "SUPABASE_ACCESS_TOKEN": sandbox_env["SUPABASE_ACCESS_TOKEN"], "DATABASE_PASSWORD": sandbox.postgres.password,
-               "MODAL_TOKEN_SECRET": sandbox_env["MODAL_TOKEN_SECRET"]}
-    for where, text in {"notebook": run.notebook.read_text(), "results": json.dumps(run.results)}.items():
-        for label, value in secrets.items():
-            assert value not in text, f"{label} appears in the executed {where}"
+    notebook_runs.assert_no_secrets(run, {
+        "GITHUB_TOKEN": sandbox_env["GITHUB_TOKEN"], "PREFECT_API_KEY": sandbox_env["PREFECT_API_KEY"],
+        "SUPABASE_ACCESS_TOKEN": sandbox_env["SUPABASE_ACCESS_TOKEN"], "DATABASE_PASSWORD": sandbox.postgres.password,
+        "MODAL_TOKEN_SECRET": sandbox_env["MODAL_TOKEN_SECRET"]})
 
 
 # -- through papermill ----------------------------------------------------------------------------

@@ -9,18 +9,14 @@ the real service (a missing pool, a missing file in the repository, a refused ke
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
-import papermill
 import pytest
-from papermill.exceptions import PapermillExecutionError
 
 from runbook_lib import deploy
 from runbook_lib.errors import ChecksFailed, NotConfirmed, RunbookError
@@ -29,61 +25,14 @@ from runbook_lib.notebook import StepContext, start_step
 from runbook_lib.settings import load_settings
 from runbook_sandbox import prefect_gateway
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
+from .notebook_runs import assert_no_secrets, run_notebook, secret_values
+
 STEP = "03_deploy"
 DEPLOYMENT = "data-enrichment-orchestrator"
 FLOW = "orchestrator_main"
 
 
 # -- helpers (also used by test_nb04_edge_secret) -----------------------------------------------------
-
-
-@contextlib.contextmanager
-def environ(updates: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the kernel papermill starts; restore them afterwards."""
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@dataclass
-class Run:
-    results: dict[str, Any]
-    notebook: Path
-    error: PapermillExecutionError | None
-
-    def check(self, id: str) -> dict[str, Any]:
-        return next(c for c in self.results["checks"] if c["id"] == id)
-
-    def statuses(self) -> dict[str, str]:
-        return {c["id"]: c["status"] for c in self.results["checks"]}
-
-
-def run_notebook(notebook: str, sandbox_dir: Path, run_dir: Path, parameters: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None) -> Run:
-    """Execute notebooks/<notebook>.ipynb headless (cwd notebooks/), results in `run_dir`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    output = run_dir / f"{notebook}.executed-{uuid.uuid4().hex[:6]}.ipynb"
-    settings_env = {"RUNBOOK_SANDBOX_DIR": str(sandbox_dir), "RUNBOOK_HEADLESS": "1", "PYTHONPATH": str(PROJECT_ROOT),
-                    "RUNBOOK_PROFILE": "sandbox", **(env or {})}
-    error = None
-    with environ(settings_env):
-        try:
-            papermill.execute_notebook(
-                str(NOTEBOOKS / f"{notebook}.ipynb"), str(output), parameters={"run_dir": str(run_dir), **(parameters or {})},
-                cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=300,
-            )
-        except PapermillExecutionError as exc:
-            error = exc
-    return Run(json.loads((run_dir / f"{notebook}.json").read_text()), output, error)
 
 
 def step_context(step: str, sandbox, run_dir: Path, overrides: dict[str, Any] | None = None,
@@ -130,25 +79,6 @@ def deployment_writes(entries: list[dict[str, Any]]) -> list[str]:
                 and not rest.endswith(("/filter", "/count", "/paginate")):
             out.append(f"{e['method']} {rest}")
     return out
-
-
-def secret_values(sandbox, sandbox_env: dict[str, str]) -> dict[str, str]:
-    return {
-        "PREFECT_API_KEY": sandbox_env["PREFECT_API_KEY"],
-        "SUPABASE_ACCESS_TOKEN": sandbox_env["SUPABASE_ACCESS_TOKEN"],
-        "GITHUB_TOKEN": sandbox_env["GITHUB_TOKEN"],
-        "DATABASE_PASSWORD": sandbox.postgres.password,
-        "MODAL_TOKEN_ID": sandbox_env["MODAL_TOKEN_ID"],
-        "MODAL_TOKEN_SECRET": sandbox_env["MODAL_TOKEN_SECRET"],
-        "service_role key": sandbox.supabase.service_role_key,
-    }
-
-
-def assert_no_secrets(run: Run, secrets: dict[str, str]) -> None:
-    texts = {"executed notebook": run.notebook.read_text(), "results": json.dumps(run.results)}
-    for where, text in texts.items():
-        for label, value in secrets.items():
-            assert value not in text, f"{label} appears in the {where}"
 
 
 def gateway(sandbox) -> httpx.Client:

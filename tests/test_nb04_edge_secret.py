@@ -23,9 +23,10 @@ from runbook_lib import edge_secret
 from runbook_lib.errors import ChecksFailed, NotConfirmed, SupabaseApiError
 from runbook_lib.supabase_api import secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
-from tests.test_nb03_deploy import (
-    assert_no_secrets, deploy_in_process, deployment_writes, gateway, log_mark, requests_since, run_notebook,
-    secret_values, step_context, unique_name,
+
+from .notebook_runs import assert_no_secrets, run_notebook, secret_values
+from .test_nb03_deploy import (
+    deploy_in_process, deployment_writes, gateway, log_mark, requests_since, step_context, unique_name,
 )
 
 STEP = "04_update_edge_function_secret"

@@ -9,114 +9,26 @@ inserted directly as PENDING. Each test undoes its fault in a finally (the sandb
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import papermill
 import pytest
-from papermill.exceptions import PapermillExecutionError
 
 from runbook_lib import e2e, fallback
 from runbook_lib.database import Database
 from runbook_lib.prefect_api import PrefectApi
 from runbook_sandbox import manager
-from tests.test_chain import FIRST_SENDER, FLOW_BRANCH, batches_of_client, modal_fault, sandbox_settings, \
-    set_function_deployment_id
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
+from .chain_helpers import FIRST_SENDER, LINK_IDS, batches_of_client, modal_fault, run_chain_notebook, \
+    set_function_deployment_id
+from .notebook_runs import Run, assert_no_secrets_under, secret_values
+
 STEP = "05_end_to_end_test"
-LINK_IDS = [e2e.LINK_TRIGGER, e2e.LINK_EDGE_FUNCTION, e2e.LINK_FLOW_RUN, e2e.LINK_WORK_POOL, e2e.LINK_ITEMS]
-# Every notebook of these tests deploys and runs the branch whose flow reads the Secret block.
-KERNEL_ENV = {"RUNBOOK_SOURCE__BRANCH": FLOW_BRANCH}
 FAST = {"n_items": 6, "trigger_timeout": 15, "flow_run_timeout": 120, "completion_timeout": 150}
 
 
-# -- helpers (also used by test_fallback) ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def environ(updates: dict[str, str]) -> Iterator[None]:
-    """Environment variables for the kernel papermill starts, restored afterwards."""
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@dataclass
-class Run:
-    results: dict[str, Any]
-    notebook: Path
-    error: PapermillExecutionError | None
-    seconds: float
-
-    def check(self, id: str) -> dict[str, Any]:
-        return next(c for c in self.results["checks"] if c["id"] == id)
-
-    def statuses(self) -> dict[str, str]:
-        return {c["id"]: c["status"] for c in self.results["checks"]}
-
-    @property
-    def values(self) -> dict[str, Any]:
-        return self.results["values"]
-
-    def outputs(self) -> list[dict[str, Any]]:
-        cells = json.loads(self.notebook.read_text())["cells"]
-        return [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
-
-
-def run_notebook(notebook: str, sandbox, run_dir: Path, parameters: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, step: str | None = None) -> Run:
-    """Execute notebooks/<notebook>.ipynb headless with cwd notebooks/, results in `run_dir`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    output = run_dir / f"{notebook}.executed-{uuid.uuid4().hex[:6]}.ipynb"
-    kernel_env = {"RUNBOOK_SANDBOX_DIR": str(sandbox.state), "RUNBOOK_HEADLESS": "1", "PYTHONPATH": str(PROJECT_ROOT),
-                  "RUNBOOK_PROFILE": "sandbox", **KERNEL_ENV, **(env or {})}
-    error = None
-    started = time.monotonic()
-    with environ(kernel_env):
-        try:
-            papermill.execute_notebook(
-                str(NOTEBOOKS / f"{notebook}.ipynb"), str(output), parameters={"run_dir": str(run_dir), **(parameters or {})},
-                cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=600,
-            )
-        except PapermillExecutionError as exc:
-            error = exc
-    seconds = time.monotonic() - started
-    return Run(json.loads((run_dir / f"{step or notebook}.json").read_text()), output, error, seconds)
-
-
-def known_secrets(sandbox, sandbox_env: dict[str, str]) -> dict[str, str]:
-    return {
-        "PREFECT_API_KEY": sandbox_env["PREFECT_API_KEY"],
-        "SUPABASE_ACCESS_TOKEN": sandbox_env["SUPABASE_ACCESS_TOKEN"],
-        "GITHUB_TOKEN": sandbox_env["GITHUB_TOKEN"],
-        "DATABASE_PASSWORD": sandbox.postgres.password,
-        "MODAL_TOKEN_ID": sandbox.modal.token_id,
-        "MODAL_TOKEN_SECRET": sandbox.modal.token_secret,
-    }
-
-
-def assert_no_secrets(directory: Path, secrets: dict[str, str]) -> None:
-    """No known secret value in any file under `directory` (executed notebooks, results, figures...)."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            text = path.read_bytes().decode("utf-8", "replace")
-            leaked = [name for name, value in secrets.items() if value and value in text]
-            assert not leaked, f"{leaked} appear in {path}"
+# -- helpers -----------------------------------------------------------------------------------------
 
 
 def assert_failed_at(run: Run, link: str) -> None:
@@ -143,22 +55,12 @@ def batch_gone(database: Database, batch_id: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def settings(sandbox):
-    return sandbox_settings(sandbox)
-
-
-@pytest.fixture(scope="module")
-def database(settings) -> Database:
-    return Database.from_settings(settings)
-
-
-@pytest.fixture(scope="module")
 def deployed(sandbox, tmp_path_factory) -> tuple[Path, str]:
     """Steps 03 and 04 through papermill in one run directory: (run_dir, deployment id)."""
     run_dir = tmp_path_factory.mktemp("nb05-chain")
-    deployed = run_notebook("03_deploy", sandbox, run_dir, {"confirm": True})
+    deployed = run_chain_notebook("03_deploy", sandbox, run_dir, {"confirm": True})
     assert deployed.error is None, deployed.results
-    secret = run_notebook("04_update_edge_function_secret", sandbox, run_dir, {"confirm": True})
+    secret = run_chain_notebook("04_update_edge_function_secret", sandbox, run_dir, {"confirm": True})
     assert secret.error is None, secret.results
     return run_dir, deployed.values["deployment_id"]
 
@@ -176,7 +78,7 @@ def restore_secret(settings, deployed) -> Iterator[None]:
 @pytest.mark.timeout(600)
 def test_03_04_05_pass_and_the_record_shows_the_figure_and_latencies(sandbox, sandbox_env, deployed, database):
     run_dir, deployment_id = deployed
-    run = run_notebook("05_end_to_end_test", sandbox, run_dir, {"confirm": True, **FAST})
+    run = run_chain_notebook("05_end_to_end_test", sandbox, run_dir, {"confirm": True, **FAST})
     assert run.error is None, run.results
     assert run.results["status"] == "passed"
     assert all(run.statuses()[link] == "pass" for link in LINK_IDS), run.statuses()
@@ -198,13 +100,13 @@ def test_03_04_05_pass_and_the_record_shows_the_figure_and_latencies(sandbox, sa
     assert (run_dir / f"{STEP}.timeline.png").stat().st_size > 10_000
     # Its own rows only, and they are gone.
     assert batch_gone(database, values["batch_id"])
-    assert_no_secrets(run_dir, known_secrets(sandbox, sandbox_env))
+    assert_no_secrets_under(run_dir, secret_values(sandbox, sandbox_env, service_role=False))
 
 
 @pytest.mark.timeout(300)
 def test_headless_without_confirm_launches_nothing(sandbox, settings, deployed, database, tmp_path):
     before = batches_of_client(database, settings.e2e.client_id)
-    run = run_notebook("05_end_to_end_test", sandbox, tmp_path, {"deployment_id": deployed[1], **FAST})
+    run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path, {"deployment_id": deployed[1], **FAST})
     assert run.error is not None and "confirm" in str(run.error)
     assert run.results["status"] == "failed" and run.results["gate"]["decision"] == "rejected"
     assert not any(c["id"] in LINK_IDS for c in run.results["checks"])
@@ -218,7 +120,7 @@ def test_headless_without_confirm_launches_nothing(sandbox, settings, deployed, 
 def test_edge_function_down_fails_at_link_2(sandbox, deployed, database, tmp_path):
     manager.stop_service("supabase", sandbox.state)
     try:
-        run = run_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
+        run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
     finally:
         manager.up(sandbox.state, only=["supabase"], echo=lambda s: None)
     assert_failed_at(run, e2e.LINK_EDGE_FUNCTION)
@@ -231,7 +133,7 @@ def test_edge_function_down_fails_at_link_2(sandbox, deployed, database, tmp_pat
 @pytest.mark.timeout(300)
 def test_function_secret_naming_no_deployment_fails_at_link_2(sandbox, settings, deployed, restore_secret, tmp_path):
     set_function_deployment_id(settings, str(uuid.uuid4()))
-    run = run_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
+    run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
     assert_failed_at(run, e2e.LINK_EDGE_FUNCTION)
     link = run.check(e2e.LINK_EDGE_FUNCTION)
     assert "Prefect answered 404" in link["detail"] and "stale id" in link["detail"]
@@ -248,7 +150,7 @@ def test_function_secret_pointing_at_another_deployment_fails_at_link_3(sandbox,
     decoy = api.call("creating the decoy", lambda c: c.create_deployment(flow_id=flow_id, name=name, work_pool_name=pool))
     try:
         set_function_deployment_id(settings, str(decoy))
-        run = run_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
+        run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
         assert_failed_at(run, e2e.LINK_FLOW_RUN)
         link = run.check(e2e.LINK_FLOW_RUN)
         assert name in link["detail"] and str(decoy) in link["detail"] and "points at another deployment" in link["detail"]
@@ -267,8 +169,8 @@ def test_worker_stopped_is_reported_as_never_started_within_the_timeout(sandbox,
     manager.stop_service("managed_worker", sandbox.state)
     run = None
     try:
-        run = run_notebook("05_end_to_end_test", sandbox, tmp_path,
-                           {"confirm": True, "deployment_id": deployed[1], **FAST, "flow_run_timeout": 15})
+        run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path,
+                                 {"confirm": True, "deployment_id": deployed[1], **FAST, "flow_run_timeout": 15})
     finally:
         if run is not None and run.values.get("flow_run_id"):
             PrefectApi.from_settings(settings).call("cancelling the unstarted run", lambda c: c.set_flow_run_state(
@@ -285,7 +187,7 @@ def test_worker_stopped_is_reported_as_never_started_within_the_timeout(sandbox,
 def test_modal_failing_fails_at_link_5_with_the_reason(sandbox, deployed, database, tmp_path):
     modal_fault(sandbox, FIRST_SENDER, "fail")
     try:
-        run = run_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
+        run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path, {"confirm": True, "deployment_id": deployed[1], **FAST})
     finally:
         modal_fault(sandbox, None)
     assert_failed_at(run, e2e.LINK_ITEMS)
@@ -298,9 +200,9 @@ def test_modal_failing_fails_at_link_5_with_the_reason(sandbox, deployed, databa
 
 @pytest.mark.timeout(300)
 def test_batch_inserted_directly_as_pending_fails_at_link_1(sandbox, deployed, database, tmp_path):
-    run = run_notebook("05_end_to_end_test", sandbox, tmp_path,
-                       {"confirm": True, "deployment_id": deployed[1], **FAST, "trigger_timeout": 4,
-                        "launch_mode": "direct_pending"})
+    run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path,
+                             {"confirm": True, "deployment_id": deployed[1], **FAST, "trigger_timeout": 4,
+                              "launch_mode": "direct_pending"})
     assert run.check("launch")["data"]["launch_mode"] == "direct_pending"
     assert_failed_at(run, e2e.LINK_TRIGGER)
     link = run.check(e2e.LINK_TRIGGER)

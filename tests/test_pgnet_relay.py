@@ -5,35 +5,21 @@ on loopback standing in for the Edge Function."""
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg.rows import dict_row
 
 from runbook_sandbox import manager, pgnet_relay, postgres, process
 from runbook_sandbox.config import SandboxConfig
 
+from .conftest import insert_batch, partial_sandbox, wait_for
+
 pytestmark = pytest.mark.timeout(180)
 
-CLIENT_ID = "00000000-0000-4000-8000-000000000001"
 BLUEPRINT = ["company-firmographics", "person-contact"]
-
-
-def wait_for(probe, timeout: float, what: str):
-    """Poll probe() until it returns something truthy; fail with `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = probe()
-        if result:
-            return result
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 class Receiver:
@@ -84,20 +70,8 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def stack() -> SandboxConfig:
-    # Not under pytest's basetemp: pytest re-restricts /tmp/pytest-of-<user> to its owner at every
-    # session start, which locks out Postgres (running as `pgserver`) when sessions overlap.
-    state_dir = Path(tempfile.mkdtemp(prefix="runbook-pgnet-"))
-    try:
-        manager.up(state_dir, only=["postgres", "pgnet_relay"], echo=lambda s: None)
-        yield SandboxConfig.load_or_create(state_dir)
-    finally:
-        manager.down(state_dir, purge=True, echo=lambda s: None)
-
-
-@pytest.fixture
-def conn(stack):
-    with psycopg.connect(stack.database_url, autocommit=True, row_factory=dict_row) as c:
-        yield c
+    with partial_sandbox("runbook-pgnet-", ["postgres", "pgnet_relay"]) as cfg:
+        yield cfg
 
 
 @pytest.fixture(scope="module")
@@ -118,28 +92,14 @@ def trigger_posting_to(cfg: SandboxConfig, url: str):
         postgres.install_trigger(cfg)
 
 
-def insert_batch(conn, status: str, n_items: int = 2) -> str:
-    """The UI's inserts: batch, items, one PENDING workflow state per item at blueprint[0]."""
-    with conn.transaction():
-        batch_id = conn.execute(
-            "INSERT INTO batches (status, blueprint, client_id, workstream_slug) "
-            "VALUES (%s, %s, %s, 'company-enrichment') RETURNING id",
-            (status, json.dumps(BLUEPRINT), CLIENT_ID),
-        ).fetchone()["id"]
-        for i in range(n_items):
-            item_id = conn.execute(
-                "INSERT INTO batch_items (batch_id, company_name, company_domain) VALUES (%s, %s, %s) RETURNING id",
-                (batch_id, f"Company {i}", f"company{i}.example"),
-            ).fetchone()["id"]
-            conn.execute(
-                "INSERT INTO workflow_states (batch_id, item_id, step_name, status) VALUES (%s, %s, %s, 'PENDING')",
-                (batch_id, item_id, BLUEPRINT[0]),
-            )
-    return str(batch_id)
+def ui_batch(conn, status: str, n_items: int = 2) -> str:
+    """The UI's inserts (conftest.insert_batch) of a batch of `n_items` companies; its id."""
+    batch_id, _ = insert_batch(conn, status, BLUEPRINT, [(f"Company {i}", f"company{i}.example") for i in range(n_items)])
+    return batch_id
 
 
 def launch_batch(conn) -> str:
-    batch_id = insert_batch(conn, "INITIALIZING")
+    batch_id = ui_batch(conn, "INITIALIZING")
     conn.execute("UPDATE batches SET status = 'PENDING' WHERE id = %s", (batch_id,))
     return batch_id
 
@@ -190,9 +150,9 @@ def test_ui_launch_sends_the_batch_id_once_with_the_anon_key(stack, conn, receiv
 
 def test_direct_pending_insert_and_rolled_back_launch_send_nothing(stack, conn, receiver):
     with trigger_posting_to(stack, f"{receiver.url}/echo"):
-        direct = insert_batch(conn, "PENDING")
+        direct = ui_batch(conn, "PENDING")
         with conn.transaction(force_rollback=True):  # the whole launch, then ROLLBACK
-            rolled_back = insert_batch(conn, "INITIALIZING")
+            rolled_back = ui_batch(conn, "INITIALIZING")
             conn.execute("UPDATE batches SET status = 'PENDING' WHERE id = %s", (rolled_back,))
             queued_id = conn.execute(
                 "SELECT request_id FROM runbook.trigger_requests WHERE batch_id = %s", (rolled_back,)
