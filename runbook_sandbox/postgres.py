@@ -20,19 +20,25 @@ from .config import SandboxConfig
 from .manager import ServiceDef
 
 SQL_DIR = Path(__file__).parent / "sql"
-PG_BIN = None  # resolved lazily: importing pgserver is slow-ish and only needed for the embedded server
 RUN_AS = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # postgres refuses root
 PREFECT_DATABASE = "prefect"
 
 
-def _bin(name: str) -> str:
+def _pgserver():
+    """The pgserver wheel's modules, imported lazily (only the embedded server needs them) and
+    quietly: pgserver warns about XDG_RUNTIME_DIR on import, and we use no socket directory."""
     import warnings
 
-    with warnings.catch_warnings():  # pgserver warns about XDG_RUNTIME_DIR on import; we use no socket dir
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from pgserver._commands import POSTGRES_BIN_PATH
+        import pgserver._commands
+        import pgserver.utils
 
-    return str(POSTGRES_BIN_PATH / name)
+    return pgserver
+
+
+def _bin(name: str) -> str:
+    return str(_pgserver()._commands.POSTGRES_BIN_PATH / name)
 
 
 def pgdata(cfg: SandboxConfig) -> Path:
@@ -49,14 +55,13 @@ def _grant_access(data: Path, *files: Path) -> None:
     to 0700, for instance)."""
     import pwd
 
-    from pgserver._commands import POSTGRES_BIN_PATH
-    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-
-    ensure_user_exists(RUN_AS)
-    ensure_prefix_permissions(data)
-    ensure_prefix_permissions(POSTGRES_BIN_PATH)
-    ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+    pgs = _pgserver()
+    bin_path = pgs._commands.POSTGRES_BIN_PATH
+    pgs.utils.ensure_user_exists(RUN_AS)
+    pgs.utils.ensure_prefix_permissions(data)
+    pgs.utils.ensure_prefix_permissions(bin_path)
+    pgs.utils.ensure_folder_permissions(bin_path, 0o055)
+    pgs.utils.ensure_folder_permissions(bin_path.parent / "lib", 0o044)
     ent = pwd.getpwnam(RUN_AS)
     for p in (data, *files):
         os.chown(p, ent.pw_uid, ent.pw_gid)
