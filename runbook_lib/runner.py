@@ -688,6 +688,10 @@ class _Runner:
         self.save()
         render_index(m, self.run_dir)
         code = {"passed": EXIT_PASSED, "failed": EXIT_FAILED}.get(status, 128 + (self.killed_by or 0))
+        for step in m.steps:
+            timeline = step.results.get("timeline")
+            if isinstance(timeline, dict) and timeline:
+                self.progress.note(format_timeline(step.step, timeline))
         self.progress.note(f"run {self.run_id}: {status}" + (f" ({m.error})" if m.error else "")
                            + f"; records in {self.run_dir / 'index.html'}")
         return RunOutcome(self.run_id, self.run_dir, status, code, m)
@@ -695,6 +699,15 @@ class _Runner:
     def on_signal(self, signum: int, _frame: Any) -> None:
         """SIGTERM/SIGINT: the step loop stops the step's process and kernel, and records the kill."""
         self.killed_by = signum
+
+
+def format_timeline(step: str, timeline: Mapping[str, Any]) -> str:
+    """A step's timeline (event -> ms from the launch) as aligned lines, in time order."""
+    events = sorted(((k, v) for k, v in timeline.items() if isinstance(v, (int, float))), key=lambda kv: kv[1])
+    width = max((len(k) for k, _ in events), default=0)
+    lines = [f"timeline of {step} (ms from launch):"]
+    lines += [f"  {name.replace('_', ' '):<{width}}  {ms:>10,.1f}" for name, ms in events]
+    return "\n".join(lines)
 
 
 def notebook_error(path: Path) -> tuple[str, str] | None:

@@ -66,6 +66,12 @@ def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_sandbox
     e2e = json.loads((run_dir / "05_end_to_end_test.json").read_text())["values"]
     assert e2e["flow_run_id"] and "timeline" in e2e
     assert "timeline" in json.dumps(steps["05_end_to_end_test"])
+    # What `make run` prints at the end: the chain's timeline, in ms from the launch.
+    printed = proc.stdout
+    assert "timeline of 05_end_to_end_test (ms from launch):" in printed
+    for event in ("launch", "pg net response", "flow run created", "flow run running", "first queued",
+                  "last queued", "first in progress", "last in progress"):
+        assert f"  {event} " in printed, event
 
     # The records: one executed notebook and one HTML page per step, and the index linking them.
     index = (run_dir / "index.html").read_text()
