@@ -97,3 +97,27 @@ def test_migrations_apply_once_and_trigger_matches_contract(sandbox, db):
     assert sandbox.edge_function_url in src
     enum = [r[0] for r in db.execute("select unnest(enum_range(null::batchstatus))::text")]
     assert enum == ["INITIALIZING", "PENDING", "IN_PROGRESS", "COMPLETED", "FAILED"]
+
+
+def test_an_existing_server_given_by_url_gets_the_schema_and_is_not_stopped(sandbox, db, unique):
+    """`sandbox up --database-url`: no embedded server; the schema goes into the given database,
+    and `down` leaves that server running."""
+    name = f"external_{unique}"
+    db.execute(f'CREATE DATABASE "{name}"')
+    state = make_state_dir()
+    try:
+        url = sandbox.postgres.url(name)
+        # Only the postgres service: a second whole stack would share the session sandbox's Prefect database.
+        manager.up(state, database_url=url, only=["postgres"], echo=lambda s: None)
+        rec = json.loads((state / "sandbox.json").read_text())["services"]["postgres"]
+        assert rec["pid"] is None and rec["healthy"] is True
+        assert dotenv_values(state / "sandbox.env")["DATABASE_URL"] == url
+        with psycopg.connect(url) as conn:
+            tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
+            assert {"batches", "batch_items", "workflow_states", "enrichment_registry"} <= tables
+        cli(state, "down")
+        with psycopg.connect(url) as conn:  # the existing server is still up
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        manager.down(state, purge=True, echo=lambda s: None)
+        db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
