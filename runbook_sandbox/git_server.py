@@ -31,8 +31,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-import httpx
 
+from . import process
 from .config import SandboxConfig, config_from_argv
 from .git_seed import repo_path, seed_repository
 from .manager import ServiceDef
@@ -303,11 +303,7 @@ class GitServer(ThreadingHTTPServer):
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    try:
-        r = httpx.get(f"{cfg.git_base_url}/_sandbox/health", timeout=2, trust_env=False)
-    except httpx.HTTPError as exc:
-        return f"cannot reach the git server: {type(exc).__name__}"
-    return None if r.status_code == 200 else f"health answered {r.status_code}"
+    return process.http_health(f"{cfg.git_base_url}/_sandbox/health")
 
 
 def after_start(cfg: SandboxConfig) -> None:

@@ -25,7 +25,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-import httpx
 import psycopg
 import uvicorn
 from psycopg.rows import dict_row
@@ -35,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from . import process
 from .config import SandboxConfig, config_from_argv
 from .manager import ServiceDef
 
@@ -386,11 +386,7 @@ class RequestLog:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    try:
-        resp = httpx.get(f"{cfg.modal_url}/_sandbox/health", timeout=2)
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None if resp.status_code == 200 else f"health answered {resp.status_code}"
+    return process.http_health(f"{cfg.modal_url}/_sandbox/health")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from . import process
 from .config import SandboxConfig, config_from_argv
 from .manager import ServiceDef
 
@@ -299,12 +300,7 @@ def serve(cfg: SandboxConfig) -> None:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    base = f"http://127.0.0.1:{cfg.prefect.gateway_port}"
-    try:
-        r = httpx.get(f"{base}/_sandbox/health", timeout=3)
-    except httpx.HTTPError as exc:
-        return f"no answer from {base}: {type(exc).__name__}"
-    return None if r.status_code == 200 else f"/_sandbox/health answered {r.status_code}"
+    return process.http_health(f"http://127.0.0.1:{cfg.prefect.gateway_port}/_sandbox/health")
 
 
 def api(cfg: SandboxConfig) -> httpx.Client:

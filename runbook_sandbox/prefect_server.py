@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import re
 
-import httpx
 
+from . import process
 from .config import SandboxConfig, config_from_argv
 from .manager import ServiceDef
 from .postgres import PREFECT_DATABASE, connect
@@ -98,11 +98,7 @@ def serve(cfg: SandboxConfig) -> None:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    try:
-        r = httpx.get(f"{cfg.prefect_server_api_url}/health", timeout=3)
-    except httpx.HTTPError as exc:
-        return f"no answer from {cfg.prefect_server_api_url}: {type(exc).__name__}"
-    return None if r.status_code == 200 else f"/api/health answered {r.status_code}"
+    return process.http_health(f"{cfg.prefect_server_api_url}/health")
 
 
 SERVICE = ServiceDef(

@@ -161,6 +161,18 @@ def _kill(p: psutil.Process) -> None:
     reap(p.pid)
 
 
+def http_health(url: str, timeout: float = 3.0) -> str | None:
+    """A service's health probe: None when GET url answers 200, else a short reason. Loopback only,
+    so proxy settings from the environment are ignored."""
+    import httpx
+
+    try:
+        r = httpx.get(url, timeout=timeout, trust_env=False)
+    except httpx.HTTPError as exc:
+        return f"no answer from {url}: {type(exc).__name__}"
+    return None if r.status_code == 200 else f"{url} answered {r.status_code}"
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")

@@ -587,13 +587,7 @@ def build_app(cfg: SandboxConfig) -> Starlette:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    try:
-        r = httpx.get(f"{cfg.supabase_api_url}/_sandbox/health", timeout=2, trust_env=False)
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    if r.status_code != 200:
-        return f"health answered {r.status_code}"
-    return None
+    return process.http_health(f"{cfg.supabase_api_url}/_sandbox/health")
 
 
 def prefect_secrets(cfg: SandboxConfig) -> dict[str, str]:
