@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 
-from runbook_lib import deploy, e2e
-from runbook_lib.database import Database
-from runbook_lib.settings import load_settings
-from runbook_lib.supabase_api import SupabaseManagementApi
+from runbook_lib.steps import deploy, e2e
+from runbook_lib.systems.database import Database
+from runbook_lib.core.settings import load_settings
+from runbook_lib.systems.supabase import SupabaseManagementApi
 
 from .notebook_runs import Run, run_notebook
 

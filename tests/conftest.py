@@ -110,7 +110,7 @@ def insert_batch(conn, status: str, blueprint: list[str], items: list[tuple[str,
                  client_id: str = SEED_CLIENT_ID, workstream: str = "company-enrichment") -> tuple[str, list[str]]:
     """The admin UI's inserts, in one transaction on `conn` (dict rows): the batch with `status`, its
     items (company name, domain), one PENDING workflow state per item at blueprint[0]. Returns the
-    batch id and the item ids. (runbook_lib.database.Database.launch_batch does the same on a
+    batch id and the item ids. (runbook_lib.systems.database.Database.launch_batch does the same on a
     connection of its own; these tests also insert inside a transaction they roll back.)"""
     with conn.transaction():
         batch_id = conn.execute(
@@ -155,6 +155,6 @@ def managed(settings) -> str:
 @pytest.fixture(scope="module")
 def database(settings):
     """runbook_lib's Database of the profile."""
-    from runbook_lib.database import Database
+    from runbook_lib.systems.database import Database
 
     return Database.from_settings(settings)

@@ -1,7 +1,7 @@
 """The chain, proven (issue 4), against the sandbox: the orchestrator deployed from the sandbox git
 server to `managed-production` (pip_packages, Secret block placeholders and ENRICHMENT_DISPATCH_URL in
 env), the Edge Function's PREFECT_DEPLOYMENT_ID set through the Management API stand-in, and a batch
-launched the UI's way, followed with runbook_lib.e2e (the code notebook 05 runs).
+launched the UI's way, followed with runbook_lib.steps.e2e (the code notebook 05 runs).
 
 Every assertion reads a real service: pg_net's response rows, the Prefect API, the database's
 recorded transitions (runbook.workflow_state_transitions). The helpers shared with test_nb05_e2e
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from runbook_lib import e2e
-from runbook_lib.database import Database
-from runbook_lib.prefect_api import PrefectApi
+from runbook_lib.steps import e2e
+from runbook_lib.systems.database import Database
+from runbook_lib.systems.prefect import PrefectApi
 
 from .chain_helpers import FIRST_SENDER, batches_of_client, modal_fault
 

@@ -17,9 +17,9 @@ from importlib import metadata
 import psutil
 import pytest
 
-from runbook_lib import e2e, fallback
-from runbook_lib.prefect_api import PrefectApi
-from runbook_lib.supabase_api import secret_digest
+from runbook_lib.steps import e2e, fallback
+from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.systems.supabase import secret_digest
 from runbook_sandbox import process
 
 from .chain_helpers import LINK_IDS, function_deployment_digest, run_chain_notebook, set_function_deployment_id

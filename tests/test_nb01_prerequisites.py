@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from dotenv import dotenv_values
 
-from runbook_lib.prerequisites import Prerequisites, clear_text_secrets, normalise_repo_url
+from runbook_lib.steps.prerequisites import Prerequisites, clear_text_secrets, normalise_repo_url
 from runbook_sandbox import postgres, prefect_gateway
 from runbook_sandbox.config import _anon_key
 

@@ -19,10 +19,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from runbook_lib.flow_source import parse, secret_loads
-from runbook_lib.merge_check import MergeCheck, _branch_name, _raises_outside_handler, block_loading
-from runbook_lib.notebook import start_step
-from runbook_lib.errors import RunbookError
+from runbook_lib.source.flow import parse, secret_loads
+from runbook_lib.steps.merge_check import MergeCheck, _branch_name, _raises_outside_handler, block_loading
+from runbook_lib.notebook.context import start_step
+from runbook_lib.core.errors import RunbookError
 from runbook_sandbox.git_seed import FEATURE_BRANCH, MAIN_BRANCH, ORCHESTRATOR, repo_path, seed_repository
 
 from . import notebook_runs

@@ -18,11 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
-from runbook_lib import deploy
-from runbook_lib.errors import ChecksFailed, NotConfirmed, RunbookError
-from runbook_lib.git_repo import GitRepo
-from runbook_lib.notebook import StepContext, start_step
-from runbook_lib.settings import load_settings
+from runbook_lib.steps import deploy
+from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError
+from runbook_lib.systems.git import GitRepo
+from runbook_lib.notebook.context import StepContext, start_step
+from runbook_lib.core.settings import load_settings
 from runbook_sandbox import prefect_gateway
 
 from .notebook_runs import assert_no_secrets, run_notebook, secret_values

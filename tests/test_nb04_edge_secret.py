@@ -19,9 +19,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from runbook_lib import edge_secret
-from runbook_lib.errors import ChecksFailed, NotConfirmed, SupabaseApiError
-from runbook_lib.supabase_api import secret_digest
+from runbook_lib.steps import edge_secret
+from runbook_lib.core.errors import ChecksFailed, NotConfirmed, SupabaseApiError
+from runbook_lib.systems.supabase import secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 
 from .notebook_runs import assert_no_secrets, run_notebook, secret_values

@@ -15,9 +15,9 @@ from typing import Iterator
 
 import pytest
 
-from runbook_lib import e2e, fallback
-from runbook_lib.database import Database
-from runbook_lib.prefect_api import PrefectApi
+from runbook_lib.steps import e2e, fallback
+from runbook_lib.systems.database import Database
+from runbook_lib.systems.prefect import PrefectApi
 from runbook_sandbox import manager
 
 from .chain_helpers import FIRST_SENDER, LINK_IDS, batches_of_client, modal_fault, run_chain_notebook, \

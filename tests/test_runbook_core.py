@@ -18,16 +18,16 @@ import httpx
 import nbformat
 import pytest
 
-from runbook_lib import redaction
-from runbook_lib.async_bridge import run_sync
-from runbook_lib.checks import Check, CheckReport, Status
-from runbook_lib.errors import (
+from runbook_lib.core import secrets as redaction
+from runbook_lib.core.aio import run_sync
+from runbook_lib.checks.base import Check, CheckReport, Status
+from runbook_lib.core.errors import (
     ChecksFailed, DatabaseError, FlowSourceError, GitError, NotConfirmed, RequirementError, ResultsError,
     RunbookError, SettingsError, SupabaseApiError,
 )
-from runbook_lib.gate import ConfirmationGate, parse_confirm
-from runbook_lib.results import StepResults
-from runbook_lib.settings import load_settings
+from runbook_lib.notebook.gate import ConfirmationGate, parse_confirm
+from runbook_lib.records.results import StepResults
+from runbook_lib.core.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ACCOUNT = "11111111-1111-4111-8111-111111111111"
@@ -416,7 +416,7 @@ def test_run_sync_times_out():
 def test_prefect_settings_reach_prefect_inside_a_running_loop(sandbox_environ):
     from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 
-    from runbook_lib.prefect_api import prefect_settings
+    from runbook_lib.systems.prefect import prefect_settings
 
     settings = load_settings("sandbox", environ=sandbox_environ)
 
@@ -434,7 +434,7 @@ def test_prefect_settings_reach_prefect_inside_a_running_loop(sandbox_environ):
 
 
 def test_start_step_records_results_and_later_steps_read_them(sandbox_environ, tmp_path):
-    from runbook_lib.notebook import start_step
+    from runbook_lib.notebook.context import start_step
 
     run_dir = tmp_path / "run"
     ctx = start_step("preflight", profile="sandbox", run_dir=run_dir, environ=sandbox_environ, install_hooks=False)
@@ -453,7 +453,7 @@ def test_start_step_records_results_and_later_steps_read_them(sandbox_environ, t
 
 
 def test_failing_checks_fail_the_step_and_the_gate_decision_is_recorded(sandbox_environ, tmp_path):
-    from runbook_lib.notebook import start_step
+    from runbook_lib.notebook.context import start_step
 
     ctx = start_step("deploy", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
     with pytest.raises(NotConfirmed):
@@ -470,7 +470,7 @@ def test_failing_checks_fail_the_step_and_the_gate_decision_is_recorded(sandbox_
 
 
 def test_start_step_records_a_settings_failure(tmp_path):
-    from runbook_lib.notebook import start_step
+    from runbook_lib.notebook.context import start_step
 
     with pytest.raises(SettingsError):
         start_step("preflight", profile="sandbox", run_dir=tmp_path,
@@ -480,7 +480,7 @@ def test_start_step_records_a_settings_failure(tmp_path):
 
 
 def test_relative_run_dirs_are_taken_from_the_project_root(monkeypatch, tmp_path):
-    from runbook_lib.notebook import resolve_run_dir
+    from runbook_lib.notebook.context import resolve_run_dir
 
     monkeypatch.chdir(tmp_path)
     assert resolve_run_dir("outputs/run-1", "sandbox", PROJECT_ROOT) == PROJECT_ROOT / "outputs" / "run-1"
@@ -491,8 +491,8 @@ def test_relative_run_dirs_are_taken_from_the_project_root(monkeypatch, tmp_path
 
 NOTEBOOK_CELLS = [
     ("parameters", "profile = 'sandbox'\nconfirm = None\nrun_dir = None"),
-    ("", "import asyncio\nfrom runbook_lib.notebook import start_step\n"
-         "from runbook_lib.async_bridge import run_sync\n"
+    ("", "import asyncio\nfrom runbook_lib.notebook.context import start_step\n"
+         "from runbook_lib.core.aio import run_sync\n"
          "ctx = start_step('deploy', profile=profile, confirm=confirm, run_dir=run_dir)"),
     ("", "print('key', ctx.settings.value('prefect.api_key'))\n"
          "from IPython.display import HTML, display\n"
@@ -605,7 +605,7 @@ def not_a_flow(x):
 
 
 def test_flow_analysis_finds_the_flow_its_parameters_imports_and_secret_loads():
-    from runbook_lib.flow_source import analyse_flow
+    from runbook_lib.source.flow import analyse_flow
 
     info = analyse_flow(ORCHESTRATOR, "orchestrator_main", "src/orchestrator.py")
     assert info.is_flow and not info.is_async and info.flow_name == "orchestrator-main"  # Prefect's default naming
@@ -630,7 +630,7 @@ def test_flow_analysis_finds_the_flow_its_parameters_imports_and_secret_loads():
 
 
 def test_flow_analysis_errors_are_clear():
-    from runbook_lib.flow_source import analyse_flow
+    from runbook_lib.source.flow import analyse_flow
 
     with pytest.raises(FlowSourceError, match=r"has no module-level function 'orchestrator_main' \(it defines: \['get_dsn'"):
         analyse_flow(ORCHESTRATOR.replace("def orchestrator_main", "def renamed"), "orchestrator_main", "src/o.py")
@@ -639,8 +639,8 @@ def test_flow_analysis_errors_are_clear():
 
 
 def test_repository_imports_follow_local_modules_and_feed_the_package_check():
-    from runbook_lib.flow_source import local_top_level_names, repository_imports
-    from runbook_lib.packages import missing_imports
+    from runbook_lib.source.flow import local_top_level_names, repository_imports
+    from runbook_lib.source.packages import missing_imports
 
     files = {
         "src/orchestrator.py": ORCHESTRATOR,
@@ -667,7 +667,7 @@ def test_repository_imports_follow_local_modules_and_feed_the_package_check():
 
 
 def test_requirement_strings_are_validated():
-    from runbook_lib.packages import parse_requirement, validate_requirements
+    from runbook_lib.source.packages import parse_requirement, validate_requirements
 
     assert parse_requirement("psycopg2-binary>=2.9; python_version >= '3.9'").name == "psycopg2-binary"
     with pytest.raises(RequirementError, match="invalid pip requirement 'modal==='"):
@@ -679,7 +679,7 @@ def test_requirement_strings_are_validated():
 
 
 def test_import_names_map_to_distributions_and_the_runtime_image():
-    from runbook_lib.packages import distribution_for_import, redundant_packages, runtime_provided_imports, stdlib_modules
+    from runbook_lib.source.packages import distribution_for_import, redundant_packages, runtime_provided_imports, stdlib_modules
 
     assert distribution_for_import("psycopg2.extras") == "psycopg2-binary"
     assert distribution_for_import("dotenv") == "python-dotenv"
@@ -693,7 +693,7 @@ def test_import_names_map_to_distributions_and_the_runtime_image():
 
 
 def test_equivalent_distributions_satisfy_an_import():
-    from runbook_lib.packages import missing_imports
+    from runbook_lib.source.packages import missing_imports
 
     assert missing_imports(["psycopg2"], ["psycopg2==2.9.9"]) == []
     assert missing_imports(["psycopg2"], ["psycopg2-binary>=2.9"]) == []
@@ -704,7 +704,7 @@ def test_equivalent_distributions_satisfy_an_import():
 
 
 def test_supabase_inputs_are_validated_before_any_request():
-    from runbook_lib.supabase_api import SupabaseManagementApi, secret_digest
+    from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 
     calls = []
     api = SupabaseManagementApi("http://127.0.0.1:9", "sbp_token0123456789", "abcdefghijklmnopqrst", sleep=calls.append)
@@ -724,7 +724,7 @@ def test_supabase_inputs_are_validated_before_any_request():
 def test_supabase_retry_delay_honours_the_rate_limit_headers():
     import time
 
-    from runbook_lib.supabase_api import SupabaseManagementApi
+    from runbook_lib.systems.supabase import SupabaseManagementApi
 
     api = SupabaseManagementApi("http://127.0.0.1:9", "sbp_token0123456789", "abcdefghijklmnopqrst", max_wait=30)
     delay = lambda headers: api.retry_delay(httpx.Response(429, headers=headers), attempt=1)  # noqa: E731
@@ -757,7 +757,7 @@ def local_repo(tmp_path) -> str:
 
 
 def test_git_repo_lists_refs_and_reads_files_at_a_ref(local_repo):
-    from runbook_lib.git_repo import GitRepo
+    from runbook_lib.systems.git import GitRepo
 
     with GitRepo(local_repo) as repo:
         sha = repo.branch_sha("main")
@@ -771,7 +771,7 @@ def test_git_repo_lists_refs_and_reads_files_at_a_ref(local_repo):
 
 
 def test_git_errors_are_clear_and_never_show_the_token(tmp_path):
-    from runbook_lib.git_repo import GitRepo
+    from runbook_lib.systems.git import GitRepo
 
     with pytest.raises(GitError) as err:
         GitRepo(f"file://{tmp_path}/absent.git", token="ghp_gitsecret0123456789").ls_remote()
@@ -796,7 +796,7 @@ def postgres_sandbox(tmp_path_factory):
 
 
 def test_database_reads_trigger_pg_net_and_registry(postgres_sandbox):
-    from runbook_lib.database import Database
+    from runbook_lib.systems.database import Database
 
     db = Database(postgres_sandbox.database_url)
     assert db.server_version().startswith("16")
@@ -812,7 +812,7 @@ def test_database_reads_trigger_pg_net_and_registry(postgres_sandbox):
 
 
 def test_launching_a_batch_like_the_ui_fires_the_trigger_once(postgres_sandbox):
-    from runbook_lib.database import Database
+    from runbook_lib.systems.database import Database
 
     db = Database(postgres_sandbox.database_url)
     items = [{"company_name": f"Co {i}", "company_domain": f"co{i}.example", "original_data": {"row": i}} for i in range(3)]
@@ -833,7 +833,7 @@ def test_launching_a_batch_like_the_ui_fires_the_trigger_once(postgres_sandbox):
 
 
 def test_bad_batch_input_changes_nothing_and_connection_errors_hide_the_password(postgres_sandbox):
-    from runbook_lib.database import Database
+    from runbook_lib.systems.database import Database
 
     db = Database(postgres_sandbox.database_url)
     before = db.query("SELECT count(*) AS n FROM public.batches")[0]["n"]
@@ -860,7 +860,7 @@ def sandbox_settings(sandbox):
 
 @pytest.mark.timeout(120)
 def test_prefect_api_reads_the_workspace_and_explains_a_rejected_key(sandbox_settings):
-    from runbook_lib.prefect_api import PrefectApi
+    from runbook_lib.systems.prefect import PrefectApi
 
     api = PrefectApi.from_settings(sandbox_settings)
     api.check_access()
@@ -885,7 +885,7 @@ def test_prefect_api_reads_the_workspace_and_explains_a_rejected_key(sandbox_set
 
 @pytest.mark.timeout(120)
 def test_supabase_api_upserts_lists_and_deletes_secrets(sandbox_settings):
-    from runbook_lib.supabase_api import SupabaseManagementApi
+    from runbook_lib.systems.supabase import SupabaseManagementApi
 
     with SupabaseManagementApi.from_settings(sandbox_settings) as api:
         api.upsert_secrets({"RUNBOOK_CORE_TEST": "core-test-value"})
@@ -902,7 +902,7 @@ def test_supabase_api_upserts_lists_and_deletes_secrets(sandbox_settings):
 
 @pytest.mark.timeout(120)
 def test_supabase_api_retries_rate_limits_and_server_errors(sandbox_settings):
-    from runbook_lib.supabase_api import SupabaseManagementApi
+    from runbook_lib.systems.supabase import SupabaseManagementApi
 
     base = sandbox_settings.supabase.api_url
     path = f"/v1/projects/{sandbox_settings.supabase.project_ref}/secrets"
@@ -921,8 +921,8 @@ def test_supabase_api_retries_rate_limits_and_server_errors(sandbox_settings):
 
 @pytest.mark.timeout(120)
 def test_git_repo_reads_the_seeded_flow_and_refuses_a_wrong_token(sandbox_settings):
-    from runbook_lib.flow_source import analyse_entrypoint
-    from runbook_lib.git_repo import GitRepo
+    from runbook_lib.source.flow import analyse_entrypoint
+    from runbook_lib.systems.git import GitRepo
 
     with GitRepo.from_settings(sandbox_settings) as repo:
         assert repo.branch_sha("main")

@@ -16,21 +16,21 @@ import nbformat
 import psutil
 import pytest
 
-from runbook_lib import redaction
-from runbook_lib.runner import RunRefused, check_params, parse_param_args, run_runbook
+from runbook_lib.core import secrets as redaction
+from runbook_lib.runner.run import RunRefused, check_params, parse_param_args, run_runbook
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "pnu_runnertestkey0123456789"
 DB_PASSWORD = "runner-db-pw-4567"
 
-START = 'from runbook_lib.notebook import start_step\nctx = start_step({name!r}, profile=profile, confirm=confirm, run_dir=run_dir)'
+START = 'from runbook_lib.notebook.context import start_step\nctx = start_step({name!r}, profile=profile, confirm=confirm, run_dir=run_dir)'
 CELLS = {
     "prepare": [START.format(name="prepare"), "print('PREPARED-OUTPUT', note)\nctx.set('deployment_id', 'dep-123')", "ctx.finish()"],
     "gate": [START.format(name="gate"), "ctx.confirm_plan('apply the plan', {'pool': 'managed-production'})",
              "ctx.require_approved({'pool': 'managed-production'})\nctx.set('applied', True)\nctx.finish()"],
     "after": [START.format(name="after"), "ctx.set('reused', ctx.previous('prepare').value('deployment_id'))\nctx.finish()"],
     "check": [START.format(name="check"),
-              "from runbook_lib.checks import Check\n"
+              "from runbook_lib.checks.base import Check\n"
               "ctx.record_checks([Check.failed('pool.exists', 'Work pool exists', 'no pool managed-production', 'create it')])",
               "ctx.finish()"],
     "timeout": [START.format(name="timeout"), "import time\ntime.sleep(60)", "ctx.finish()"],
@@ -291,7 +291,7 @@ def test_secret_looking_parameters_are_refused_before_anything_runs(tmp_path, sb
 def test_the_ci_example_runs_production_with_secrets_from_the_secret_store_only():
     import yaml
 
-    from runbook_lib.settings import ENV_SETTINGS, SECRET_SETTINGS, SETTING_ENV
+    from runbook_lib.core.settings import ENV_SETTINGS, SECRET_SETTINGS, SETTING_ENV
 
     text = (PROJECT_ROOT / "ci-examples" / "runbook-production.yml").read_text()
     job = yaml.safe_load(text)["jobs"]["runbook"]

@@ -20,8 +20,8 @@ from urllib.parse import quote, quote_plus
 
 from pydantic import BaseModel, Field, ValidationError
 
-from runbook_lib.errors import RunbookError
-from runbook_lib.redaction import MIN_SECRET_LENGTH, redact, redact_obj
+from runbook_lib.core.errors import RunbookError
+from runbook_lib.core.secrets import MIN_SECRET_LENGTH, redact, redact_obj
 
 MANIFEST = "manifest.json"
 INDEX = "index.html"

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from runbook_lib import project, redaction
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.errors import RunbookError
-from runbook_lib.gate import ConfirmationGate, in_kernel, parse_confirm
-from runbook_lib.results import GateDecision, StepResults, check_step_name, now
-from runbook_lib.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings, load_settings
+from runbook_lib.core import paths as project, secrets as redaction
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.core.errors import RunbookError
+from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
+from runbook_lib.records.results import GateDecision, StepResults, check_step_name, now
+from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings, load_settings
 
 
 def show(obj: Any) -> None:
@@ -110,7 +110,7 @@ class StepContext:
 
     # -- confirmation -------------------------------------------------------------------------
     def confirm_plan(self, summary: str, plan: Any, *, interactive: bool | None = None) -> ConfirmationGate:
-        """Show the plan behind a confirmation gate (see runbook_lib.gate). Headless without
+        """Show the plan behind a confirmation gate (see runbook_lib.notebook.gate). Headless without
         `confirm`, records the refusal and raises NotConfirmed."""
         try:
             self.gate = ConfirmationGate.open(

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.rows import dict_row
 
-from runbook_lib.errors import DatabaseError
-from runbook_lib.redaction import redact, register_secret
+from runbook_lib.core.errors import DatabaseError
+from runbook_lib.core.secrets import redact, register_secret
 
 TRIGGER_NAME = "trigger_batch_ready"
 TRIGGER_FUNCTION = "public.notify_prefect_on_batch_insert"

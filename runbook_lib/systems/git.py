@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from runbook_lib.errors import GitError
-from runbook_lib.redaction import redact, register_secret
+from runbook_lib.core.errors import GitError
+from runbook_lib.core.secrets import redact, register_secret
 
 
 

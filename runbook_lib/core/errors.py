@@ -11,7 +11,7 @@ class RunbookError(Exception):
     """Base of the runbook's errors; the message is redacted when the error is created."""
 
     def __init__(self, message: str):
-        from runbook_lib.redaction import redact
+        from runbook_lib.core.secrets import redact
 
         super().__init__(redact(message))
 

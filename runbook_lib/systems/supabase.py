@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import httpx
 
-from runbook_lib.errors import SupabaseApiError
-from runbook_lib.redaction import register_secret
+from runbook_lib.core.errors import SupabaseApiError
+from runbook_lib.core.secrets import register_secret
 
 MAX_NAME_LENGTH = 256
 MAX_VALUE_LENGTH = 24576

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.errors import ResultsError
-from runbook_lib.redaction import redact_obj
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.core.errors import ResultsError
+from runbook_lib.core.secrets import redact_obj
 
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 

@@ -23,9 +23,9 @@ import os
 import socket
 from typing import Any, Callable
 
-from runbook_lib.errors import NotConfirmed
-from runbook_lib.redaction import redact, redact_obj
-from runbook_lib.results import GateDecision, now
+from runbook_lib.core.errors import NotConfirmed
+from runbook_lib.core.secrets import redact, redact_obj
+from runbook_lib.records.results import GateDecision, now
 
 HEADLESS_ENV = "RUNBOOK_HEADLESS"
 _TRUE = {"1", "true", "yes", "y", "on"}

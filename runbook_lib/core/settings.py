@@ -35,8 +35,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runbook_lib import project
-from runbook_lib.errors import RequirementError, SettingsError
+from runbook_lib.core import paths as project
+from runbook_lib.core.errors import RequirementError, SettingsError
 
 # The settings a production user exports, and the setting each one fills.
 ENV_SETTINGS: dict[str, str] = {
@@ -191,7 +191,7 @@ class DeploymentSettings(_Section):
     @field_validator("pip_packages")
     @classmethod
     def _requirements(cls, value: list[str]) -> list[str]:
-        from runbook_lib.packages import validate_requirements
+        from runbook_lib.source.packages import validate_requirements
 
         try:
             validate_requirements(value)

@@ -1,5 +1,5 @@
 """The headless runner: `python -m runbook_lib run` executes the runbook's notebooks in order with
-papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_lib.records).
+papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_lib.records.manifest).
 
 - The sequence is every `NN_name.ipynb` of the notebooks directory, in order (other notebooks,
   such as the fallback, run only with `--only`). Each notebook gets the parameters `profile`,
@@ -49,12 +49,12 @@ from urllib.parse import unquote, urlsplit
 
 import psutil
 
-from runbook_lib import project, redaction
-from runbook_lib.errors import RunbookError
-from runbook_lib.gate import HEADLESS_ENV
-from runbook_lib.records import Attempt, RunManifest, StepRecord, render_index, render_notebook_html, scan_for_secrets
-from runbook_lib.results import StepResults, list_results
-from runbook_lib.settings import (
+from runbook_lib.core import paths as project, secrets as redaction
+from runbook_lib.core.errors import RunbookError
+from runbook_lib.notebook.gate import HEADLESS_ENV
+from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord, render_index, render_notebook_html, scan_for_secrets
+from runbook_lib.records.results import StepResults, list_results
+from runbook_lib.core.settings import (
     DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV, available_profiles, load_settings,
 )
 
@@ -587,7 +587,7 @@ class _Runner:
         self.manifest.steps = [record if s.step == step.name else s for s in self.manifest.steps]
         started = time.monotonic()
         # A session of its own: a Ctrl-C in the terminal reaches the runner only, which stops the step.
-        proc = subprocess.Popen([sys.executable, "-m", "runbook_lib.runner", json.dumps(spec)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "runbook_lib.runner.run", json.dumps(spec)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, errors="replace", start_new_session=True)
         self.worker = psutil.Process(proc.pid)

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from runbook_lib import redaction
-from runbook_lib.checks import Check, CheckReport, Status
-from runbook_lib.database import Database, LaunchedBatch
-from runbook_lib.errors import DatabaseError, PrefectApiError, ResultsError, RunbookError
-from runbook_lib.gate import interactive_front_end, parse_confirm
-from runbook_lib.prefect_api import FINAL_STATE_TYPES, PrefectApi
+from runbook_lib.core import secrets as redaction
+from runbook_lib.checks.base import Check, CheckReport, Status
+from runbook_lib.systems.database import Database, LaunchedBatch
+from runbook_lib.core.errors import DatabaseError, PrefectApiError, ResultsError, RunbookError
+from runbook_lib.notebook.gate import interactive_front_end, parse_confirm
+from runbook_lib.systems.prefect import FINAL_STATE_TYPES, PrefectApi
 
 STEP = "05_end_to_end_test"
 DEPLOY_STEP = "03_deploy"
@@ -744,7 +744,7 @@ class EndToEndTest:
         return sorted(states, key=lambda s: s.timestamp)
 
     def _logs_tail(self, run_id: str) -> str:
-        from runbook_lib.deploy import flow_run_logs
+        from runbook_lib.steps.deploy import flow_run_logs
 
         try:
             logs = flow_run_logs(self.api, run_id)
@@ -1164,8 +1164,8 @@ def figure_png(fig: Any) -> bytes:
 def show_timeline(ctx: Any, result: E2EResult) -> None:
     """Notebook cell: the timeline figure (also saved as `<run_dir>/<step>.timeline.png`) and the table
     of links, events and latencies."""
-    from runbook_lib.gate import in_kernel
-    from runbook_lib.notebook import show
+    from runbook_lib.notebook.gate import in_kernel
+    from runbook_lib.notebook.context import show
 
     png = figure_png(timeline_figure(result))
     path = ctx.run_dir / f"{ctx.name}.timeline.png"

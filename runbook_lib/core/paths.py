@@ -14,7 +14,7 @@ def project_root() -> Path:
     explicit = os.environ.get(PROJECT_ROOT_ENV)
     if explicit:
         return Path(explicit).resolve()
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def profiles_dir(root: Path | None = None) -> Path:

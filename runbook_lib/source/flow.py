@@ -15,7 +15,7 @@ import ast
 import posixpath
 from dataclasses import dataclass, field
 
-from runbook_lib.errors import FlowSourceError
+from runbook_lib.core.errors import FlowSourceError
 
 # Exceptions that catch a failed Secret.load (it raises ValueError when the block is missing).
 _CATCH_ALL = {"Exception", "BaseException", "ValueError"}

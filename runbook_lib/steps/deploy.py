@@ -22,13 +22,14 @@ from typing import Any, Mapping
 
 import httpx
 
-from runbook_lib import flow_source, packages, redaction
-from runbook_lib.async_bridge import run_sync
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.errors import FlowSourceError, GitError, PrefectApiError, RequirementError, RunbookError
-from runbook_lib.git_repo import GitRepo
-from runbook_lib.prefect_api import PrefectApi, prefect_settings
-from runbook_lib.prerequisites import clear_text_secrets, normalise_repo_url
+from runbook_lib.core import secrets as redaction
+from runbook_lib.source import flow as flow_source, packages
+from runbook_lib.core.aio import run_sync
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.core.errors import FlowSourceError, GitError, PrefectApiError, RequirementError, RunbookError
+from runbook_lib.systems.git import GitRepo
+from runbook_lib.systems.prefect import PrefectApi, prefect_settings
+from runbook_lib.steps.prerequisites import clear_text_secrets, normalise_repo_url
 
 DEPLOY_TIMEOUT = 300.0
 SMOKE_LOG_LINES = 40
@@ -538,7 +539,7 @@ def build_plan(settings: Any, *, pin_commit: bool = False) -> tuple[DeployPlan, 
 
 def plan(ctx: Any, *, pin_commit: bool = False) -> DeployPlan:
     """Notebook cell: build the plan, show the diff and record the checks (a FAIL ends the cell)."""
-    from runbook_lib.notebook import show
+    from runbook_lib.notebook.context import show
 
     try:
         result, report = build_plan(ctx.settings, pin_commit=bool(parse_flag("pin_commit", pin_commit)))
@@ -565,7 +566,7 @@ def plan(ctx: Any, *, pin_commit: bool = False) -> DeployPlan:
 
 def confirm(ctx: Any, the_plan: DeployPlan) -> None:
     """Notebook cell: show the plan behind the confirmation gate, unless there is nothing to apply."""
-    from runbook_lib.notebook import show
+    from runbook_lib.notebook.context import show
 
     if the_plan.no_changes:
         show(f"No changes: deployment {the_plan.desired.full_name} ({the_plan.live_id}) already matches the plan; "

@@ -18,7 +18,7 @@ from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from runbook_lib.errors import RequirementError
+from runbook_lib.core.errors import RequirementError
 
 RUNTIME_PYTHON = "3.12"
 

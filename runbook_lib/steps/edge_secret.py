@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.deploy import parse_flag
-from runbook_lib.errors import PrefectApiError, ResultsError, RunbookError, SupabaseApiError
-from runbook_lib.prefect_api import PrefectApi
-from runbook_lib.results import StepResults, now
-from runbook_lib.supabase_api import SupabaseManagementApi, secret_digest
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.steps.deploy import parse_flag
+from runbook_lib.core.errors import PrefectApiError, ResultsError, RunbookError, SupabaseApiError
+from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.records.results import StepResults, now
+from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 
 STEP = "04_update_edge_function_secret"
 DEPLOY_STEP = "03_deploy"
@@ -402,7 +402,7 @@ def plan(ctx: Any, deployment_id: Any = None, rollback: bool = False) -> SecretP
 
 def confirm(ctx: Any, the_plan: SecretPlan) -> None:
     """Notebook cell: the change behind the confirmation gate, unless there is nothing to write."""
-    from runbook_lib.notebook import show
+    from runbook_lib.notebook.context import show
 
     if the_plan.no_change:
         show(f"No change: {the_plan.secret} already holds deployment {the_plan.deployment_id} (equal digest); "

@@ -24,15 +24,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from packaging.utils import canonicalize_name
 
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.database import TRIGGER_FUNCTION, TRIGGER_NAME, Database
-from runbook_lib.errors import FlowSourceError, PrefectApiError, RunbookError, SupabaseApiError
-from runbook_lib.flow_source import FlowInfo, analyse_flow, local_top_level_names, parse, repository_imports
-from runbook_lib.git_repo import GitRepo
-from runbook_lib.packages import missing_imports, parse_requirement, redundant_packages, validate_requirements
-from runbook_lib.prefect_api import PrefectApi
-from runbook_lib.settings import BLOCK_VALUE_SETTINGS, SETTING_ENV, RunbookSettings
-from runbook_lib.supabase_api import SupabaseManagementApi
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.systems.database import TRIGGER_FUNCTION, TRIGGER_NAME, Database
+from runbook_lib.core.errors import FlowSourceError, PrefectApiError, RunbookError, SupabaseApiError
+from runbook_lib.source.flow import FlowInfo, analyse_flow, local_top_level_names, parse, repository_imports
+from runbook_lib.systems.git import GitRepo
+from runbook_lib.source.packages import missing_imports, parse_requirement, redundant_packages, validate_requirements
+from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.core.settings import BLOCK_VALUE_SETTINGS, SETTING_ENV, RunbookSettings
+from runbook_lib.systems.supabase import SupabaseManagementApi
 
 STEP = "01_verify_prerequisites"
 

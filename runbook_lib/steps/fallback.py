@@ -36,12 +36,13 @@ from typing import Any
 
 import psutil
 
-from runbook_lib import deploy, project
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.errors import NotConfirmed, PrefectApiError, ResultsError, RunbookError
-from runbook_lib.notebook import StepContext, show, start_step as _start_step
-from runbook_lib.prefect_api import PrefectApi
-from runbook_lib.settings import load_settings
+from runbook_lib.core import paths as project
+from runbook_lib.steps import deploy
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.core.errors import NotConfirmed, PrefectApiError, ResultsError, RunbookError
+from runbook_lib.notebook.context import StepContext, show, start_step as _start_step
+from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.core.settings import load_settings
 
 STEP = "fallback_process_pool"
 DEPLOY_STEP = "03_deploy"

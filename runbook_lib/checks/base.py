@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, Field, field_validator
 
-from runbook_lib.errors import ChecksFailed, RunbookError
-from runbook_lib.redaction import redact, redact_obj
+from runbook_lib.core.errors import ChecksFailed, RunbookError
+from runbook_lib.core.secrets import redact, redact_obj
 
 
 class Status(str, Enum):

@@ -18,9 +18,9 @@ from uuid import UUID
 
 import httpx
 
-from runbook_lib.async_bridge import run_sync
-from runbook_lib.errors import PrefectApiError
-from runbook_lib.redaction import register_secret
+from runbook_lib.core.aio import run_sync
+from runbook_lib.core.errors import PrefectApiError
+from runbook_lib.core.secrets import register_secret
 
 T = TypeVar("T")
 

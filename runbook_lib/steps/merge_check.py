@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runbook_lib.checks import Check, CheckReport
-from runbook_lib.errors import FlowSourceError, GitError, RunbookError
-from runbook_lib.flow_source import SecretLoad, parse, repository_imports, secret_loads
-from runbook_lib.git_repo import GitRepo
-from runbook_lib.redaction import redact, register_secret
+from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.core.errors import FlowSourceError, GitError, RunbookError
+from runbook_lib.source.flow import SecretLoad, parse, repository_imports, secret_loads
+from runbook_lib.systems.git import GitRepo
+from runbook_lib.core.secrets import redact, register_secret
 
 STEP = "02_merge_check"
 DEFAULT_FEATURE_BRANCH = "feature/secret-blocks"

@@ -1,0 +1,1 @@
+"""The bottom layer: paths, errors, secrets (masking), settings, value parsing, the async bridge, processes."""

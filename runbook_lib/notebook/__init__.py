@@ -1,0 +1,1 @@
+"""The notebook glue: the step context, the confirmation gate, rendering (HTML and terminal), progress."""

@@ -1,0 +1,1 @@
+"""One module per runbook step; steps never import each other and hand results on as typed outputs."""

@@ -1,0 +1,1 @@
+"""One module per external system: Prefect, the Supabase Management API, the database (all SQL), git."""
