@@ -1,42 +1,67 @@
 # The newcomer's two commands: `make test` and `make run`. Everything else is set-up they call.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.requirements.stamp
+RUNBOOK := $(VENV)/bin/runbook
+# The project installed editable with its sandbox and test extras, every distribution pinned.
+STAMP := $(VENV)/.install.stamp
 
-.PHONY: venv test run lab sandbox-up sandbox-down bench clean
+.PHONY: venv test test-unit test-integration run lab sandbox-up sandbox-down bench lock clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# Creates .venv when missing; an existing one (say, built from the former requirements.txt) is
+# upgraded in place to the pins whenever pyproject.toml or constraints.txt changes.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[sandbox,test]'
+	rm -f $(VENV)/.requirements.stamp
 	touch $(STAMP)
 
+# The whole suite (unit and integration), as CI runs it.
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The fast tests that need no sandbox.
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The tests against the sandbox (one shared sandbox per session, in a temporary directory).
+test-integration: venv
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
 # The whole runbook against the sandbox; the sandbox is brought down whatever the outcome.
 run: venv
-	$(PY) -m runbook_lib sandbox up
-	status=0; $(PY) -m runbook_lib run --profile sandbox --confirm $(RUN_ARGS) || status=$$?; \
-	$(PY) -m runbook_lib sandbox down; exit $$status
+	$(RUNBOOK) sandbox up
+	status=0; $(RUNBOOK) run --profile sandbox --confirm $(RUN_ARGS) || status=$$?; \
+	$(RUNBOOK) sandbox down; exit $$status
 
-# JupyterLab on the notebooks, its kernels seeing runbook_lib and the sandbox profile.
+# JupyterLab on the notebooks; their kernels (this venv's Python) import the installed runbook_lib.
 lab: venv
-	$(PY) -m runbook_lib sandbox up
-	PYTHONPATH=$(CURDIR) $(VENV)/bin/jupyter lab notebooks/
+	$(RUNBOOK) sandbox up
+	$(VENV)/bin/jupyter lab notebooks/
 
 sandbox-up: venv
-	$(PY) -m runbook_lib sandbox up
+	$(RUNBOOK) sandbox up
 
 sandbox-down: venv
-	$(PY) -m runbook_lib sandbox down
+	$(RUNBOOK) sandbox down
 
 bench: venv
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
+# Re-resolve pyproject.toml's ranges from scratch in a throwaway venv and rewrite constraints.txt
+# (its comment header kept). Picks the newest versions the ranges allow: review the diff, then
+# `make test` (the stamp sees the new constraints.txt and upgrades .venv in place).
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip && \
+	"$$tmp/venv/bin/python" -m pip install --quiet -e '.[sandbox,test]' && \
+	{ sed -n '/^#/!q;p' constraints.txt; "$$tmp/venv/bin/python" -m pip freeze --exclude-editable; } > "$$tmp/constraints.txt" && \
+	mv "$$tmp/constraints.txt" constraints.txt
+
 clean:
-	-$(PY) -m runbook_lib sandbox down
-	rm -rf .sandbox .pytest_cache
+	-$(RUNBOOK) sandbox down
+	rm -rf .sandbox .pytest_cache build dist *.egg-info

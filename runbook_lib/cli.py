@@ -1,61 +1,22 @@
-"""Command line: `python -m runbook_lib sandbox up | status | down` and `python -m runbook_lib run`."""
+"""Command line: `runbook run`, `runbook checks`, and `runbook sandbox up | status | down` (the
+sandbox's own commands, mounted here when the sandbox is installed). `python -m runbook_lib ...`
+is the same program. Commands parse and print; the work is in the library."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Deployment runbook for event-driven Prefect pipelines.")
-sandbox_app = typer.Typer(no_args_is_help=True, help="The loopback stand-ins for Prefect Cloud, Supabase, GitHub and Modal.")
-app.add_typer(sandbox_app, name="sandbox")
 
-StateDir = typer.Option(None, "--state-dir", envvar="RUNBOOK_SANDBOX_DIR", help="Where the sandbox keeps its state (default .sandbox/).")
-
-
-@sandbox_app.command("up")
-def sandbox_up(
-    state_dir: Optional[Path] = StateDir,
-    database_url: Optional[str] = typer.Option(None, help="Use this Postgres server instead of the embedded one."),
-    seed_merged: Optional[bool] = typer.Option(None, "--seed-merged/--seed-unmerged", help="Seed the repository with feature/secret-blocks already merged into main."),
-) -> None:
-    """Start every stand-in in the background; return once each one is healthy."""
-    from runbook_sandbox import manager
-
-    try:
-        manager.up(state_dir, database_url=database_url, seed_merged=seed_merged, echo=typer.echo)
-    except manager.SandboxError as exc:
-        typer.secho(f"sandbox up failed: {exc}", fg="red", err=True)
-        raise typer.Exit(1)
-    cfg_dir = state_dir or manager.SandboxConfig.load_or_create(None).state
-    typer.echo(f"sandbox is up; settings in {Path(cfg_dir) / 'sandbox.env'}")
-
-
-@sandbox_app.command("status")
-def sandbox_status(state_dir: Optional[Path] = StateDir, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Show each service's health; exit 1 when any is unhealthy."""
-    from runbook_sandbox import manager
-
-    rows = manager.status(state_dir)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            mark = "ok  " if r["healthy"] else "DOWN"
-            typer.echo(f"  {mark} {r['name']:16} pid={r['pid'] or '-':<8} {r['url']}  {'' if r['healthy'] else r['reason']}")
-    if not all(r["healthy"] for r in rows):
-        raise typer.Exit(1)
-
-
-@sandbox_app.command("down")
-def sandbox_down(state_dir: Optional[Path] = StateDir, purge: bool = typer.Option(False, help="Also delete the sandbox's data.")) -> None:
-    """Stop every process the sandbox started."""
-    from runbook_sandbox import manager
-
-    manager.down(state_dir, purge=purge, echo=typer.echo)
-    typer.echo("sandbox is down")
+try:  # the sandbox is an extra: `runbook sandbox ...` exists where it is installed
+    from runbook_sandbox.cli import app as sandbox_app
+except ImportError:  # pragma: no cover - a production install without the sandbox extra
+    sandbox_app = None
+if sandbox_app is not None:
+    app.add_typer(sandbox_app, name="sandbox")
 
 
 @app.command("run")
@@ -84,3 +45,13 @@ def run(
         typer.secho(f"run refused: {exc}", fg="red", err=True)
         raise typer.Exit(EXIT_REFUSED)
     raise typer.Exit(outcome.exit_code)
+
+
+@app.command("checks")
+def checks() -> None:
+    """Print every check the runbook can record (id, title, what it proves) as a Markdown table."""
+    from runbook_lib.checks import catalog_markdown
+    from runbook_lib.steps import load_all
+
+    load_all()  # the steps define the checks of their own actions
+    typer.echo(catalog_markdown())

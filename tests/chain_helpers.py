@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from runbook_lib.steps import deploy, e2e
+from runbook_lib.systems.prefect_deploy import deploy_flow
 from runbook_lib.systems.database import Database
 from runbook_lib.core.settings import load_settings
 from runbook_lib.systems.supabase import SupabaseManagementApi
@@ -37,7 +38,7 @@ def deploy_managed(settings) -> str:
     assert report.ok, report.summary_line() + "\n" + "\n".join(f"{c.id}: {c.detail}" for c in report.failures)
     if the_plan.no_changes:
         return the_plan.live_id
-    return deploy.deploy_flow(settings, the_plan.desired)
+    return deploy_flow(settings, the_plan.desired)
 
 
 def set_function_deployment_id(settings, deployment_id: str) -> None:

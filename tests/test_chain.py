@@ -34,10 +34,10 @@ def recorded_paths(db: Database, batch_id: str, step: str) -> dict[str, list[str
     return paths
 
 
-def new_test(settings, deployment_id: str, **params: Any) -> e2e.EndToEndTest:
+def new_test(settings, deployment_id: str, **params: Any) -> e2e.ChainTest:
     api = PrefectApi.from_settings(settings)
     options = e2e.E2EOptions.from_settings(settings, **params)
-    return e2e.EndToEndTest(settings, options, e2e.resolve_deployment(settings, api, deployment_id=deployment_id),
+    return e2e.ChainTest(settings, options, e2e.resolve_deployment(settings, api, deployment_id=deployment_id),
                             api=api, progress=e2e.Progress(options.item_count, interactive=False))
 
 
@@ -152,8 +152,8 @@ def test_a_launch_the_database_refuses_fails_the_launch_and_skips_every_link(set
 
 def test_recorded_paths_must_follow_the_pipeline_in_order():
     expected = ["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"]
-    assert e2e._follows(["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"], expected)
-    assert e2e._follows(["PENDING", "QUEUED", "PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # a retry
-    assert not e2e._follows(["PENDING", "IN_PROGRESS", "COMPLETED"], expected)  # QUEUED not recorded
-    assert not e2e._follows(["QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # not inserted PENDING
-    assert not e2e._follows(["PENDING", "QUEUED", "IN_PROGRESS"], expected)
+    assert e2e.follows(["PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"], expected)
+    assert e2e.follows(["PENDING", "QUEUED", "PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # a retry
+    assert not e2e.follows(["PENDING", "IN_PROGRESS", "COMPLETED"], expected)  # QUEUED not recorded
+    assert not e2e.follows(["QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # not inserted PENDING
+    assert not e2e.follows(["PENDING", "QUEUED", "IN_PROGRESS"], expected)

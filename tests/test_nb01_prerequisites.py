@@ -22,7 +22,9 @@ import psycopg
 import pytest
 from dotenv import dotenv_values
 
-from runbook_lib.steps.prerequisites import Prerequisites, clear_text_secrets, normalise_repo_url
+from runbook_lib.checks.local import python_outcome
+from runbook_lib.core.secrets import clear_text_secrets
+from runbook_lib.core.settings import git_clone_url as normalise_repo_url
 from runbook_sandbox import postgres, prefect_gateway
 from runbook_sandbox.config import _anon_key
 
@@ -40,6 +42,7 @@ ALL_CHECKS = {
     "database.trigger", "database.trigger_target", "database.trigger_secrets",
     "source.repo_url", "source.reachable", "source.branch", "source.entrypoint_file", "source.flow_function",
     "source.flow_parameters", "packages.requirements", "packages.imports",
+    "job_variables.secrets", "job_variables.schema",
     "supabase.api", "supabase.function_secrets",
 }
 
@@ -231,16 +234,19 @@ def unreachable_repository(sandbox, tmp: Path) -> Iterator[dict[str, str]]:
 
 
 DEPENDENTS_OF_PREFECT = {"prefect.work_pool", "prefect.work_pool_type", "prefect.work_pool_active",
-                         "prefect.work_pool_pip_packages", "blocks.database_url", "blocks.referenced", "database.connect"}
+                         "prefect.work_pool_pip_packages", "blocks.database_url", "blocks.referenced", "database.connect",
+                         "job_variables.schema"}
 # case: (breaker, the one failing check, checks skipped because they depend on it, words the detail holds)
 BREAKAGES: dict[str, tuple[Callable[..., Any], str, set[str], tuple[str, ...]]] = {
     "wrong_prefect_key": (wrong_prefect_key, "prefect.api", DEPENDENTS_OF_PREFECT, ("401",)),
     "missing_pool": (env_only(RUNBOOK_DEPLOYMENT__WORK_POOL="no-such-pool"), "prefect.work_pool",
-                     {"prefect.work_pool_type", "prefect.work_pool_active", "prefect.work_pool_pip_packages"}, ("no-such-pool",)),
-    "wrong_pool_type": (env_only(RUNBOOK_DEPLOYMENT__WORK_POOL_TYPE="process"), "prefect.work_pool_type", set(),
-                        ("prefect:managed", "process")),
+                     {"prefect.work_pool_type", "prefect.work_pool_active", "prefect.work_pool_pip_packages",
+                      "job_variables.schema"}, ("no-such-pool",)),
+    "wrong_pool_type": (env_only(RUNBOOK_DEPLOYMENT__WORK_POOL_TYPE="process"), "prefect.work_pool_type",
+                        {"job_variables.schema"}, ("prefect:managed", "process")),
     "paused_pool": (paused_pool, "prefect.work_pool_active", set(), ("paused",)),
-    "pool_without_pip_packages": (pool_without_pip_packages, "prefect.work_pool_pip_packages", set(), ("pip_packages",)),
+    "pool_without_pip_packages": (pool_without_pip_packages, "prefect.work_pool_pip_packages", {"job_variables.schema"},
+                                  ("pip_packages",)),
     "missing_dsn_block": (deleted_block("postgres-connection-string"), "blocks.database_url", {"database.connect"},
                           ("does not exist",)),
     "missing_referenced_block": (deleted_block("modal-token-secret"), "blocks.referenced", set(),
@@ -307,7 +313,7 @@ def test_one_breakage_fails_exactly_its_check(case, sandbox, sandbox_env, tmp_pa
     with breaker(sandbox, tmp_path) as env:
         run = run_notebook(sandbox.state, tmp_path / "out", env)
     assert run.error is not None, f"{case}: the notebook passed"
-    assert run.error.ename == "ChecksFailed" and "record_checks" in run.error.source  # failed at the verdict cell
+    assert run.error.ename == "ChecksFailed" and "verdict()" in run.error.source  # failed at the verdict cell
     assert failed in run.error.evalue
     assert run.results["status"] == "failed"
     assert run.ids("fail") == {failed}
@@ -382,9 +388,9 @@ def test_clear_text_secret_detection_names_kinds_never_values():
 
 def test_python_314_is_a_warning_naming_the_runtime_version(monkeypatch):
     monkeypatch.setattr(sys, "version_info", (3, 14, 0, "final", 0))
-    check = Prerequisites._python("3.12")
+    check = python_outcome("3.12")
     assert check.status.value == "warn" and "3.14.0" in check.detail and "3.12" in check.detail
     assert "3.12" in check.remediation
     monkeypatch.setattr(sys, "version_info", (3, 12, 7, "final", 0))
-    check = Prerequisites._python("3.12")
+    check = python_outcome("3.12")
     assert check.status.value == "pass" and "same version" in check.detail

@@ -18,7 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from runbook_lib.checks.facts import plaintext_secrets
+from runbook_lib.core.values import parse_flag
 from runbook_lib.steps import deploy
+from runbook_lib.systems import prefect_deploy
 from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError
 from runbook_lib.systems.git import GitRepo
 from runbook_lib.notebook.context import StepContext, start_step
@@ -50,11 +53,12 @@ def deploy_in_process(sandbox, run_dir: Path, overrides: dict[str, Any] | None =
                       smoke: bool = False) -> tuple[StepContext, deploy.DeployPlan, str]:
     """Step 03's cells in order, confirmed."""
     ctx = step_context(STEP, sandbox, run_dir, overrides)
-    the_plan = deploy.plan(ctx, pin_commit=pin_commit)
-    deploy.confirm(ctx, the_plan)
-    deployment_id = deploy.apply(ctx, the_plan)
-    deploy.verify(ctx, the_plan, deployment_id)
-    deploy.smoke_run(ctx, deployment_id, enabled=smoke)
+    step = deploy.Deploy(ctx, pin_commit=pin_commit, smoke_run=smoke)
+    the_plan = step.plan()
+    step.confirm(the_plan)
+    deployment_id = step.apply(the_plan)
+    step.verify(the_plan, deployment_id)
+    step.smoke_run(deployment_id)
     ctx.finish()
     return ctx, the_plan, deployment_id
 
@@ -201,8 +205,8 @@ def test_url_without_dot_git_is_normalised_with_a_warning_and_a_pinned_commit(sa
     overrides = {"source.repo_url": sandbox.repo_url.removesuffix(".git"), "deployment.name": name}
     ctx, the_plan, deployment_id = deploy_in_process(sandbox, tmp_path / "run1", overrides, pin_commit=True)
     checks = {c.id: c for c in ctx.results.checks}
-    assert checks["source.url"].status.value == "warn"
-    assert sandbox.repo_url in checks["source.url"].detail and checks["source.url"].remediation
+    assert checks["source.repo_url"].status.value == "warn"
+    assert sandbox.repo_url in checks["source.repo_url"].detail and checks["source.repo_url"].remediation
     assert ctx.results.status == "passed"
     head = branch_head(sandbox)
     stored = read_deployment(sandbox, FLOW, name)
@@ -224,9 +228,9 @@ def test_plan_failures_name_the_cause_and_apply_nothing(case, sandbox, tmp_path)
     name = unique_name(f"runbook-test-{case.replace('_', '-')}")
     overrides = {"deployment.name": name}
     expected_check = {
-        "missing_pool": ("work_pool.exists", "prefect work-pool create no-such-pool"),
-        "missing_entrypoint": ("source.entrypoint", "source.entrypoint"),
-        "entrypoint_not_a_flow": ("source.entrypoint", "source.entrypoint"),
+        "missing_pool": ("prefect.work_pool", "prefect work-pool create no-such-pool"),
+        "missing_entrypoint": ("source.entrypoint_file", "source.entrypoint"),
+        "entrypoint_not_a_flow": ("source.flow_function", "source.entrypoint"),
     }[case]
     if case == "missing_pool":
         overrides["deployment.work_pool"] = "no-such-pool"
@@ -237,7 +241,7 @@ def test_plan_failures_name_the_cause_and_apply_nothing(case, sandbox, tmp_path)
     ctx = step_context(STEP, sandbox, tmp_path / "run", overrides)
     mark = log_mark(sandbox, "prefect")
     with pytest.raises(ChecksFailed) as failed:
-        deploy.plan(ctx)
+        deploy.Deploy(ctx).plan()
     check_id, remedy = expected_check
     assert failed.value.failed == [check_id]
     check = next(c for c in ctx.results.checks if c.id == check_id)
@@ -257,11 +261,11 @@ def test_wrong_work_pool_type_fails_the_plan(sandbox, tmp_path):
             ctx = step_context(STEP, sandbox, tmp_path / "run", {"deployment.work_pool": pool,
                                                                   "deployment.name": unique_name("runbook-test-pool")})
             with pytest.raises(ChecksFailed) as failed:
-                deploy.plan(ctx)
+                deploy.Deploy(ctx).plan()
         finally:
             client.delete(f"work_pools/{pool}").raise_for_status()
-    assert failed.value.failed == ["work_pool.type"]
-    check = next(c for c in ctx.results.checks if c.id == "work_pool.type")
+    assert failed.value.failed == ["prefect.work_pool_type"]
+    check = next(c for c in ctx.results.checks if c.id == "prefect.work_pool_type")
     assert "'process'" in check.detail and "prefect:managed" in check.remediation
 
 
@@ -269,7 +273,7 @@ def test_wrong_work_pool_type_fails_the_plan(sandbox, tmp_path):
 
 
 @pytest.fixture
-def desired(sandbox) -> deploy.DesiredDeployment:
+def desired(sandbox) -> prefect_deploy.DesiredDeployment:
     the_plan, report = deploy.build_plan(settings_of(sandbox, {"deployment.name": unique_name("runbook-test-err")}))
     assert report.ok, report.summary_line()
     return the_plan.desired
@@ -295,8 +299,8 @@ def test_deploy_errors_become_one_message_with_cause_and_fix(case, sandbox, desi
     else:
         broken = replace(desired, job_variables={**desired.job_variables, "pip_packages": "psycopg2-binary"})
         cause, fix = "422", "pip_packages"
-    with pytest.raises(deploy.DeployError) as err:
-        deploy.deploy_flow(settings, broken)
+    with pytest.raises(prefect_deploy.DeployError) as err:
+        prefect_deploy.deploy_flow(settings, broken)
     assert cause in err.value.cause, err.value.cause
     assert fix in err.value.fix, err.value.fix
     assert "Fix:" in str(err.value)
@@ -327,7 +331,7 @@ def test_smoke_run_completes_and_a_failing_run_shows_its_logs(sandbox, tmp_path)
         client.delete(f"block_documents/{block.json()['id']}").raise_for_status()
         try:
             with pytest.raises(ChecksFailed):
-                deploy.smoke_run(ctx, deployment_id, enabled=True)
+                deploy.Deploy(ctx, smoke_run=True).smoke_run(deployment_id)
         finally:
             prefect_gateway.ensure_secret_blocks(sandbox)
     smoke = next(c for c in ctx.results.checks if c.id == "smoke_run")
@@ -351,7 +355,7 @@ def test_plaintext_secret_detection_names_paths_never_values():
             "PLAIN": "https://example.com/hook",
         },
     }
-    found = dict(deploy.plaintext_secrets(job_variables, {"SOME_KEY": "known-secret-value"}))
+    found = dict(plaintext_secrets(job_variables, {"SOME_KEY": "known-secret-value"}))
     assert set(found) == {"job_variables.env.API_TOKEN", "job_variables.env.DSN_URL", "job_variables.env.KNOWN"}
     assert "SOME_KEY" in found["job_variables.env.KNOWN"]
     assert "password" in found["job_variables.env.DSN_URL"]
@@ -359,28 +363,29 @@ def test_plaintext_secret_detection_names_paths_never_values():
 
 
 def test_diff_reports_created_changed_and_unchanged_fields():
-    desired = {f: f"want-{f}" for f in deploy.FIELDS}
-    assert {c.status for c in deploy.diff_fields(desired, None)} == {"created"}
+    desired = {f: f"want-{f}" for f in prefect_deploy.FIELDS}
+    assert {c.status for c in prefect_deploy.diff_fields(desired, None)} == {"created"}
     live = dict(desired, tags="other")
-    changes = {c.field: c.status for c in deploy.diff_fields(desired, live)}
+    changes = {c.field: c.status for c in prefect_deploy.diff_fields(desired, live)}
     assert changes.pop("tags") == "changed"
     assert set(changes.values()) == {"unchanged"}
 
 
 def test_flag_parameters_accept_text_and_refuse_anything_else():
-    assert deploy.parse_flag("smoke_run", "true") is True and deploy.parse_flag("smoke_run", "False") is False
-    assert deploy.parse_flag("smoke_run", None) is None and deploy.parse_flag("smoke_run", "null") is None
+    assert parse_flag("smoke_run", "true") is True and parse_flag("smoke_run", "False") is False
+    assert parse_flag("smoke_run", None) is None and parse_flag("smoke_run", "null") is None
     with pytest.raises(RunbookError, match="smoke_run must be true or false"):
-        deploy.parse_flag("smoke_run", "sometimes")
+        parse_flag("smoke_run", "sometimes")
 
 
 def test_headless_gate_refuses_before_apply(sandbox, tmp_path):
     """The gate alone: a plan with changes, no confirm, headless -> NotConfirmed, decision recorded."""
     ctx = step_context(STEP, sandbox, tmp_path / "run", {"deployment.name": unique_name("runbook-test-gate")}, confirm=None)
-    the_plan = deploy.plan(ctx)
+    step = deploy.Deploy(ctx)
+    the_plan = step.plan()
     with pytest.raises(NotConfirmed):
-        deploy.confirm(ctx, the_plan)
+        step.confirm(the_plan)
     assert ctx.results.gate.decision == "rejected"
     with pytest.raises(RunbookError, match="no plan was shown"):
-        deploy.apply(ctx, the_plan)
+        step.apply(the_plan)
     assert read_deployment(sandbox, FLOW, the_plan.desired.name) is None

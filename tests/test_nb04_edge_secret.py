@@ -110,9 +110,10 @@ def other_deployment(sandbox, tmp_path_factory) -> tuple[dict[str, Any], str]:
 def secret_step(sandbox, run_dir: Path, overrides: dict[str, Any], deployment_id: Any = None, rollback: bool = False):
     """Step 04's cells in order, confirmed; returns the context."""
     ctx = step_context(STEP, sandbox, run_dir, overrides)
-    the_plan = edge_secret.plan(ctx, deployment_id=deployment_id, rollback=rollback)
-    edge_secret.confirm(ctx, the_plan)
-    edge_secret.apply(ctx, the_plan)
+    step = edge_secret.EdgeSecret(ctx, deployment_id=deployment_id, rollback=rollback)
+    the_plan = step.plan()
+    step.confirm(the_plan)
+    step.apply(the_plan)
     ctx.finish()
     return ctx
 
@@ -191,14 +192,14 @@ def test_an_unknown_or_foreign_deployment_id_is_refused(sandbox, tmp_path, other
     unknown = str(uuid.uuid4())
     ctx = step_context(STEP, sandbox, tmp_path / "unknown", overrides)
     with pytest.raises(ChecksFailed) as failed:
-        edge_secret.plan(ctx, deployment_id=unknown)
+        edge_secret.EdgeSecret(ctx, deployment_id=unknown).plan()
     assert failed.value.failed == ["deployment.exists"]
     assert f"no deployment {unknown}" in check(ctx, "deployment.exists").detail
 
     # An existing deployment, but not the one the profile names.
     ctx = step_context(STEP, sandbox, tmp_path / "foreign", None)
     with pytest.raises(ChecksFailed) as failed:
-        edge_secret.plan(ctx, deployment_id=other_id)
+        edge_secret.EdgeSecret(ctx, deployment_id=other_id).plan()
     assert failed.value.failed == ["deployment.exists"]
     assert "not the orchestrator" in check(ctx, "deployment.exists").detail
     assert secret_writes(requests_since(sandbox, "supabase", mark)) == []
@@ -287,7 +288,7 @@ def test_rollback_restores_the_previous_deployment_id(sandbox, tmp_path, other_d
     set_secret(sandbox, STALE_DEPLOYMENT_ID)
     ctx = step_context(STEP, sandbox, runs / "4", overrides)
     with pytest.raises(ChecksFailed) as failed:
-        edge_secret.plan(ctx, rollback=True)
+        edge_secret.EdgeSecret(ctx, rollback=True).plan()
     assert failed.value.failed == ["rollback.record"]
     assert "-p deployment_id" in check(ctx, "rollback.record").remediation
 
@@ -301,14 +302,15 @@ def test_without_an_id_or_without_confirm_nothing_is_written(sandbox, tmp_path, 
     # No parameter and no step 03 results in the run directory.
     ctx = step_context(STEP, sandbox, tmp_path / "empty", overrides)
     with pytest.raises(ChecksFailed):
-        edge_secret.plan(ctx)
+        edge_secret.EdgeSecret(ctx).plan()
     assert "run step 03_deploy" in check(ctx, "deployment_id.format").detail
     # Headless, confirm unset: the change is planned, shown and refused.
     ctx = step_context(STEP, sandbox, tmp_path / "headless", overrides, confirm=None)
-    the_plan = edge_secret.plan(ctx, deployment_id=other_id)
+    step = edge_secret.EdgeSecret(ctx, deployment_id=other_id)
+    the_plan = step.plan()
     assert not the_plan.no_change
     with pytest.raises(NotConfirmed):
-        edge_secret.confirm(ctx, the_plan)
+        step.confirm(the_plan)
     assert ctx.results.gate.decision == "rejected" and ctx.results.status == "failed"
     assert secret_writes(requests_since(sandbox, "supabase", mark)) == []
     assert current_digest(sandbox) == before

@@ -20,7 +20,7 @@ import pytest
 
 from runbook_lib.core import secrets as redaction
 from runbook_lib.core.aio import run_sync
-from runbook_lib.checks.base import Check, CheckReport, Status
+from runbook_lib.checks.base import Check, CheckDef, CheckReport, Fail, Skip, Status, ok
 from runbook_lib.core.errors import (
     ChecksFailed, DatabaseError, FlowSourceError, GitError, NotConfirmed, RequirementError, ResultsError,
     RunbookError, SettingsError, SupabaseApiError,
@@ -314,7 +314,8 @@ def test_check_report_terminal_and_json_renderings():
 
 def test_failed_checks_raise_naming_them_and_probes_that_raise_become_failures():
     report = _report()
-    report.run("prefect.pool", "Work pool exists", lambda: (_ for _ in ()).throw(RunbookError("pool missing")), "create it")
+    pool = CheckDef("prefect.pool", "Work pool exists", proves="the pool exists", remediation="create it")
+    report.add(pool.attempt(lambda: (_ for _ in ()).throw(RunbookError("pool missing"))))
     with pytest.raises(ChecksFailed) as err:
         report.raise_for_failures()
     assert err.value.failed == ["source.git-suffix", "prefect.pool"]
@@ -323,6 +324,15 @@ def test_failed_checks_raise_naming_them_and_probes_that_raise_become_failures()
     with pytest.raises(ValueError, match="already in the report"):
         report.add(Check.passed("prefect.key", "again"))
     CheckReport(step="ok", checks=[Check.passed("a", "A")]).raise_for_failures()
+    # A probe's own remediation wins; a skip names what it needed; an outcome is the result.
+    fail = pool.attempt(lambda: (_ for _ in ()).throw(Fail("no pool 'x'", "create x", pool="x")))
+    assert (fail.status, fail.remediation, fail.data) == (Status.FAIL, "create x", {"pool": "x"})
+    skip = pool.attempt(lambda: (_ for _ in ()).throw(Skip("needs the Prefect API")))
+    assert skip.status is Status.SKIP and "needs the Prefect API" in skip.detail
+    passed = pool.attempt(lambda: ok("exists", id="1"))
+    assert (passed.id, passed.title, passed.status, passed.data) == ("prefect.pool", "Work pool exists", Status.PASS, {"id": "1"})
+    crash = pool.attempt(lambda: 1 / 0)
+    assert crash.status is Status.FAIL and crash.detail.startswith("ZeroDivisionError") and crash.remediation == "create it"
 
 
 def test_check_texts_are_redacted():
@@ -433,23 +443,28 @@ def test_prefect_settings_reach_prefect_inside_a_running_loop(sandbox_environ):
 # -- step results and start_step -----------------------------------------------------------------
 
 
-def test_start_step_records_results_and_later_steps_read_them(sandbox_environ, tmp_path):
+def test_start_step_records_typed_outputs_and_later_steps_read_them_by_type(sandbox_environ, tmp_path):
     from runbook_lib.notebook.context import start_step
+    from runbook_lib.records.outputs import DeployOutput, E2EOutput, EdgeSecretOutput
 
     run_dir = tmp_path / "run"
-    ctx = start_step("preflight", profile="sandbox", run_dir=run_dir, environ=sandbox_environ, install_hooks=False)
-    ctx.set("deployment_id", "d-123")
-    ctx.set("note", "key pnu_sandboxkey0123456789")  # secrets are registered: masked on disk
+    deployment_id = "0F9D2C1E-0000-4000-8000-0000000000AB"
+    ctx = start_step(DeployOutput.STEP, profile="sandbox", run_dir=run_dir, environ=sandbox_environ, install_hooks=False)
+    ctx.publish(DeployOutput(deployment_id=deployment_id))
+    ctx.publish(DeployOutput(flow_name="key pnu_sandboxkey0123456789"))  # secrets are registered: masked on disk
     ctx.finish()
-    on_disk = json.loads((run_dir / "preflight.json").read_text())
-    assert on_disk["status"] == "passed" and on_disk["values"]["deployment_id"] == "d-123"
-    assert "pnu_sandboxkey0123456789" not in (run_dir / "preflight.json").read_text()
-    later = start_step("deploy", profile="sandbox", confirm="true", run_dir=run_dir, environ=sandbox_environ, install_hooks=False)
-    assert later.previous("preflight").value("deployment_id") == "d-123"
-    with pytest.raises(ResultsError, match="no results of step 'verify' .* run that step first"):
-        later.previous("verify")
-    with pytest.raises(ResultsError, match="recorded no value 'flow_run_id'"):
-        later.previous("preflight").value("flow_run_id")
+    on_disk = json.loads((run_dir / "03_deploy.json").read_text())
+    assert on_disk["status"] == "passed" and on_disk["values"]["deployment_id"] == deployment_id.lower()
+    assert "pnu_sandboxkey0123456789" not in (run_dir / "03_deploy.json").read_text()
+    later = start_step(EdgeSecretOutput.STEP, profile="sandbox", confirm="true", run_dir=run_dir, environ=sandbox_environ,
+                       install_hooks=False)
+    deployed = later.output_of(DeployOutput)
+    assert isinstance(deployed, DeployOutput) and deployed.deployment_id == deployment_id.lower()
+    assert deployed.commit_sha is None  # not recorded: None, never a KeyError
+    with pytest.raises(ResultsError, match="no results of step '05_end_to_end_test' .* run that step first"):
+        later.output_of(E2EOutput)
+    with pytest.raises(ValueError, match="is not a UUID"):
+        DeployOutput(deployment_id="not-a-uuid")
 
 
 def test_failing_checks_fail_the_step_and_the_gate_decision_is_recorded(sandbox_environ, tmp_path):
@@ -500,7 +515,8 @@ NOTEBOOK_CELLS = [
          "print('in a kernel:', run_sync(asyncio.sleep(0, result='slept')))"),
     ("", "ctx.new_report()"),
     ("", "gate = ctx.confirm_plan('deploy the orchestrator', {'pool': 'managed-production'})"),
-    ("", "ctx.require_approved({'pool': 'managed-production'})\nctx.set('deployment_id', 'applied')\nctx.finish()"),
+    ("", "from runbook_lib.records.outputs import MergeOutput\n"
+         "ctx.require_approved({'pool': 'managed-production'})\nctx.publish(MergeOutput(action='applied'))\nctx.finish()"),
 ]
 
 
@@ -543,7 +559,7 @@ def test_a_notebook_in_a_real_kernel_from_another_cwd(sandbox_environ, tmp_path,
                                parameters={"run_dir": str(run_dir), "confirm": True}, progress_bar=False,
                                kernel_name="python3")
     saved = StepResults.load(run_dir, "deploy")
-    assert saved.status == "passed" and saved.values["deployment_id"] == "applied"
+    assert saved.status == "passed" and saved.values["action"] == "applied"
     assert saved.gate.decision == "approved" and saved.gate.mode == "parameter"
 
 

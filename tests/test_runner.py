@@ -24,11 +24,15 @@ API_KEY = "pnu_runnertestkey0123456789"
 DB_PASSWORD = "runner-db-pw-4567"
 
 START = 'from runbook_lib.notebook.context import start_step\nctx = start_step({name!r}, profile=profile, confirm=confirm, run_dir=run_dir)'
+# A typed output as a step declares it (read back by type: the "prepare" step's).
+OUTPUT = ("from runbook_lib.records.outputs import StepOutput\n"
+          "class Out(StepOutput):\n    STEP = 'prepare'\n"
+          "    deployment_id: str | None = None\n    applied: bool | None = None\n    reused: str | None = None\n")
 CELLS = {
-    "prepare": [START.format(name="prepare"), "print('PREPARED-OUTPUT', note)\nctx.set('deployment_id', 'dep-123')", "ctx.finish()"],
+    "prepare": [START.format(name="prepare"), OUTPUT + "print('PREPARED-OUTPUT', note)\nctx.publish(Out(deployment_id='dep-123'))", "ctx.finish()"],
     "gate": [START.format(name="gate"), "ctx.confirm_plan('apply the plan', {'pool': 'managed-production'})",
-             "ctx.require_approved({'pool': 'managed-production'})\nctx.set('applied', True)\nctx.finish()"],
-    "after": [START.format(name="after"), "ctx.set('reused', ctx.previous('prepare').value('deployment_id'))\nctx.finish()"],
+             OUTPUT + "ctx.require_approved({'pool': 'managed-production'})\nctx.publish(Out(applied=True))\nctx.finish()"],
+    "after": [START.format(name="after"), OUTPUT + "ctx.publish(Out(reused=ctx.output_of(Out).deployment_id))\nctx.finish()"],
     "check": [START.format(name="check"),
               "from runbook_lib.checks.base import Check\n"
               "ctx.record_checks([Check.failed('pool.exists', 'Work pool exists', 'no pool managed-production', 'create it')])",

@@ -1,22 +1,36 @@
-"""Check results: what a step verified, shown in a notebook (HTML), a terminal (rich) or as JSON.
+"""Checks: what a step verified, with evidence, and the one mechanism that defines and runs them.
 
-A `Check` has an id, a title, a status (pass / warn / fail / skip), a detail and a remediation
-(what to do when it is not a pass). A `CheckReport` collects a step's checks; its
-`raise_for_failures()` ends the step with `ChecksFailed` naming the failed checks, so papermill
-marks the notebook failed at that cell.
+- A `Check` is one result: id, title, status (pass / warn / fail / skip), detail (the evidence,
+  masked), remediation (what to do when it is not a pass) and machine-readable `data`.
+- A `CheckDef` is a check's definition, made once with `define(...)` (or the `@check` decorator,
+  which adds a probe): its id, title, what it proves and its default remediation. Every id any
+  step records is defined once, in `runbook_lib.checks`' catalog modules; `REGISTRY` lists them
+  (the README's table of checks is generated from it).
+- A probe (`@check`) reads what it needs from a `Facts` object (shared, memoised reads of live
+  systems: see `checks.facts`) and returns `ok(...)` / `warn(...)`, or raises `Fail` (a failure with
+  its own remediation) or `Skip` (it needs something another check could not establish). Any other
+  error becomes a failed check with the definition's remediation. `run_checks` runs definitions in
+  order into a `CheckReport`; one failure never hides the others.
+- Steps that record the outcome of an action (a deploy, a secret write, a link of the chain) build
+  the result from the definition: `DEPLOY_APPLY.passed("...")`.
 """
 
 from __future__ import annotations
 
-import html
 import json
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pydantic import BaseModel, Field, field_validator
 
+from runbook_lib.core import render
 from runbook_lib.core.errors import ChecksFailed, RunbookError
 from runbook_lib.core.secrets import redact, redact_obj
+from runbook_lib.core.settings import RunbookSettings
+
+if TYPE_CHECKING:
+    from runbook_lib.checks.facts import Facts
 
 
 class Status(str, Enum):
@@ -24,14 +38,6 @@ class Status(str, Enum):
     WARN = "warn"
     FAIL = "fail"
     SKIP = "skip"
-
-
-_COLOURS = {  # foreground, background (notebook) and rich style (terminal)
-    Status.PASS: ("#116329", "#dafbe1", "bold green"),
-    Status.WARN: ("#7d4e00", "#fff8c5", "bold yellow"),
-    Status.FAIL: ("#82071e", "#ffebe9", "bold red"),
-    Status.SKIP: ("#57606a", "#f6f8fa", "dim"),
-}
 
 
 class Check(BaseModel):
@@ -81,15 +87,11 @@ class CheckReport(BaseModel):
         self.checks.append(check)
         return check
 
-    def run(self, id: str, title: str, probe: Callable[[], Check], remediation: str = "") -> Check:
-        """Add what `probe()` returns; a probe that raises becomes a failed check with its message."""
-        try:
-            check = probe()
-        except RunbookError as exc:
-            check = Check.failed(id, title, str(exc), remediation)
-        except Exception as exc:  # an unexpected error is still a failed check, with its type
-            check = Check.failed(id, title, f"{type(exc).__name__}: {exc}", remediation)
-        return self.add(check)
+    def replace(self, check: Check) -> Check:
+        """Add `check`, replacing an earlier one with its id (a notebook cell run again)."""
+        self.checks = [c for c in self.checks if c.id != check.id]
+        self.checks.append(check)
+        return check
 
     def by_status(self, status: Status) -> list[Check]:
         return [c for c in self.checks if c.status == status]
@@ -129,51 +131,20 @@ class CheckReport(BaseModel):
         verdict = "FAILED" if self.failures else "passed"
         return f"{self.step}: {verdict} ({c['pass']} pass, {c['warn']} warn, {c['fail']} fail, {c['skip']} skip)"
 
+    def table(self) -> render.Table:
+        rows = [
+            (render.Cell(c.status.value, status=c.status.value), render.Cell(c.title, note=c.id),
+             render.Cell(c.detail, pre=True), render.Cell("" if c.status == Status.PASS else c.remediation, pre=True))
+            for c in self.checks
+        ]
+        return render.Table(self.summary_line(), ("Status", "Check", "Detail", "Remediation"), rows,
+                            title_status="fail" if self.failures else "pass")
+
     def _repr_html_(self) -> str:
-        rows = []
-        for c in self.checks:
-            fg, bg, _ = _COLOURS[c.status]
-            badge = (
-                f'<span style="display:inline-block;min-width:3.2em;text-align:center;padding:1px 6px;'
-                f'border-radius:4px;font-weight:bold;color:{fg};background:{bg};border:1px solid {fg}">'
-                f"{c.status.value.upper()}</span>"
-            )
-            remediation = "" if c.status == Status.PASS else _cell_text(c.remediation)
-            rows.append(
-                f'<tr style="background:{bg}">'
-                f'<td style="vertical-align:top;text-align:left">{badge}</td>'
-                f'<td style="vertical-align:top;text-align:left"><b>{_cell_text(c.title)}</b><br>'
-                f'<code style="font-size:85%;color:#57606a">{html.escape(c.id)}</code></td>'
-                f'<td style="vertical-align:top;text-align:left;white-space:pre-wrap">{_cell_text(c.detail)}</td>'
-                f'<td style="vertical-align:top;text-align:left;white-space:pre-wrap">{remediation}</td></tr>'
-            )
-        fg = _COLOURS[Status.FAIL if self.failures else Status.PASS][0]
-        return (
-            f'<div class="runbook-checks"><p style="font-weight:bold;color:{fg}">{html.escape(self.summary_line())}</p>'
-            '<table style="border-collapse:collapse;width:100%"><thead><tr>'
-            '<th style="text-align:left">Status</th><th style="text-align:left">Check</th>'
-            '<th style="text-align:left">Detail</th><th style="text-align:left">Remediation</th>'
-            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
-        )
+        return self.table()._repr_html_()
 
     def __rich__(self) -> Any:
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(title=self.summary_line(), show_lines=True, expand=True)
-        table.add_column("Status", no_wrap=True)
-        table.add_column("Check")
-        table.add_column("Detail")
-        table.add_column("Remediation")
-        for c in self.checks:
-            style = _COLOURS[c.status][2]
-            table.add_row(
-                Text(c.status.value.upper(), style=style),
-                Text(f"{redact(c.title)}\n", style="bold") + Text(c.id, style="dim"),
-                Text(redact(c.detail)),
-                Text("" if c.status == Status.PASS else redact(c.remediation), style="yellow" if c.remediation else ""),
-            )
-        return table
+        return self.table().__rich__()
 
     def render_terminal(self, console: Any = None) -> None:
         from rich.console import Console
@@ -181,5 +152,124 @@ class CheckReport(BaseModel):
         (console or Console()).print(self)
 
 
-def _cell_text(text: str) -> str:
-    return html.escape(redact(text))
+# -- the mechanism ---------------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """The check cannot run: something it needs failed in another check (named in the message)."""
+
+
+class Fail(RunbookError):
+    """A failed check with its own remediation (instead of the definition's default one)."""
+
+    def __init__(self, detail: str, remediation: str, **data: Any):
+        super().__init__(detail)
+        self.remediation = remediation
+        self.data = data
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a probe found: a pass or a warning, with the evidence."""
+
+    status: Status
+    detail: str
+    remediation: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def ok(detail: str, **data: Any) -> Outcome:
+    return Outcome(Status.PASS, detail, "", data)
+
+
+def warn(detail: str, remediation: str, **data: Any) -> Outcome:
+    return Outcome(Status.WARN, detail, remediation, data)
+
+
+Title = str | Callable[[Any], str]  # a text, or built from the settings (e.g. the pool's name)
+
+
+@dataclass(frozen=True)
+class CheckDef:
+    """One check's definition: its id, title, what it proves and its default remediation; with a
+    probe when it can run on its own (`run`), else its results are built by a step (`passed`...)."""
+
+    id: str
+    title: Title
+    proves: str
+    remediation: str = ""
+    probe: Callable[["Facts"], Outcome] | None = None
+
+    def title_for(self, settings: RunbookSettings | None = None) -> str:
+        return self.title(settings) if callable(self.title) else self.title
+
+    # results built by a step
+    def passed(self, detail: str = "", *, settings: RunbookSettings | None = None, **data: Any) -> Check:
+        return Check.passed(self.id, self.title_for(settings), detail, **data)
+
+    def warned(self, detail: str, remediation: str | None = None, *, settings: RunbookSettings | None = None, **data: Any) -> Check:
+        return Check.warned(self.id, self.title_for(settings), detail, self.remediation if remediation is None else remediation, **data)
+
+    def failed(self, detail: str, remediation: str | None = None, *, settings: RunbookSettings | None = None, **data: Any) -> Check:
+        return Check.failed(self.id, self.title_for(settings), detail, self.remediation if remediation is None else remediation, **data)
+
+    def skipped(self, detail: str, *, settings: RunbookSettings | None = None, **data: Any) -> Check:
+        return Check.skipped(self.id, self.title_for(settings), detail, **data)
+
+    def attempt(self, probe: Callable[[], "Outcome | Check"], settings: RunbookSettings | None = None) -> Check:
+        """Call `probe()`; an `Outcome` (or a Check it built) is the result, and whatever it raises
+        becomes this check's failure (`Fail`: with its own remediation; other errors: the
+        definition's) or skip (`Skip`)."""
+        try:
+            outcome = probe()
+        except Skip as skip:
+            return self.skipped(f"skipped: {skip}", settings=settings)
+        except Fail as exc:
+            return self.failed(str(exc), exc.remediation, settings=settings, **exc.data)
+        except RunbookError as exc:
+            return self.failed(str(exc), settings=settings)
+        except Exception as exc:  # an unexpected error is still a failed check, with its type
+            return self.failed(f"{type(exc).__name__}: {exc}", settings=settings)
+        if isinstance(outcome, Check):
+            return outcome
+        return Check(id=self.id, title=self.title_for(settings), status=outcome.status, detail=outcome.detail,
+                     remediation=outcome.remediation, data=outcome.data)
+
+    def run(self, facts: "Facts") -> Check:
+        """Run the probe against `facts` (see `attempt`)."""
+        if self.probe is None:
+            raise TypeError(f"check {self.id!r} has no probe: the step that records it builds its result")
+        probe = self.probe
+        return self.attempt(lambda: probe(facts), facts.settings)
+
+
+REGISTRY: dict[str, CheckDef] = {}
+
+
+def define(id: str, title: Title, *, proves: str, remediation: str = "",
+           probe: Callable[["Facts"], Outcome] | None = None) -> CheckDef:
+    """Define a check once; a second definition of the same id is a programming error."""
+    if id in REGISTRY:
+        raise ValueError(f"check {id!r} is defined twice")
+    definition = CheckDef(id, title, proves, remediation, probe)
+    REGISTRY[id] = definition
+    return definition
+
+
+def check(id: str, title: Title, *, proves: str, remediation: str = "") -> Callable[[Callable[["Facts"], Outcome]], CheckDef]:
+    """Decorator: define a check whose probe is the decorated function."""
+    def register(probe: Callable[["Facts"], Outcome]) -> CheckDef:
+        return define(id, title, proves=proves, remediation=remediation, probe=probe)
+    return register
+
+
+def run_checks(facts: "Facts", definitions: Iterable[CheckDef], report: CheckReport | None = None) -> CheckReport:
+    """Run each definition in order; the results go to `report` (replacing earlier results of the
+    same ids) and the returned report holds just these."""
+    group = CheckReport(step=report.step if report is not None else facts.step)
+    for definition in definitions:
+        result = definition.run(facts)
+        group.add(result)
+        if report is not None:
+            report.replace(result)
+    return group

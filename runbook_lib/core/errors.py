@@ -24,6 +24,10 @@ class SettingsError(RunbookError):
     """A setting is missing or malformed; the message names it and where to set it."""
 
 
+class ParameterError(RunbookError):
+    """A notebook parameter has a value of the wrong kind; nothing was changed."""
+
+
 class ChecksFailed(RunbookError):
     """A step ended with failing checks; `failed` holds their ids."""
 

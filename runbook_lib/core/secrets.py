@@ -8,12 +8,19 @@ URL (`scheme://user:password@host`) and a `Bearer <token>`.
 The Supabase anon key is deliberately NOT treated as a secret: it is a public key (shipped in
 browser code, and written into the trigger's SQL by design); the service_role key would be.
 
+This module owns every rule about what a secret looks like: the shapes of credentials
+(`CREDENTIAL_SHAPES`, `credential_kinds`), secret-like names (`looks_like_secret_name`), JWT roles,
+and `clear_text_secrets` (what a text holds in clear, described, never the values).
+
 `install()` puts the masking in front of logging (every record, whatever the logger), stdout and
 stderr, and, inside IPython, rich display output and tracebacks.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import re
 import sys
@@ -31,6 +38,63 @@ _pattern: re.Pattern[str] | None = None
 
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:)(?P<pw>[^\s@/]+)(?=@)")
 _BEARER = re.compile(r"(?P<head>\bBearer\s+)(?P<tok>[A-Za-z0-9._~+/=\-]{8,})")
+
+# -- what a secret looks like ------------------------------------------------------------------------
+
+# Credentials recognisable by their shape, with how to name them (never the value).
+CREDENTIAL_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("a Supabase access token (sbp_...)", re.compile(r"\bsbp_[A-Za-z0-9]")),
+    ("a Prefect API key (pnu_...)", re.compile(r"\bpnu_[A-Za-z0-9]")),
+    ("a GitHub token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]|github_pat_[A-Za-z0-9_])")),
+    ("a URL with a password", re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@'\"]*:[^\s@/'\"]+@")),
+    ("a password literal", re.compile(r"(?i)\bpassword\s*(?::=|=|:)\s*'[^']+'")),
+)
+JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+# Names under which only a secret (or a Secret block placeholder) belongs.
+_SECRET_NAME = re.compile(
+    r"key|token|secret|passw|pwd|dsn|credential|private|connection_string|database_url", re.IGNORECASE
+)
+
+
+def looks_like_secret_name(name: str) -> bool:
+    """True for names such as API_KEY, MODAL_TOKEN_SECRET, db_password, dsn."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def jwt_role(token: str) -> str | None:
+    """The `role` claim of a JWT (not verified: only read), or None when it has none or is no JWT."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return claims.get("role") if isinstance(claims, dict) else None
+
+
+def credential_kinds(text: str, *, public: tuple[str, ...] = (), anon_jwt_is_public: bool = True) -> list[str]:
+    """What credentials `text` holds, described (never the values): JWTs other than anon ones (all
+    JWTs with `anon_jwt_is_public=False`), tokens by prefix, URLs with a password, password literals.
+    `public` values (the anon key) are allowed."""
+    found: list[str] = []
+    for token in JWT.findall(text):
+        if token in public:
+            continue
+        role = jwt_role(token)
+        if not anon_jwt_is_public:
+            found.append("a JWT")
+        elif role != "anon":
+            found.append(f"a JWT with role {role!r}" if role else "a JWT that is not the anon key")
+    found += [what for what, pattern in CREDENTIAL_SHAPES if pattern.search(text)]
+    return list(dict.fromkeys(found))
+
+
+def clear_text_secrets(source: str, known: dict[str, str] | None = None, public: tuple[str, ...] = ()) -> list[str]:
+    """What secrets a text (a SQL function's source, a job variable) holds in clear, described:
+    credential shapes (`credential_kinds`) and any of the `known` secret values (label -> value)."""
+    found = credential_kinds(source, public=public)
+    found += [f"the value of {label}" for label, value in (known or {}).items()
+              if value and len(value) >= 8 and value in source]
+    return list(dict.fromkeys(found))
 
 
 def register_secret(value: str | None, label: str = "secret") -> None:

@@ -29,8 +29,8 @@ import tomllib
 import typing
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal, Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,10 +73,31 @@ SANDBOX_ENV_FILE = "sandbox.env"
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SECRET_BLOCK_REFERENCE = re.compile(r"\{\{\s*prefect\.blocks\.secret\.([A-Za-z0-9_-]+)\s*\}\}")
+_SECRET_BLOCK_PLACEHOLDER = re.compile(r"^\{\{\s*prefect\.blocks\.secret\.[A-Za-z0-9_-]+\s*\}\}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def git_clone_url(url: str) -> tuple[str, bool]:
+    """(the URL `flow.from_source` treats as a git repository, whether `.git` had to be added).
+
+    Prefect 3.9's `from_source` clones only URLs ending in `.git` (or git scheme / ssh); a plain
+    `https://github.com/owner/repo` goes to fsspec remote storage and the deploy fails. The one
+    place this rule lives: everything else asks `settings.source.clone_url`."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return url, False
+    path = parts.path.rstrip("/")
+    if path.endswith(".git"):
+        return urlunsplit(parts._replace(path=path)), False
+    return urlunsplit(parts._replace(path=path + ".git")), True
+
+
+def is_secret_block_placeholder(value: str) -> bool:
+    """True for exactly `{{ prefect.blocks.secret.<name> }}` (resolved by the worker at run time)."""
+    return bool(_SECRET_BLOCK_PLACEHOLDER.match(value.strip()))
 
 
 # -- value checks -------------------------------------------------------------------------------
@@ -164,6 +185,16 @@ class SourceSettings(_Section):
         if not re.match(r"^[^:\s]+\.py:[A-Za-z_][A-Za-z0-9_]*$", value):
             raise ValueError("must look like 'path/to/file.py:function_name'")
         return value
+
+    @property
+    def clone_url(self) -> str:
+        """The repository URL as git and `flow.from_source` need it (ending in .git)."""
+        return git_clone_url(self.repo_url)[0] if self.repo_url else ""
+
+    @property
+    def clone_url_was_fixed(self) -> bool:
+        """True when the configured URL lacks the .git that `clone_url` adds."""
+        return bool(self.repo_url) and git_clone_url(self.repo_url)[1]
 
     @property
     def entrypoint_path(self) -> str:
@@ -331,14 +362,37 @@ class E2ESettings(_Section):
     client_id: str
     workstream: str
     blueprint: list[str] = Field(min_length=1)
-    item_count: int = Field(default=3, ge=1, le=1000)
-    trigger_timeout_seconds: float = Field(default=30, gt=0)
-    flow_run_timeout_seconds: float = Field(default=300, gt=0)
-    completion_timeout_seconds: float = Field(default=600, gt=0)
-    poll_interval_seconds: float = Field(default=2, gt=0)
+    item_count: int = Field(default=3, gt=0, le=1000)
+    trigger_timeout_seconds: float = Field(default=30, gt=0, allow_inf_nan=False)
+    flow_run_timeout_seconds: float = Field(default=300, gt=0, allow_inf_nan=False)
+    completion_timeout_seconds: float = Field(default=600, gt=0, allow_inf_nan=False)
+    poll_interval_seconds: float = Field(default=2, gt=0, allow_inf_nan=False)
     expect_completed: bool = True
+    # "ui": inserted INITIALIZING, then flipped to PENDING (fires the trigger); "direct_pending": the
+    # UI path that inserts PENDING at once and never fires it (to reproduce that failure mode).
+    launch_mode: Literal["ui", "direct_pending"] = "ui"
+    cleanup: bool = True  # delete the test batch's rows at the end
 
     _check_client = field_validator("client_id")(_uuid)
+
+    @field_validator("blueprint")
+    @classmethod
+    def _slugs(cls, value: list[str]) -> list[str]:
+        if any(not isinstance(s, str) or not s.strip() for s in value):
+            raise ValueError("step slugs must be non-empty")
+        return value
+
+    @property
+    def first_step(self) -> str:
+        return self.blueprint[0]
+
+    @property
+    def target_status(self) -> str:
+        return "COMPLETED" if self.expect_completed else "IN_PROGRESS"
+
+    @property
+    def expected_path(self) -> list[str]:
+        return ["PENDING", "QUEUED", "IN_PROGRESS"] + (["COMPLETED"] if self.expect_completed else [])
 
 
 class FallbackSettings(_Section):

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from runbook_lib.core import paths as project, secrets as redaction
 from runbook_lib.checks.base import Check, CheckReport
 from runbook_lib.core.errors import RunbookError
 from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
+from runbook_lib.records.outputs import StepOutput
 from runbook_lib.records.results import GateDecision, StepResults, check_step_name, now
 from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings, load_settings
+
+
+O = TypeVar("O", bound=StepOutput)
 
 
 def show(obj: Any) -> None:
@@ -69,17 +73,21 @@ class StepContext:
     def save(self) -> Path:
         return self.results.save(self.run_dir)
 
-    # -- other steps --------------------------------------------------------------------------
-    def previous(self, step: str) -> StepResults:
-        """The results an earlier step wrote in this run directory."""
-        return StepResults.load(self.run_dir, step)
-
-    # -- values -------------------------------------------------------------------------------
-    def set(self, key: str, value: Any) -> Any:
-        """Record a value for later steps (e.g. deployment_id); returns it."""
-        self.results.values[key] = value
+    # -- outputs ------------------------------------------------------------------------------
+    def publish(self, output: O) -> O:
+        """Record (merge) the fields of a step output that are set, for later steps and the record."""
+        self.results.values.update(output.values())
         self.save()
-        return value
+        return output
+
+    def output_of(self, kind: type[O]) -> O:
+        """What an earlier step handed on in this run directory (its typed output); ResultsError
+        naming the step when it has not run here."""
+        return kind.model_validate(StepResults.load(self.run_dir, kind.STEP).values)
+
+    def output(self, kind: type[O]) -> O:
+        """This step's own output so far, as `kind`."""
+        return kind.model_validate(self.results.values)
 
     # -- checks -------------------------------------------------------------------------------
     def new_report(self) -> CheckReport:

@@ -17,34 +17,27 @@ from __future__ import annotations
 
 import getpass
 import hashlib
-import html
 import json
 import os
 import socket
 from typing import Any, Callable
 
-from runbook_lib.core.errors import NotConfirmed
+from runbook_lib.core import render
+from runbook_lib.core.errors import NotConfirmed, ParameterError
+from runbook_lib.core.values import parse_flag
 from runbook_lib.core.secrets import redact, redact_obj
 from runbook_lib.records.results import GateDecision, now
 
 HEADLESS_ENV = "RUNBOOK_HEADLESS"
-_TRUE = {"1", "true", "yes", "y", "on"}
-_FALSE = {"0", "false", "no", "n", "off"}
 
 
 def parse_confirm(value: Any) -> bool | None:
-    """The `confirm` parameter as True / False / None (unset); papermill may pass a string."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("", "none", "null"):
-            return None
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-    raise NotConfirmed(f"confirm must be true or false, got {value!r}; pass -p confirm true to apply")
+    """The `confirm` parameter as True / False / None (unset); papermill may pass a string. A value
+    that is neither refuses (NotConfirmed): nothing is applied."""
+    try:
+        return parse_flag("confirm", value)
+    except ParameterError:
+        raise NotConfirmed(f"confirm must be true or false, got {value!r}; pass -p confirm true to apply") from None
 
 
 def plan_digest(plan: Any) -> str:
@@ -68,7 +61,11 @@ def in_kernel() -> bool:
 
 def interactive_front_end() -> bool:
     """True inside a Jupyter kernel (which can show widgets), unless RUNBOOK_HEADLESS is set."""
-    if os.environ.get(HEADLESS_ENV, "").strip().lower() in _TRUE:
+    try:
+        headless = parse_flag(HEADLESS_ENV, os.environ.get(HEADLESS_ENV))
+    except ParameterError:
+        headless = True  # fail closed: an unreadable value means no one is there to click
+    if headless:
         return False
     return in_kernel()
 
@@ -178,14 +175,16 @@ class ConfirmationGate:
         return f"{d.decision.upper()} — {d.decided_by}"
 
     def _plan_html(self) -> str:
-        return (
-            f"<div><b>Plan for step {html.escape(self.step)}:</b> {html.escape(self.summary)}</div>"
-            f'<pre style="white-space:pre-wrap">{html.escape(json.dumps(self.plan, indent=2))}</pre>'
-        )
+        return render.preformatted(f"Plan for step {self.step}: {self.summary}", self.plan)
+
+    def _status_html(self) -> str:
+        return render.STYLE + f"<p>{render.badge(self.decision.decision)} {render.escape(self.decision.decided_by)}</p>"
 
     def _repr_html_(self) -> str:
-        colour = {"approved": "#116329", "rejected": "#82071e", "pending": "#7d4e00"}[self.decision.decision]
-        return self._plan_html() + f'<p style="font-weight:bold;color:{colour}">{html.escape(self._status_text())}</p>'
+        return self._plan_html() + self._status_html()
+
+    def __str__(self) -> str:
+        return f"Plan for step {self.step}: {self.summary}\n{json.dumps(self.plan, indent=2)}\n{self._status_text()}"
 
     def widget(self) -> Any:
         """The plan with Approve / Reject buttons (ipywidgets); clicking records the decision."""
@@ -204,7 +203,7 @@ class ConfirmationGate:
 
     def _refresh_widget(self) -> None:
         if self._widget is not None:
-            self._status.value = f"<b>{html.escape(self._status_text())}</b>"
+            self._status.value = self._status_html()
 
     def _ipython_display_(self) -> None:
         from IPython.display import HTML, display

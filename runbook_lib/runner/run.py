@@ -49,10 +49,12 @@ from urllib.parse import unquote, urlsplit
 
 import psutil
 
-from runbook_lib.core import paths as project, secrets as redaction
+from runbook_lib.core import paths as project, render, secrets as redaction
 from runbook_lib.core.errors import RunbookError
 from runbook_lib.notebook.gate import HEADLESS_ENV
-from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord, render_index, render_notebook_html, scan_for_secrets
+from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord
+from runbook_lib.records.scan import scan_for_secrets
+from runbook_lib.runner.index import render_index, render_notebook_html
 from runbook_lib.records.results import StepResults, list_results
 from runbook_lib.core.settings import (
     DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV, available_profiles, load_settings,
@@ -65,14 +67,6 @@ RESERVED_PARAMS = {"profile": "--profile", "confirm": "--confirm", "run_dir": "-
 _STEP_FILE = re.compile(r"^\d+_[A-Za-z0-9_.\-]+\.ipynb$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _PARAM_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET_KEY = re.compile(r"key|token|secret|passw|pwd|dsn|credential", re.IGNORECASE)
-_SECRET_VALUE_PATTERNS = {
-    "a JWT": re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
-    "a Prefect API key": re.compile(r"\bpnu_[A-Za-z0-9]"),
-    "a Supabase access token": re.compile(r"\bsbp_[A-Za-z0-9]"),
-    "a GitHub token": re.compile(r"\b(ghp|gho|ghu|ghs|ghr)_[A-Za-z0-9]|\bgithub_pat_"),
-    "a URL with a password": re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/@:]*:[^\s/@]+@"),
-}
 
 
 class RunRefused(RunbookError):
@@ -121,12 +115,10 @@ def check_params(params: Mapping[str, Any], known_secrets: Mapping[str, str]) ->
             problems.append(f"{key!r} is not a valid parameter name")
         elif key in RESERVED_PARAMS:
             problems.append(f"{key!r} is set by the runner: use {RESERVED_PARAMS[key]}")
-        elif _SECRET_KEY.search(key):
+        elif redaction.looks_like_secret_name(key):
             problems.append(f"{key!r} looks like a secret's name")
         text = json.dumps(value) if not isinstance(value, str) else value
-        looks = [what for what, pattern in _SECRET_VALUE_PATTERNS.items() if pattern.search(text)]
-        if not looks and "://" in text and any(urlsplit(part).password for part in text.split() if "://" in part):
-            looks.append("a URL with a password")
+        looks = redaction.credential_kinds(text, anon_jwt_is_public=False)
         looks += [f"the value of {name}" for name, secret in known_secrets.items()
                   if len(secret) >= redaction.MIN_SECRET_LENGTH and secret in text]
         if looks:
@@ -277,11 +269,10 @@ class Progress:
         table = Table(show_header=True, header_style="bold", box=None)
         for col in ("step", "status", "elapsed", ""):
             table.add_column(col)
-        styles = {"passed": "green", "failed": "red", "killed": "red", "running": "yellow", "not_run": "dim"}
         for step in self.steps:
             status, started, duration, detail = self.state.get(step.name, ("not_run", None, None, ""))
             elapsed = duration if duration is not None else (time.monotonic() - started if started else None)
-            table.add_row(step.name, f"[{styles.get(status, '')}]{status.replace('_', ' ')}[/]",
+            table.add_row(step.name, Text(status.replace("_", " "), style=render.style_of(status)[1]),
                           f"{elapsed:.1f} s" if elapsed is not None else "", Text(detail))
         return table
 

@@ -157,9 +157,16 @@ def dependency_closure(distribution: str = "prefect", python: str = RUNTIME_PYTH
 
 
 @lru_cache(maxsize=1)
+def _installed_packages() -> dict[str, list[str]]:
+    """Top-level import name -> the installed distributions providing it (a scan of every installed
+    distribution: read once per process)."""
+    return metadata.packages_distributions()
+
+
+@lru_cache(maxsize=1)
 def _imports_by_distribution() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
-    for module, dists in metadata.packages_distributions().items():
+    for module, dists in _installed_packages().items():
         for dist in dists:
             out.setdefault(canonicalize_name(dist), set()).add(module)
     return out
@@ -188,7 +195,7 @@ def distribution_for_import(module: str) -> str:
     key = _import_key(module)
     if key in IMPORT_TO_DISTRIBUTION:
         return IMPORT_TO_DISTRIBUTION[key]
-    local = metadata.packages_distributions().get(top_level(module))
+    local = _installed_packages().get(top_level(module))
     if local:
         return local[0]
     return top_level(module)
@@ -199,7 +206,7 @@ def distributions_providing(module: str) -> set[str]:
     top = top_level(module)
     names = {canonicalize_name(distribution_for_import(module)), canonicalize_name(top)}
     names |= {canonicalize_name(d) for d in EQUIVALENT_DISTRIBUTIONS.get(top, set())}
-    names |= {canonicalize_name(d) for d in metadata.packages_distributions().get(top, [])}
+    names |= {canonicalize_name(d) for d in _installed_packages().get(top, [])}
     return names
 
 

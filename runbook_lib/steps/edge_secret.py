@@ -22,33 +22,62 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from runbook_lib.checks.base import Check, CheckReport
-from runbook_lib.steps.deploy import parse_flag
+from runbook_lib.checks.base import Check, CheckReport, define
 from runbook_lib.core.errors import PrefectApiError, ResultsError, RunbookError, SupabaseApiError
-from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.core.errors import ParameterError
+from runbook_lib.core.values import parse_flag, parse_uuid
+from runbook_lib.notebook.context import StepContext
+from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput
 from runbook_lib.records.results import StepResults, now
+from runbook_lib.steps.base import Step
+from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
+from runbook_lib.core.settings import RunbookSettings
 
-STEP = "04_update_edge_function_secret"
-DEPLOY_STEP = "03_deploy"
+DEPLOY_STEP = DeployOutput.STEP
 HISTORY_FILE = "edge_function_secret_history.jsonl"
 MAX_RUN_DIRS = 500  # run directories searched for earlier records
 
+ID_FORMAT = define("deployment_id.format", "The deployment id is a UUID", proves="the value to set is a deployment id",
+                   remediation="pass the deployment id step 03 recorded: -p deployment_id <uuid>")
+DEPLOYMENT = define("deployment.exists", "The deployment id names the expected deployment",
+                    proves="the id names an existing deployment of the orchestrator (name, entrypoint, flow) in this "
+                           "workspace", remediation="check PREFECT_API_KEY and the workspace settings")
+ACCESS = define("management_api.access", "The Management API lists the function's secrets",
+                proves="the Supabase Management API answers with the token (secrets listed as digests)")
+OTHER_SECRETS = define("function_secrets.present", "The function's other secrets are set",
+                       proves="the Edge Function's other PREFECT_* secrets exist")
+WORKSPACE = define("function_secrets.workspace", "The function targets this workspace",
+                   proves="the function's PREFECT_ACCOUNT_ID / PREFECT_WORKSPACE_ID equal (by digest) the workspace of "
+                          "PREFECT_API_URL")
+API_URL = define("function_secrets.api_url", "The function's PREFECT_API_URL is the runbook's",
+                 proves="an optional PREFECT_API_URL of the function equals (by digest) the runbook's")
+API_KEY = define("function_secrets.api_key", "The function's PREFECT_API_KEY is the runbook's",
+                 proves="the function's PREFECT_API_KEY equals (by digest) the runbook's (a warning otherwise)")
+ROLLBACK = define("rollback.record", "A recorded change can be rolled back",
+                  proves="a recorded change set the live value, and the record holds the deployment id it replaced")
+CURRENT = define("secret.current", lambda s: f"Current value of {s.supabase.deployment_id_secret}" if s else
+                 "Current value of the deployment id secret",
+                 proves="the live digest of PREFECT_DEPLOYMENT_ID, and the deployment id behind it when a record knows it")
+WRITE = define("secret.write", lambda s: f"{s.supabase.deployment_id_secret} written" if s else "Secret written",
+               proves="the Management API accepted the upsert of the secret")
+VERIFY = define("secret.verify", lambda s: f"{s.supabase.deployment_id_secret} holds the deployment" if s else
+                "The secret holds the deployment",
+                proves="read back, the secret's digest is sha256 of the deployment id",
+                remediation="re-run this step; if it persists, something else writes this secret")
+
 
 def parse_deployment_id(value: Any) -> str:
-    """The canonical UUID text, or a RunbookError saying what is wrong (nothing is changed)."""
+    """The canonical UUID text, or a ParameterError saying what is wrong (nothing is changed)."""
     try:
-        return str(uuid.UUID(str(value).strip()))
-    except (ValueError, AttributeError):
-        raise RunbookError(
-            f"deployment_id {str(value)[:80]!r} is not a UUID: pass the id step 03 recorded (its results' "
-            "deployment_id), e.g. -p deployment_id 0f9d2c1e-...; nothing was changed"
-        ) from None
+        return parse_uuid(value)
+    except ParameterError as exc:
+        raise ParameterError(f"{exc}: pass the id step 03 recorded (its results' deployment_id), e.g. -p "
+                             "deployment_id 0f9d2c1e-...; nothing was changed") from None
 
 
 # -- earlier records ---------------------------------------------------------------------------------
@@ -100,7 +129,7 @@ def known_deployment_ids(run_dir: Path, root: Path) -> set[str]:
     for entry in history(run_dir, root):
         ids.update(str(entry.get(k)) for k in ("deployment_id", "previous_deployment_id") if entry.get(k))
     for directory in _run_dirs(run_dir, root):
-        for step in (DEPLOY_STEP, STEP):
+        for step in (DEPLOY_STEP, EdgeSecretOutput.STEP):
             text = _read(StepResults.path(directory, step))
             if text is not None:
                 try:
@@ -139,6 +168,12 @@ class SecretPlan:
     def no_change(self) -> bool:
         return self.current_digest is not None and self.current_digest.lower() == self.target_digest
 
+    @property
+    def nothing_to_apply(self) -> str | None:
+        if not self.no_change:
+            return None
+        return f"No change: {self.secret} already holds deployment {self.deployment_id} (equal digest)"
+
     def summary(self) -> str:
         verb = "restore" if self.rollback else "set"
         return f"{verb} the Edge Function secret {self.secret} to deployment {self.deployment_id}"
@@ -152,38 +187,35 @@ class SecretPlan:
         }
 
 
-def _deployment_checks(prefect: PrefectApi, settings: Any, deployment_id: str, flow_name: str | None) -> list[Check]:
+def _deployment_checks(prefect: PrefectApi, settings: RunbookSettings, deployment_id: str, flow_name: str | None) -> list[Check]:
     """The id names an existing deployment of the expected flow (name and entrypoint from the profile)."""
-    title = "The deployment id names the expected deployment"
     try:
         deployment = prefect.read_deployment_by_id(deployment_id)
     except PrefectApiError as exc:
-        return [Check.failed("deployment.exists", title, str(exc), "check PREFECT_API_KEY and the workspace settings")]
+        return [DEPLOYMENT.failed(str(exc), "check PREFECT_API_KEY and the workspace settings")]
     if deployment is None:
-        return [Check.failed(
-            "deployment.exists", title, f"no deployment {deployment_id} in workspace {settings.value('prefect.api_url')}",
+        return [DEPLOYMENT.failed(f"no deployment {deployment_id} in workspace {settings.value('prefect.api_url')}",
             f"pass the id step {DEPLOY_STEP} recorded (or run it first); an id from another workspace or a deleted "
             "deployment would make every trigger fail with 404",
         )]
-    flow = prefect.call("reading the deployment's flow", lambda c: c.read_flow(deployment.flow_id))
+    flow_actual = prefect.read_flow_name(deployment)
     problems = []
     if deployment.name != settings.deployment.name:
         problems.append(f"its name is {deployment.name!r}, not {settings.deployment.name!r}")
     if deployment.entrypoint != settings.source.entrypoint:
         problems.append(f"its entrypoint is {deployment.entrypoint!r}, not {settings.source.entrypoint!r}")
-    if flow_name and flow.name != flow_name:
-        problems.append(f"its flow is {flow.name!r}, not {flow_name!r} (step {DEPLOY_STEP})")
+    if flow_name and flow_actual != flow_name:
+        problems.append(f"its flow is {flow_actual!r}, not {flow_name!r} (step {DEPLOY_STEP})")
     if problems:
-        return [Check.failed(
-            "deployment.exists", title, f"deployment {deployment_id} ({flow.name}/{deployment.name}) is not the "
+        return [DEPLOYMENT.failed(f"deployment {deployment_id} ({flow_actual}/{deployment.name}) is not the "
             "orchestrator: " + "; ".join(problems),
             f"pass the id of {settings.deployment.name} that step {DEPLOY_STEP} recorded",
         )]
-    return [Check.passed("deployment.exists", title, f"{flow.name}/{deployment.name} ({deployment_id}) on pool "
+    return [DEPLOYMENT.passed(f"{flow_actual}/{deployment.name} ({deployment_id}) on pool "
                          f"{deployment.work_pool_name}", deployment_id=deployment_id)]
 
 
-def workspace_of(settings: Any) -> tuple[str | None, str | None]:
+def workspace_of(settings: RunbookSettings) -> tuple[str | None, str | None]:
     """(account id, workspace id) of PREFECT_API_URL, else of PREFECT_ACCOUNT_ID / PREFECT_WORKSPACE_ID."""
     match = re.search(r"/accounts/([0-9a-fA-F-]{36})/workspaces/([0-9a-fA-F-]{36})", settings.value("prefect.api_url") or "")
     if match:
@@ -191,58 +223,47 @@ def workspace_of(settings: Any) -> tuple[str | None, str | None]:
     return settings.prefect.account_id, settings.prefect.workspace_id
 
 
-def _function_secret_checks(settings: Any, digests: dict[str, Any], secret: str) -> list[Check]:
+def _function_secret_checks(settings: RunbookSettings, digests: dict[str, Any], secret: str) -> list[Check]:
     """The function's other secrets: present, and equal by digest where the runbook knows the value."""
     checks = []
     others = [n for n in settings.supabase.function_secrets if n != secret]
     missing = [n for n in others if n not in digests]
     if missing:
-        checks.append(Check.failed(
-            "function_secrets.present", "The function's other secrets are set", f"missing {missing}: the function "
+        checks.append(OTHER_SECRETS.failed(f"missing {missing}: the function "
             "answers 500 'Server configuration error' to every trigger",
             f"set them: `supabase secrets set {' '.join(f'{n}=<value>' for n in missing)}` (or the dashboard: Edge "
             "Functions > Secrets)",
         ))
     else:
-        checks.append(Check.passed("function_secrets.present", "The function's other secrets are set", ", ".join(others)))
+        checks.append(OTHER_SECRETS.passed(", ".join(others)))
     expected = dict(zip(("PREFECT_ACCOUNT_ID", "PREFECT_WORKSPACE_ID"), workspace_of(settings)))
     comparable = {n: v for n, v in expected.items() if v and n in digests}
     if not comparable:
-        checks.append(Check.skipped("function_secrets.workspace", "The function targets this workspace",
-                                    "the account and workspace ids are not known here (PREFECT_API_URL is not Cloud-shaped)"))
+        checks.append(WORKSPACE.skipped("the account and workspace ids are not known here (PREFECT_API_URL is not Cloud-shaped)"))
     else:
         wrong = [n for n, v in comparable.items() if not digests[n].matches(v)]
         if wrong:
-            checks.append(Check.failed(
-                "function_secrets.workspace", "The function targets this workspace",
-                f"{wrong} differ (by digest) from the workspace of PREFECT_API_URL: the function would create flow "
+            checks.append(WORKSPACE.failed(f"{wrong} differ (by digest) from the workspace of PREFECT_API_URL: the function would create flow "
                 "runs in another workspace, where this deployment does not exist (404)",
                 f"set {wrong} to the ids in PREFECT_API_URL (`supabase secrets set {wrong[0]}=<id>`)",
             ))
         else:
-            checks.append(Check.passed("function_secrets.workspace", "The function targets this workspace",
-                                       f"{sorted(comparable)} match PREFECT_API_URL (by digest)"))
+            checks.append(WORKSPACE.passed(f"{sorted(comparable)} match PREFECT_API_URL (by digest)"))
     if "PREFECT_API_URL" in digests:  # optional: replaces the Cloud URL built from the ids
         if digests["PREFECT_API_URL"].matches(settings.value("prefect.api_url")):
-            checks.append(Check.passed("function_secrets.api_url", "The function's PREFECT_API_URL is the runbook's",
-                                       "equal by digest"))
+            checks.append(API_URL.passed("equal by digest"))
         else:
-            checks.append(Check.failed(
-                "function_secrets.api_url", "The function's PREFECT_API_URL is the runbook's",
-                "the function's PREFECT_API_URL differs (by digest) from the API this runbook deploys to",
+            checks.append(API_URL.failed("the function's PREFECT_API_URL differs (by digest) from the API this runbook deploys to",
                 "set it to the runbook's PREFECT_API_URL, or delete it to use the Prefect Cloud URL built from the ids",
             ))
     key = settings.value("prefect.api_key")
     if key and "PREFECT_API_KEY" in digests and not digests["PREFECT_API_KEY"].matches(key):
-        checks.append(Check.warned(
-            "function_secrets.api_key", "The function's PREFECT_API_KEY is the runbook's",
-            "it differs (by digest) from the key this runbook uses; fine for a dedicated service-account key of "
+        checks.append(API_KEY.warned("it differs (by digest) from the key this runbook uses; fine for a dedicated service-account key of "
             "the same workspace",
             "if triggers fail with 401/403 from Prefect, set PREFECT_API_KEY to a valid key of this workspace",
         ))
     elif key and "PREFECT_API_KEY" in digests:
-        checks.append(Check.passed("function_secrets.api_key", "The function's PREFECT_API_KEY is the runbook's",
-                                   "equal by digest"))
+        checks.append(API_KEY.passed("equal by digest"))
     return checks
 
 
@@ -261,54 +282,50 @@ def _access_remediation(status: int | None) -> str:
     return "check SUPABASE_API_URL and the network, then re-run this step"
 
 
-def _rollback_target(report: CheckReport, settings: Any, entries: list[dict[str, Any]], current: Any) -> tuple[str, str] | None:
+def _rollback_target(report: CheckReport, settings: RunbookSettings, entries: list[dict[str, Any]], current: Any) -> tuple[str, str] | None:
     """(deployment id, digest) the last recorded change replaced, when that change is what is live."""
-    title = "A recorded change can be rolled back"
     secret = settings.supabase.deployment_id_secret
     if current is None:
-        report.add(Check.failed("rollback.record", title, f"{secret} is not set: there is nothing to roll back",
+        report.add(ROLLBACK.failed(f"{secret} is not set: there is nothing to roll back",
                                 "set it with -p deployment_id <uuid> (rollback false)"))
         return None
     live = current.digest.lower()
     entry = next((e for e in entries if e.get("new_digest") == live), None)
     if entry is None:
-        report.add(Check.failed(
-            "rollback.record", title, f"no recorded change set the current value of {secret} (digest {live[:16]}...): "
+        report.add(ROLLBACK.failed(f"no recorded change set the current value of {secret} (digest {live[:16]}...): "
             "it was set outside this runbook, or by a run whose records are gone",
             "set the deployment id explicitly: -p deployment_id <uuid> with rollback false",
         ))
         return None
     previous_id, previous_digest = entry.get("previous_deployment_id"), entry.get("previous_digest")
     if not previous_digest:
-        report.add(Check.failed("rollback.record", title, f"the change of {entry.get('at')} created {secret}: there "
+        report.add(ROLLBACK.failed(f"the change of {entry.get('at')} created {secret}: there "
                                 "is no earlier value to restore", "set a deployment id explicitly: -p deployment_id <uuid>"))
         return None
     if not previous_id or secret_digest(str(previous_id)) != previous_digest:
-        report.add(Check.failed(
-            "rollback.record", title, f"the change of {entry.get('at')} replaced a value known only by its digest "
+        report.add(ROLLBACK.failed(f"the change of {entry.get('at')} replaced a value known only by its digest "
             f"({previous_digest[:16]}...): no record holds the deployment id behind it",
             "set the deployment id explicitly: -p deployment_id <uuid> with rollback false",
         ))
         return None
-    report.add(Check.passed("rollback.record", title, f"the change of {entry.get('at')} replaced deployment "
+    report.add(ROLLBACK.passed(f"the change of {entry.get('at')} replaced deployment "
                             f"{previous_id}; restoring it", deployment_id=previous_id))
     return str(previous_id), previous_digest
 
 
 def build_plan(
-    settings: Any, run_dir: Path, root: Path, *, deployment_id: Any = None, rollback: bool = False,
+    settings: RunbookSettings, run_dir: Path, root: Path, *, deployment_id: Any = None, rollback: bool = False,
     flow_name: str | None = None,
 ) -> tuple[SecretPlan | None, CheckReport]:
     """Read-only: the checks, and the change to make (None when no target could be chosen)."""
     settings.require("supabase.api_url", "supabase.access_token", "supabase.project_ref",
                      "prefect.api_url", "prefect.api_key")
-    report = CheckReport(step=STEP)
+    report = CheckReport(step=EdgeSecretOutput.STEP)
     secret = settings.supabase.deployment_id_secret
     prefect = PrefectApi.from_settings(settings)
     target: tuple[str, str] | None = None
     if rollback and deployment_id not in (None, ""):
-        report.add(Check.failed(
-            "deployment_id.format", "The deployment id is a UUID", "rollback restores the value the last recorded "
+        report.add(ID_FORMAT.failed("rollback restores the value the last recorded "
             "change replaced; a deployment_id cannot be given with it", "pass either rollback true or deployment_id",
         ))
         return None, report
@@ -319,21 +336,19 @@ def build_plan(
                                    "-p deployment_id <uuid>")
             target_id = parse_deployment_id(deployment_id)
         except RunbookError as exc:
-            report.add(Check.failed("deployment_id.format", "The deployment id is a UUID", str(exc),
-                                    "pass the deployment id step 03 recorded: -p deployment_id <uuid>"))
+            report.add(ID_FORMAT.failed(str(exc)))
         else:
-            report.add(Check.passed("deployment_id.format", "The deployment id is a UUID", target_id))
+            report.add(ID_FORMAT.passed(target_id))
             report.checks.extend(_deployment_checks(prefect, settings, target_id, flow_name))
             target = (target_id, secret_digest(target_id))
     try:
         with SupabaseManagementApi.from_settings(settings) as supabase:
             digests = supabase.secret_digests()
     except SupabaseApiError as exc:
-        report.add(Check.failed("management_api.access", "The Management API lists the function's secrets", str(exc),
+        report.add(ACCESS.failed(str(exc),
                                 _access_remediation(exc.status)))
         return None, report
-    report.add(Check.passed("management_api.access", "The Management API lists the function's secrets",
-                            f"{len(digests)} secret(s) of project {settings.supabase.project_ref}"))
+    report.add(ACCESS.passed(f"{len(digests)} secret(s) of project {settings.supabase.project_ref}"))
     report.checks.extend(_function_secret_checks(settings, digests, secret))
     current = digests.get(secret)
     if rollback:
@@ -346,7 +361,7 @@ def build_plan(
         if target is not None:
             for check in _deployment_checks(prefect, settings, target[0], flow_name):
                 if check.status.value == "fail":  # restoring what was there is still what was asked
-                    check = Check.warned(check.id, check.title, check.detail, "after the rollback, set a valid "
+                    check = DEPLOYMENT.warned(check.detail, "after the rollback, set a valid "
                                          "deployment id: the function fails its triggers with this one")
                 report.add(check)
     if target is None:
@@ -360,109 +375,90 @@ def build_plan(
     now_text = (f"{secret} is not set" if current is None else
                 f"{secret} has digest {current_digest[:16]}... (deployment "
                 f"{the_plan.previous_deployment_id or 'unknown to earlier records'})")
-    report.add(Check.passed(
-        "secret.current", f"Current value of {secret}",
-        now_text + ("; it already holds the target: nothing to write" if the_plan.no_change else
+    report.add(CURRENT.passed(settings=settings, detail=now_text + ("; it already holds the target: nothing to write" if the_plan.no_change else
                     f"; to be {'restored' if rollback else 'set'} to {target[0]}"),
     ))
     return the_plan, report
 
 
-def plan(ctx: Any, deployment_id: Any = None, rollback: bool = False) -> SecretPlan | None:
-    """Notebook cell: the checks and the change; a FAIL ends the cell."""
-    try:
-        rollback = bool(parse_flag("rollback", rollback))
-    except RunbookError as exc:
-        ctx.fail(exc)
-        raise
-    try:
-        deployed = ctx.previous(DEPLOY_STEP).values  # step 03 in this run directory: its id and flow
-    except ResultsError:
-        deployed = {}
-    flow_name = deployed.get("flow_name")
-    if not rollback and deployment_id in (None, ""):
-        deployment_id = deployed.get("deployment_id")  # None: build_plan reports it as a failed check
-    try:
-        the_plan, report = build_plan(ctx.settings, ctx.run_dir, ctx.root, deployment_id=deployment_id,
-                                      rollback=rollback, flow_name=flow_name)
-    except RunbookError as exc:
-        ctx.fail(exc)
-        raise
-    ctx.set("secret_name", ctx.settings.supabase.deployment_id_secret)
-    ctx.set("rollback", rollback)
-    if the_plan is not None:
-        ctx.set("deployment_id", the_plan.deployment_id)
-        ctx.set("new_digest", the_plan.target_digest)
-        ctx.set("previous_digest", the_plan.current_digest)
-        ctx.set("previous_deployment_id", the_plan.previous_deployment_id)
-        ctx.set("no_change", the_plan.no_change)
-    ctx.record_checks(report)
-    return the_plan
+class EdgeSecret(Step):
+    """The cells of step 04: plan, confirm, apply."""
 
+    OUTPUT = EdgeSecretOutput
 
-def confirm(ctx: Any, the_plan: SecretPlan) -> None:
-    """Notebook cell: the change behind the confirmation gate, unless there is nothing to write."""
-    from runbook_lib.notebook.context import show
+    def __init__(self, ctx: StepContext, *, deployment_id: Any = None, rollback: Any = False):
+        super().__init__(ctx)
+        with self.failing():
+            self.rollback = bool(parse_flag("rollback", rollback))
+        self.deployment_id = deployment_id
 
-    if the_plan.no_change:
-        show(f"No change: {the_plan.secret} already holds deployment {the_plan.deployment_id} (equal digest); "
-             "nothing to confirm.")
-        return
-    ctx.confirm_plan(the_plan.summary(), the_plan.gate_plan())
-
-
-# -- apply -------------------------------------------------------------------------------------------
-
-
-def apply(ctx: Any, the_plan: SecretPlan) -> Check:
-    """Notebook cell: write the secret (once approved), read the list back and verify the digest."""
-    title = f"{the_plan.secret} holds deployment {the_plan.deployment_id}"
-    if the_plan.no_change:
-        ctx.set("changed", False)
-        return ctx.record_checks([Check.passed(
-            "secret.verify", title, f"already set (digest {the_plan.target_digest[:16]}...): no write",
-        )]).checks[0]
-    try:
-        ctx.require_approved(the_plan.gate_plan())
-    except RunbookError as exc:  # NotConfirmed, or no plan was shown for confirmation
-        ctx.fail(exc)
-        raise
-    waits: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        waits.append(seconds)
-        time.sleep(seconds)
-
-    with SupabaseManagementApi.from_settings(ctx.settings, sleep=sleep) as supabase:
+    def plan(self) -> SecretPlan | None:
+        """The checks and the change; a FAIL ends the cell. The deployment id: the `deployment_id`
+        parameter, else what step 03 handed on in this run directory."""
+        ctx, deployment_id = self.ctx, self.deployment_id
         try:
-            supabase.upsert_secrets({the_plan.secret: the_plan.deployment_id}, mask_values=False)  # an id, no secret
-            after = supabase.secret_digests().get(the_plan.secret)
-        except SupabaseApiError as exc:
-            detail = f"{exc}; {_state_after_failure(supabase, the_plan)}"
-            ctx.record_failure(Check.failed("secret.write", f"{the_plan.secret} written", detail,
-                                            _access_remediation(exc.status)), exc)
-            raise
-    retried = (f" after {len(waits)} retr{'y' if len(waits) == 1 else 'ies'} (waited {sum(waits):.1f}s as the API "
-               "asked)") if waits else ""
-    ctx.set("retries", len(waits))
-    if after is None or after.digest.lower() != the_plan.target_digest:
-        seen = after.digest[:16] + "..." if after else "no secret"
-        return ctx.record_checks([Check.failed(
-            "secret.verify", title, f"written{retried}, but the list shows {seen}, not "
-            f"{the_plan.target_digest[:16]}...", "re-run this step; if it persists, something else writes this secret",
+            deployed = ctx.output_of(DeployOutput)  # step 03 in this run directory: its id and flow
+        except ResultsError:
+            deployed = DeployOutput()
+        if not self.rollback and deployment_id in (None, ""):
+            deployment_id = deployed.deployment_id  # None: build_plan reports it as a failed check
+        with self.failing():
+            the_plan, report = build_plan(self.settings, ctx.run_dir, ctx.root, deployment_id=deployment_id,
+                                          rollback=self.rollback, flow_name=deployed.flow_name)
+        self.publish(secret_name=self.settings.supabase.deployment_id_secret, rollback=self.rollback)
+        if the_plan is not None:
+            self.publish(deployment_id=the_plan.deployment_id, new_digest=the_plan.target_digest,
+                         previous_digest=the_plan.current_digest, previous_deployment_id=the_plan.previous_deployment_id,
+                         no_change=the_plan.no_change)
+        ctx.record_checks(report)
+        return the_plan
+
+    def apply(self, the_plan: SecretPlan) -> Check:
+        """Write the secret (once approved), read the list back and verify the digest."""
+        ctx, settings = self.ctx, self.settings
+        if the_plan.no_change:
+            self.publish(changed=False)
+            return ctx.record_checks([VERIFY.passed(
+                f"already holds deployment {the_plan.deployment_id} (digest {the_plan.target_digest[:16]}...): no write",
+                settings=settings,
+            )]).checks[0]
+        with self.failing():  # NotConfirmed, or no plan was shown for confirmation
+            ctx.require_approved(the_plan.gate_plan())
+        waits: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            time.sleep(seconds)
+
+        with SupabaseManagementApi.from_settings(settings, sleep=sleep) as supabase:
+            try:
+                supabase.upsert_secrets({the_plan.secret: the_plan.deployment_id}, mask_values=False)  # an id, no secret
+                after = supabase.secret_digests().get(the_plan.secret)
+            except SupabaseApiError as exc:
+                detail = f"{exc}; {_state_after_failure(supabase, the_plan)}"
+                ctx.record_failure(WRITE.failed(detail, _access_remediation(exc.status), settings=settings), exc)
+                raise
+        retried = (f" after {len(waits)} retr{'y' if len(waits) == 1 else 'ies'} (waited {sum(waits):.1f}s as the API "
+                   "asked)") if waits else ""
+        self.publish(retries=len(waits))
+        if after is None or after.digest.lower() != the_plan.target_digest:
+            seen = after.digest[:16] + "..." if after else "no secret"
+            return ctx.record_checks([VERIFY.failed(
+                f"written{retried}, but the list shows {seen}, not {the_plan.target_digest[:16]}... (deployment "
+                f"{the_plan.deployment_id})", settings=settings,
+            )]).checks[0]
+        append_history(ctx.run_dir, {
+            "at": now().isoformat(), "profile": ctx.profile, "project_ref": settings.supabase.project_ref,
+            "secret": the_plan.secret, "deployment_id": the_plan.deployment_id, "new_digest": the_plan.target_digest,
+            "previous_digest": the_plan.current_digest, "previous_deployment_id": the_plan.previous_deployment_id,
+            "rollback": the_plan.rollback,
+        })
+        self.publish(changed=True)
+        verb = "restored" if the_plan.rollback else "set"
+        return ctx.record_checks([VERIFY.passed(
+            f"{verb} to deployment {the_plan.deployment_id}{retried}; the list shows digest "
+            f"{the_plan.target_digest[:16]}... (was {(the_plan.current_digest or 'unset')[:16]}...)", settings=settings,
         )]).checks[0]
-    append_history(ctx.run_dir, {
-        "at": now().isoformat(), "profile": ctx.profile, "project_ref": ctx.settings.supabase.project_ref,
-        "secret": the_plan.secret, "deployment_id": the_plan.deployment_id, "new_digest": the_plan.target_digest,
-        "previous_digest": the_plan.current_digest, "previous_deployment_id": the_plan.previous_deployment_id,
-        "rollback": the_plan.rollback,
-    })
-    ctx.set("changed", True)
-    verb = "restored" if the_plan.rollback else "set"
-    return ctx.record_checks([Check.passed(
-        "secret.verify", title, f"{verb}{retried}; the list shows digest {the_plan.target_digest[:16]}... "
-        f"(was {(the_plan.current_digest or 'unset')[:16]}...)",
-    )]).checks[0]
 
 
 def _state_after_failure(supabase: SupabaseManagementApi, the_plan: SecretPlan) -> str:

@@ -36,26 +36,47 @@ from typing import Any
 
 import psutil
 
+from runbook_lib.checks import prefect, source
+from runbook_lib.checks.base import Check, CheckReport, define, run_checks
+from runbook_lib.checks.deployment import desired_deployment, verification_checks
+from runbook_lib.checks.facts import Facts
 from runbook_lib.core import paths as project
-from runbook_lib.steps import deploy
-from runbook_lib.checks.base import Check, CheckReport
-from runbook_lib.core.errors import NotConfirmed, PrefectApiError, ResultsError, RunbookError
+from runbook_lib.core import processes
+from runbook_lib.core.errors import PrefectApiError, ResultsError, RunbookError
+from runbook_lib.core.settings import load_settings, RunbookSettings
+from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show, start_step as _start_step
+from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput, FallbackOutput
+from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
-from runbook_lib.core.settings import load_settings
+from runbook_lib.systems.prefect_deploy import DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, \
+    diff_table, live_fields
 
-STEP = "fallback_process_pool"
-DEPLOY_STEP = "03_deploy"
-SECRET_STEP = "04_update_edge_function_secret"
+STEP = FallbackOutput.STEP
 WORKER_MARKER_ENV = "RUNBOOK_FALLBACK_WORKER"
 SERVICE_DIR = "fallback_worker"
 STOP_TIMEOUT = 20.0
+# The plan's checks: the catalog's (those of step 03, on the fallback's pool and job variables).
+PLAN_CHECKS = [prefect.api, prefect.work_pool, prefect.work_pool_type, prefect.job_variables_secrets,
+               prefect.job_variables_schema, *source.REPOSITORY, prefect.block_database_url, prefect.blocks_referenced]
+
+WORKER_MODE = define("fallback.worker_mode", "How the worker is run (fallback.start_worker)",
+                     proves="whether the runbook starts the worker here or describes it for an always-on host")
+POOL_READY = define("fallback.pool_ready", "Fallback work pool ready", proves="the process pool exists (created if missing)",
+                    remediation="create it by hand: `prefect work-pool create default-agent-pool --type process`")
+DEPLOYED = define("fallback.deploy", "Fallback deployment applied",
+                  proves="the fallback deployment is live on the process pool (no write when nothing differs)")
+WORKER = define("fallback.worker", "A worker serves the fallback pool",
+                proves="a worker is online on the fallback pool (the Edge Function is never pointed at a pool nobody "
+                       "serves)")
+WORKER_STOPPED = define("fallback.worker_stopped", "Fallback worker stopped",
+                        proves="the worker the runbook started, and every flow run process it spawned, are stopped")
 
 
 # -- the step ----------------------------------------------------------------------------------------
 
 
-def fallback_overrides(settings: Any) -> dict[str, Any]:
+def fallback_overrides(settings: RunbookSettings) -> dict[str, Any]:
     fb = settings.fallback
     return {"deployment.name": fb.deployment_name, "deployment.work_pool": fb.work_pool,
             "deployment.work_pool_type": fb.work_pool_type}
@@ -69,20 +90,16 @@ def start_step(profile: str | None = "sandbox", confirm: Any = None, run_dir: An
     except RunbookError:
         return _start_step(STEP, profile=profile, confirm=confirm, run_dir=run_dir)  # records the same error
     ctx = _start_step(STEP, profile=profile, confirm=confirm, run_dir=run_dir, overrides=fallback_overrides(base))
-    ctx.set("managed_deployment_name", base.deployment.name)
-    ctx.set("managed_work_pool", base.deployment.work_pool)
+    ctx.publish(FallbackOutput(managed_deployment_name=base.deployment.name, managed_work_pool=base.deployment.work_pool))
     return ctx
-
-
-# -- plan --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class FallbackPlan:
-    desired: deploy.DesiredDeployment | None
+    desired: DesiredDeployment | None
     live_id: str | None
     pool_exists: bool
-    changes: list[deploy.FieldChange] = field(default_factory=list)
+    changes: list[FieldChange] = field(default_factory=list)
     worker_mode: str = "service_files"  # or "start"
 
     @property
@@ -102,6 +119,8 @@ class FallbackPlan:
                        "write a service definition for an always-on host into the run directory and print the command"),
         }
 
+    nothing_to_apply = None  # the worker is always started or described: always confirmed
+
     def summary(self) -> str:
         d = self.desired
         what = ("no deployment change" if not self.deploy_needed else
@@ -117,95 +136,33 @@ def process_template() -> dict[str, Any]:
     return ProcessWorker.get_default_base_job_template()
 
 
-def build_plan(settings: Any) -> tuple[FallbackPlan | None, CheckReport]:
-    """Read-only: the checks, the desired deployment on the process pool and the diff with the live one."""
+def build_plan(settings: RunbookSettings) -> tuple[FallbackPlan | None, CheckReport]:
+    """Read-only: the checks, the desired deployment on the process pool and the diff with the live one.
+    A process pool has no pip_packages: only the env goes into the job variables."""
     settings.require("prefect.api_url", "prefect.api_key", "source.repo_url")
-    report = CheckReport(step=STEP)
     dep, fb = settings.deployment, settings.fallback
-    api = PrefectApi.from_settings(settings)
+    facts = Facts(settings, STEP, job_variables={"env": dict(dep.env)}, missing_pool_template=process_template())
     try:
-        api.check_access()
-    except PrefectApiError as exc:
-        report.add(Check.failed("prefect.access", "The Prefect API accepts the key", str(exc),
-                                f"check PREFECT_API_KEY and the workspace: {settings.where_to_set('prefect.api_key')}"))
-        return None, report
-    report.add(Check.passed("prefect.access", "The Prefect API accepts the key", settings.value("prefect.api_url")))
-    pool = api.read_work_pool(dep.work_pool)
-    if pool is None:
-        report.add(Check.passed("fallback.pool", f"Work pool {dep.work_pool} is a {dep.work_pool_type} pool",
-                                f"{dep.work_pool} does not exist yet: it will be created (type {dep.work_pool_type})"))
-        variables = process_template().get("variables") or {}
-    elif pool.type != dep.work_pool_type:
-        report.add(Check.failed(
-            "fallback.pool", f"Work pool {dep.work_pool} is a {dep.work_pool_type} pool",
-            f"{dep.work_pool} exists with type {pool.type!r}: a {dep.work_pool_type} worker would not serve it",
-            f"set fallback.work_pool to another name ({settings.where_to_set('fallback.work_pool')}), or delete "
-            f"{dep.work_pool} if nothing uses it",
-        ))
-        return None, report
-    else:
-        report.add(Check.passed("fallback.pool", f"Work pool {dep.work_pool} is a {dep.work_pool_type} pool",
-                                f"exists{' (PAUSED: resume it in the UI)' if pool.is_paused else ''}"))
-        variables = (pool.base_job_template or {}).get("variables") or {}
-    # step 03's own checks, shared so both deployments are held to the same rules
-    job_variables, findings = deploy.withhold({"env": dict(dep.env)}, "job_variables", settings)
-    report.add(deploy.job_variables_secrets_check(findings))
-    problems = deploy.template_problems(variables, job_variables)
-    if problems:
-        report.add(Check.failed("job_variables.schema", "Job variables fit the pool's base job template",
-                                "; ".join(problems), "fix [deployment.env] in the profile"))
-    else:
-        report.add(Check.passed("job_variables.schema", "Job variables fit the pool's base job template",
-                                f"env only (a process pool has no pip_packages: {dep.pip_packages} must be installed "
-                                "in the worker's environment)"))
-    source, info = deploy.source_checks(report, settings, pin_commit=False)
-    deploy.blocks_check(report, settings, api, info)
-    mode = "start" if fb.start_worker else "service_files"
-    report.add(Check.passed(
-        "fallback.worker_mode", "How the worker is run (fallback.start_worker)",
-        "started here in the background" if mode == "start" else
-        "on an always-on host: the runbook writes its service definition and prints the command",
-    ))
-    if source is None or not report.ok:
-        return None, report
-    desired = deploy.DesiredDeployment(
-        name=dep.name, flow_name=info.flow_name, entrypoint=settings.source.entrypoint, repository=source["repository"],
-        branch=source["branch"], commit_sha=source["commit_sha"], pinned=False, work_pool_name=dep.work_pool,
-        work_pool_type=dep.work_pool_type, job_variables=job_variables, parameters=dict(dep.parameters),
-        tags=sorted(set(dep.tags) | {"fallback"}),
-        description=(f"Fallback of the managed deployment: the orchestrator on process pool {dep.work_pool}, served "
-                     f"by worker {fb.worker_name}; deployed by the runbook from {source['repository']} ({source['branch']})."),
-    )
-    live = api.read_deployment(desired.full_name)
-    changes = deploy.diff_fields(desired.fields(), deploy.live_fields(live) if live is not None else None)
-    return FallbackPlan(desired, str(live.id) if live is not None else None, pool is not None, changes, mode), report
-
-
-def plan(ctx: Any) -> FallbackPlan | None:
-    """Notebook cell: the checks and the diff; a FAIL ends the cell."""
-    try:
-        the_plan, report = build_plan(ctx.settings)
-    except RunbookError as exc:
-        ctx.fail(exc)
-        raise
-    if the_plan is not None:
-        d = the_plan.desired
-        title = f"Deployment {d.full_name} on {d.work_pool_name}: " + (
-            "new deployment" if the_plan.live_id is None else "changes to apply" if the_plan.deploy_needed else "no changes")
-        show(deploy.DiffTable(title, the_plan.changes))
-        ctx.set("flow_name", d.flow_name)
-        ctx.set("commit_sha", d.commit_sha)
-        ctx.set("work_pool", d.work_pool_name)
-    ctx.record_checks(report)
-    return the_plan
-
-
-def confirm(ctx: Any, the_plan: FallbackPlan) -> None:
-    """Notebook cell: the plan behind the confirmation gate."""
-    ctx.confirm_plan(the_plan.summary(), the_plan.gate_plan())
-
-
-# -- apply -------------------------------------------------------------------------------------------
+        report = run_checks(facts, PLAN_CHECKS)
+        mode = "start" if fb.start_worker else "service_files"
+        report.add(WORKER_MODE.passed(
+            "started here in the background" if mode == "start" else
+            "on an always-on host: the runbook writes its service definition and prints the command"))
+        if not report.ok:
+            return None, report
+        desired = desired_deployment(
+            facts, pin_commit=False, name=dep.name, work_pool=dep.work_pool, work_pool_type=dep.work_pool_type,
+            tags=sorted(set(dep.tags) | {"fallback"}),
+            description=(f"Fallback of the managed deployment: the orchestrator on process pool {dep.work_pool}, "
+                         f"served by worker {fb.worker_name}; deployed by the runbook from {settings.source.clone_url} "
+                         f"({settings.source.branch})."),
+        )
+        live = facts.prefect().read_deployment(desired.full_name)
+        pool_exists = facts.work_pool() is not None
+    finally:
+        facts.close()
+    changes = diff_fields(desired.fields(), live_fields(live) if live is not None else None)
+    return FallbackPlan(desired, str(live.id) if live is not None else None, pool_exists, changes, mode), report
 
 
 def ensure_pool(api: PrefectApi, name: str, pool_type: str) -> bool:
@@ -217,46 +174,6 @@ def ensure_pool(api: PrefectApi, name: str, pool_type: str) -> bool:
     api.call(f"creating work pool {name!r}", lambda c: c.create_work_pool(
         WorkPoolCreate(name=name, type=pool_type, base_job_template=process_template())))
     return True
-
-
-def apply(ctx: Any, the_plan: FallbackPlan) -> str:
-    """Notebook cell (once approved): create the pool when missing, deploy when anything differs, read
-    the deployment back. Records and returns the fallback deployment id."""
-    try:
-        ctx.require_approved(the_plan.gate_plan())
-    except NotConfirmed as exc:
-        ctx.fail(exc)
-        raise
-    settings, d = ctx.settings, the_plan.desired
-    api = PrefectApi.from_settings(settings)
-    checks = []
-    try:
-        created = ensure_pool(api, d.work_pool_name, d.work_pool_type)
-    except PrefectApiError as exc:
-        ctx.record_failure(Check.failed("fallback.pool_ready", f"Work pool {d.work_pool_name} ready", str(exc),
-                                        "create it by hand: `prefect work-pool create default-agent-pool --type process`"),
-                           exc)
-        raise
-    checks.append(Check.passed("fallback.pool_ready", f"Work pool {d.work_pool_name} ready",
-                               "created (type process)" if created else "already there"))
-    if the_plan.deploy_needed:
-        try:
-            deployment_id = deploy.deploy_flow(settings, d)
-        except deploy.DeployError as exc:
-            ctx.record_failure(Check.failed("fallback.deploy", "Fallback deployment applied", exc.cause, exc.fix), exc)
-            raise
-        verb = "created" if the_plan.live_id is None else "updated"
-        checks.append(Check.passed("fallback.deploy", "Fallback deployment applied", f"{verb} {d.full_name}: {deployment_id}",
-                                   deployment_id=deployment_id))
-    else:
-        deployment_id = the_plan.live_id
-        checks.append(Check.passed("fallback.deploy", "Fallback deployment applied",
-                                   f"no changes: kept {d.full_name} ({deployment_id}) without calling deploy",
-                                   deployment_id=deployment_id))
-    checks += deploy.verification_checks(api, settings, d, deployment_id)
-    ctx.set("fallback_deployment_id", deployment_id)
-    ctx.record_checks(checks)
-    return deployment_id
 
 
 # -- the worker --------------------------------------------------------------------------------------
@@ -287,7 +204,7 @@ class WorkerSpec:
         return self.directory / "worker.log"
 
 
-def worker_spec(settings: Any, root: Path | None = None) -> WorkerSpec:
+def worker_spec(settings: RunbookSettings, root: Path | None = None) -> WorkerSpec:
     """The worker of this profile's fallback pool; its directory is keyed by the Prefect API URL and
     the pool, so two workspaces (or two sandboxes) never share a pid file."""
     fb = settings.fallback
@@ -330,7 +247,7 @@ def online_workers(api: PrefectApi, pool: str, name: str | None = None, since: d
     return out
 
 
-def _worker_env(settings: Any, spec: WorkerSpec, marker: str) -> dict[str, str]:
+def _worker_env(settings: RunbookSettings, spec: WorkerSpec, marker: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
         "PREFECT_API_URL": settings.value("prefect.api_url"),
@@ -347,12 +264,9 @@ def _worker_env(settings: Any, spec: WorkerSpec, marker: str) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Any, api: PrefectApi, spec: WorkerSpec, timeout: float) -> Check:
+def start_worker(settings: RunbookSettings, api: PrefectApi, spec: WorkerSpec, timeout: float) -> Check:
     """Start the worker in the background (own session, pid file, log) unless it already runs, and wait
     until the pool lists it online with a fresh heartbeat."""
-    from runbook_sandbox import process
-
-    title = f"Worker {spec.name} serves {spec.pool}"
     record = _read_pid(spec)
     if _alive(record):
         started = datetime.fromtimestamp(record["create_time"], timezone.utc)
@@ -364,7 +278,7 @@ def start_worker(settings: Any, api: PrefectApi, spec: WorkerSpec, timeout: floa
         marker = hashlib.sha256(f"{spec.directory}|{time.time()}".encode()).hexdigest()[:16]
         argv = [sys.executable, "-m", "prefect", *spec.argv[1:]]
         started = datetime.now(timezone.utc)
-        pid = process.spawn(argv, log_path=spec.log_file, env=_worker_env(settings, spec, marker), cwd=spec.directory)
+        pid = processes.spawn(argv, log_path=spec.log_file, env=_worker_env(settings, spec, marker), cwd=spec.directory)
         record = {"pid": pid, "create_time": psutil.Process(pid).create_time(), "marker": marker, "name": spec.name,
                   "pool": spec.pool, "started_at": started.isoformat()}
         spec.pid_file.write_text(json.dumps(record))
@@ -372,39 +286,34 @@ def start_worker(settings: Any, api: PrefectApi, spec: WorkerSpec, timeout: floa
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(record):
-            process.reap(record["pid"])
+            processes.reap(record["pid"])
             spec.pid_file.unlink(missing_ok=True)
-            return Check.failed(
-                "fallback.worker", title, f"the worker exited right after it was {how}; last log lines:\n"
-                + process.log_tail(spec.log_file), f"read the log; run `{spec.command}` by hand to see the error",
+            return WORKER.failed(f"the worker exited right after it was {how}; last log lines:\n"
+                + processes.log_tail(spec.log_file), f"read the log; run `{spec.command}` by hand to see the error",
             )
         if online_workers(api, spec.pool, spec.name, since=started):
-            return Check.passed("fallback.worker", title, f"{how}; the pool lists it ONLINE", pid=record["pid"])
+            return WORKER.passed(f"{spec.name} {how}; {spec.pool} lists it ONLINE", pid=record["pid"])
         time.sleep(1.0)
-    return Check.failed(
-        "fallback.worker", title, f"{how}, but {spec.pool} did not list it online within {timeout:g}s; last log lines:\n"
-        + process.log_tail(spec.log_file),
+    return WORKER.failed(f"{how}, but {spec.pool} did not list it online within {timeout:g}s; last log lines:\n"
+        + processes.log_tail(spec.log_file),
         "read the log; check PREFECT_API_URL / PREFECT_API_KEY, then re-run this step",
     )
 
 
-def stop_worker(settings: Any, spec: WorkerSpec | None = None) -> Check:
+def stop_worker(settings: RunbookSettings, spec: WorkerSpec | None = None) -> Check:
     """Stop a worker this runbook started (its process group and every flow run process it spawned);
     a no-op when none runs."""
-    from runbook_sandbox import process
-
     spec = spec or worker_spec(settings)
-    title = f"Worker {spec.name} stopped"
     record = _read_pid(spec)
     if record is None:
-        return Check.passed("fallback.worker_stopped", title, "no worker started by the runbook is running")
+        return WORKER_STOPPED.passed("no worker started by the runbook is running")
     leftovers: list[int] = []
     if _alive(record):
         try:
             children = psutil.Process(record["pid"]).children(recursive=True)
         except psutil.Error:
             children = []
-        process.stop(record["pid"], signal.SIGTERM, timeout=STOP_TIMEOUT)
+        processes.stop(record["pid"], signal.SIGTERM, timeout=STOP_TIMEOUT)
         marked = [p for p in psutil.process_iter() if _has_marker(p, record.get("marker"))]
         for p in {p.pid: p for p in children + marked}.values():
             try:
@@ -415,7 +324,7 @@ def stop_worker(settings: Any, spec: WorkerSpec | None = None) -> Check:
                 pass
     spec.pid_file.unlink(missing_ok=True)
     extra = f"; killed {len(leftovers)} leftover flow run process(es)" if leftovers else ""
-    return Check.passed("fallback.worker_stopped", title, f"stopped pid {record['pid']}{extra}", pid=record["pid"])
+    return WORKER_STOPPED.passed(f"stopped pid {record['pid']}{extra}", pid=record["pid"])
 
 
 def _has_marker(proc: psutil.Process, marker: str | None) -> bool:
@@ -427,13 +336,13 @@ def _has_marker(proc: psutil.Process, marker: str | None) -> bool:
         return False
 
 
-def worker_running(settings: Any) -> int | None:
+def worker_running(settings: RunbookSettings) -> int | None:
     """The pid of the worker this runbook started for the profile's fallback pool, if it runs."""
     record = _read_pid(worker_spec(settings))
     return record["pid"] if _alive(record) else None
 
 
-def write_service_files(settings: Any, spec: WorkerSpec, directory: Path) -> list[Path]:
+def write_service_files(settings: RunbookSettings, spec: WorkerSpec, directory: Path) -> list[Path]:
     """A ready service definition for a small always-on host (a Procfile host, or any Docker host):
     the worker command, its packages (the flow's: a process pool installs nothing), and the names of
     the settings it needs. No secret value is written."""
@@ -474,77 +383,125 @@ def write_service_files(settings: Any, spec: WorkerSpec, directory: Path) -> lis
     return written
 
 
-def worker(ctx: Any) -> Check:
-    """Notebook cell: run the worker the way the profile says (fallback.start_worker), then check
-    that the pool has a worker online; a FAIL ends the cell before the Edge Function is switched."""
-    settings = ctx.settings
-    spec = worker_spec(settings, ctx.root)
-    api = PrefectApi.from_settings(settings)
-    ctx.set("worker_command", spec.command)
-    if settings.fallback.start_worker:
-        check = start_worker(settings, api, spec, settings.fallback.worker_start_timeout_seconds)
-        ctx.set("worker_pid_file", str(spec.pid_file))
+class Fallback(Step):
+    """The cells of the fallback: plan, confirm, apply, worker, stop, switch_back_command (the Edge
+    Function's secret and the end-to-end test run with steps 04's and 05's classes on this context)."""
+
+    OUTPUT = FallbackOutput
+
+    def plan(self) -> FallbackPlan | None:
+        """The checks and the diff; a FAIL ends the cell."""
+        with self.failing():
+            the_plan, report = build_plan(self.settings)
+        if the_plan is not None:
+            d = the_plan.desired
+            title = f"Deployment {d.full_name} on {d.work_pool_name}: " + (
+                "new deployment" if the_plan.live_id is None else "changes to apply" if the_plan.deploy_needed
+                else "no changes")
+            show(diff_table(title, the_plan.changes))
+            self.publish(flow_name=d.flow_name, commit_sha=d.commit_sha, work_pool=d.work_pool_name)
+        self.ctx.record_checks(report)
+        return the_plan
+
+    def apply(self, the_plan: FallbackPlan) -> str:
+        """Once approved: create the pool when missing, deploy when anything differs, read the
+        deployment back. Records and returns the fallback deployment id."""
+        ctx = self.ctx
+        with self.failing():
+            ctx.require_approved(the_plan.gate_plan())
+        settings, d = self.settings, the_plan.desired
+        api = PrefectApi.from_settings(settings)
+        checks = []
+        try:
+            created = ensure_pool(api, d.work_pool_name, d.work_pool_type)
+        except PrefectApiError as exc:
+            ctx.record_failure(POOL_READY.failed(str(exc)), exc)
+            raise
+        checks.append(POOL_READY.passed(f"{d.work_pool_name}: " + ("created (type process)" if created else "already there")))
+        if the_plan.deploy_needed:
+            try:
+                deployment_id = deploy_flow(settings, d)
+            except DeployError as exc:
+                ctx.record_failure(DEPLOYED.failed(exc.cause, exc.fix), exc)
+                raise
+            verb = "created" if the_plan.live_id is None else "updated"
+            checks.append(DEPLOYED.passed(f"{verb} {d.full_name}: {deployment_id}", deployment_id=deployment_id))
+        else:
+            deployment_id = the_plan.live_id
+            checks.append(DEPLOYED.passed(f"no changes: kept {d.full_name} ({deployment_id}) without calling deploy",
+                                          deployment_id=deployment_id))
+        checks += verification_checks(api, settings, d, deployment_id)
+        self.publish(fallback_deployment_id=deployment_id)
+        ctx.record_checks(checks)
+        return deployment_id
+
+    def worker(self) -> Check:
+        """Run the worker the way the profile says (fallback.start_worker), then check that the pool
+        has a worker online; a FAIL ends the cell before the Edge Function is switched."""
+        ctx, settings = self.ctx, self.settings
+        spec = worker_spec(settings, ctx.root)
+        api = PrefectApi.from_settings(settings)
+        self.publish(worker_command=spec.command)
+        if settings.fallback.start_worker:
+            check = start_worker(settings, api, spec, settings.fallback.worker_start_timeout_seconds)
+            self.publish(worker_pid_file=str(spec.pid_file))
+            return ctx.record_checks([check]).checks[0]
+        target = ctx.run_dir / SERVICE_DIR
+        files = write_service_files(settings, spec, target)
+        self.publish(service_files=[str(p) for p in files])
+        print(f"Run the worker on an always-on host with the flow's packages installed:\n"
+              f"  PREFECT_API_URL={settings.value('prefect.api_url')} PREFECT_API_KEY=<your key> {spec.command}\n"
+              f"or deploy the service definition written to {target}: {', '.join(p.name for p in files)}")
+        online = online_workers(api, spec.pool)
+        if online:
+            check = WORKER.passed(f"online on {spec.pool}: {', '.join(w.name for w in online)}; service definition in "
+                                  f"{target}")
+        else:
+            check = WORKER.failed(
+                f"no worker is online on {spec.pool}: the Edge Function is NOT switched to a pool nobody serves",
+                f"start the worker on its host (`{spec.command}` with PREFECT_API_URL and PREFECT_API_KEY set, or the "
+                f"Procfile / Dockerfile in {target}), then re-run this step",
+            )
         return ctx.record_checks([check]).checks[0]
-    target = ctx.run_dir / SERVICE_DIR
-    files = write_service_files(settings, spec, target)
-    ctx.set("service_files", [str(p) for p in files])
-    print(f"Run the worker on an always-on host with the flow's packages installed:\n"
-         f"  PREFECT_API_URL={settings.value('prefect.api_url')} PREFECT_API_KEY=<your key> {spec.command}\n"
-         f"or deploy the service definition written to {target}: {', '.join(p.name for p in files)}")
-    online = online_workers(api, spec.pool)
-    if online:
-        check = Check.passed("fallback.worker", f"A worker serves {spec.pool}",
-                             f"online: {', '.join(w.name for w in online)}; service definition in {target}")
-    else:
-        check = Check.failed(
-            "fallback.worker", f"A worker serves {spec.pool}",
-            f"no worker is online on {spec.pool}: the Edge Function is NOT switched to a pool nobody serves",
-            f"start the worker on its host (`{spec.command}` with PREFECT_API_URL and PREFECT_API_KEY set, or the "
-            f"Procfile / Dockerfile in {target}), then re-run this step",
-        )
-    return ctx.record_checks([check]).checks[0]
 
+    def stop(self, enabled: Any = True) -> Check | None:
+        """Stop the worker the runbook started, when asked (`stop_worker`)."""
+        ctx = self.ctx
+        with self.failing():
+            enabled = parse_flag("stop_worker", enabled)
+        if not enabled:
+            print(f"The worker keeps serving {self.settings.fallback.work_pool} (stop_worker = False).")
+            return None
+        check = stop_worker(self.settings, worker_spec(self.settings, ctx.root))
+        print(f"{check.title}: {check.detail}. While the Edge Function points at the fallback deployment, its runs "
+              "wait for a worker: switch back (below) or start the worker again.")
+        ctx.results.add_checks(CheckReport(step=ctx.name, checks=[check]))
+        ctx.save()
+        return check
 
-def stop(ctx: Any, enabled: Any = True) -> Check | None:
-    """Notebook cell: stop the worker the runbook started, when asked (`stop_worker`)."""
-    if isinstance(enabled, str):
-        enabled = enabled.strip().lower() in ("1", "true", "yes", "on")
-    if not enabled:
-        print(f"The worker keeps serving {ctx.settings.fallback.work_pool} (stop_worker = False).")
-        return None
-    check = stop_worker(ctx.settings, worker_spec(ctx.settings, ctx.root))
-    print(f"{check.title}: {check.detail}. While the Edge Function points at the fallback deployment, its runs "
-         "wait for a worker: switch back (below) or start the worker again.")
-    ctx.results.add_checks(CheckReport(step=ctx.name, checks=[check]))
-    ctx.save()
-    return check
+    def managed_deployment_id(self) -> tuple[str | None, str]:
+        """The managed deployment's id: step 03's output in this run directory, else looked up by name."""
+        try:
+            deployment_id = self.ctx.output_of(DeployOutput).deployment_id
+            if deployment_id:
+                return deployment_id, f"step {DeployOutput.STEP}'s results"
+        except ResultsError:
+            pass
+        own = self.ctx.output(FallbackOutput)
+        name, pool = own.managed_deployment_name, own.managed_work_pool
+        found = [d for d in PrefectApi.from_settings(self.settings).read_deployments_named(name) if d.work_pool_name == pool]
+        if len(found) == 1:
+            return str(found[0].id), f"the deployment {name!r} on {pool}, looked up by name"
+        return None, f"{len(found)} deployment(s) named {name!r} on {pool}"
 
-
-# -- switching back ----------------------------------------------------------------------------------
-
-
-def managed_deployment_id(ctx: Any) -> tuple[str | None, str]:
-    """The managed deployment's id: step 03's results in this run directory, else looked up by name."""
-    try:
-        return str(ctx.previous(DEPLOY_STEP).value("deployment_id")), f"step {DEPLOY_STEP}'s results"
-    except ResultsError:
-        pass
-    name = ctx.results.values.get("managed_deployment_name")
-    pool = ctx.results.values.get("managed_work_pool")
-    found = [d for d in PrefectApi.from_settings(ctx.settings).read_deployments_named(name) if d.work_pool_name == pool]
-    if len(found) == 1:
-        return str(found[0].id), f"the deployment {name!r} on {pool}, looked up by name"
-    return None, f"{len(found)} deployment(s) named {name!r} on {pool}"
-
-
-def switch_back_command(ctx: Any) -> str:
-    """Notebook cell: the one command that points the Edge Function back at the managed deployment
-    (step 04 with its id). Read-only: it prints the command, it does not run it."""
-    deployment_id, source = managed_deployment_id(ctx)
-    shown = deployment_id or "<the managed deployment id: step 03's deployment_id>"
-    command = (f"python -m runbook_lib run --profile {ctx.profile} --only {SECRET_STEP} "
-               f"-p deployment_id={shown} --confirm")
-    ctx.set("switch_back_command", command)
-    print(f"To switch back to Prefect Managed (deployment id from {source}):\n  {command}\n"
-         f"then stop the fallback worker: re-run this notebook with -p stop_worker true, or stop its host.")
-    return command
+    def switch_back_command(self) -> str:
+        """The one command that points the Edge Function back at the managed deployment (step 04 with
+        its id). Read-only: it prints the command, it does not run it."""
+        deployment_id, source = self.managed_deployment_id()
+        shown = deployment_id or "<the managed deployment id: step 03's deployment_id>"
+        command = (f"runbook run --profile {self.ctx.profile} --only {EdgeSecretOutput.STEP} "
+                   f"-p deployment_id={shown} --confirm")
+        self.publish(switch_back_command=command)
+        print(f"To switch back to Prefect Managed (deployment id from {source}):\n  {command}\n"
+              f"then stop the fallback worker: re-run this notebook with -p stop_worker true, or stop its host.")
+        return command

@@ -22,13 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.checks.base import Check, CheckReport, define
 from runbook_lib.core.errors import FlowSourceError, GitError, RunbookError
-from runbook_lib.source.flow import SecretLoad, parse, repository_imports, secret_loads
-from runbook_lib.systems.git import GitRepo
 from runbook_lib.core.secrets import redact, register_secret
+from runbook_lib.notebook.context import StepContext
+from runbook_lib.records.outputs import MergeOutput
+from runbook_lib.source.flow import SecretLoad, parse, repository_imports, secret_loads
+from runbook_lib.steps.base import Step
+from runbook_lib.systems.git import GitRepo
 
-STEP = "02_merge_check"
+MERGED = define("merge.merged", "Feature branch merged into the target",
+                proves="the target branch contains the feature branch's commits",
+                remediation="check the repository URL and that both branches exist")
+LOADS_BLOCK = define("merge.entrypoint_loads_block", "The target's entrypoint loads the Secret block",
+                     proves="the target's entrypoint, or a repository module it imports, calls Secret.load(<the DSN "
+                            "block>)")
+LOAD_HANDLED = define("merge.load_error_handled", "A failed Secret block load fails the run",
+                      proves="a failed Secret.load is not swallowed (the run fails at its start, naming the block)")
 DEFAULT_FEATURE_BRANCH = "feature/secret-blocks"
 MERGE_IDENTITY = ("Deployment runbook", "runbook@localhost")
 
@@ -253,50 +263,42 @@ def block_loading(files: dict[str, str], entrypoint: str) -> BlockLoading:
 # -- the step -------------------------------------------------------------------------------------
 
 
-class MergeCheck:
+class MergeCheck(Step):
     """Step 02 over a step context: inspect, propose, apply, verify (one notebook cell each)."""
 
-    def __init__(self, ctx: Any, feature_branch: str = DEFAULT_FEATURE_BRANCH, target_branch: str | None = None):
-        self.ctx = ctx
+    OUTPUT = MergeOutput
+
+    def __init__(self, ctx: StepContext, feature_branch: str = DEFAULT_FEATURE_BRANCH, target_branch: str | None = None):
+        super().__init__(ctx)
         settings = ctx.settings
-        settings.require("source.repo_url")
-        self.feature = _branch_name(feature_branch, "feature_branch")
-        self.target = _branch_name(target_branch or settings.source.branch, "target_branch")
-        if self.feature == self.target:
-            raise RunbookError(f"feature_branch and target_branch are both {self.feature!r}: nothing to merge")
+        with self.failing():
+            settings.require("source.repo_url")
+            self.feature = _branch_name(feature_branch, "feature_branch")
+            self.target = _branch_name(target_branch or settings.source.branch, "target_branch")
+            if self.feature == self.target:
+                raise RunbookError(f"feature_branch and target_branch are both {self.feature!r}: nothing to merge")
         self.block = settings.blocks.database_url
         self.entrypoint = settings.source.entrypoint
-        self.workspace = MergeWorkspace(settings.value("source.repo_url"), settings.value("source.github_token"))
+        self.workspace = MergeWorkspace(settings.source.clone_url, settings.value("source.github_token"))
         self.comparison: BranchComparison | None = None
         self.plan: dict[str, Any] | None = None
 
-    @classmethod
-    def for_step(cls, ctx: Any, feature_branch: str = DEFAULT_FEATURE_BRANCH, target_branch: str | None = None) -> "MergeCheck":
-        try:
-            return cls(ctx, feature_branch, target_branch)
-        except RunbookError as exc:
-            ctx.fail(exc)
-            raise
-
     def _step(self, fn: Any) -> Any:
         """Run one stage; a runbook error marks the step failed (and is raised, failing the cell)."""
-        try:
+        with self.failing():
             return fn()
-        except RunbookError as exc:
-            self.ctx.fail(exc)
-            raise
 
     def inspect(self) -> BranchComparison:
         """Fetch both branches; where the feature branch stands against the target (recorded as `before`)."""
         self.comparison = self._step(lambda: self.workspace.compare(self.target, self.feature))
-        self.ctx.set("before", self.comparison.facts())
+        self.publish(before=self.comparison.facts())
         return self.comparison
 
     def propose(self) -> Any:
         """Nothing to confirm when merged; else the merge (and push) as a plan behind the gate."""
         comparison = self.comparison or self.inspect()
         if comparison.merged:
-            self.ctx.set("action", "none: already merged")
+            self.publish(action="none: already merged")
             return f"{self.feature} is already merged into {self.target}: nothing to merge, nothing to push."
         self._step(lambda: self.ctx.settings.require("source.github_token"))
         self.plan = {
@@ -334,8 +336,7 @@ class MergeCheck:
             return sha
 
         sha = self._step(merge_and_push)
-        self.ctx.set("action", "fast-forward" if comparison.fast_forward else "merge commit")
-        self.ctx.set("pushed_sha", sha)
+        self.publish(action="fast-forward" if comparison.fast_forward else "merge commit", pushed_sha=sha)
         return f"{self.target} is now {sha[:12]} on {comparison.repo_url} (pushed)"
 
     def verify(self) -> CheckReport:
@@ -344,10 +345,9 @@ class MergeCheck:
         try:
             after = self.workspace.compare(self.target, self.feature)
         except RunbookError as exc:
-            report.add(Check.failed("merge.merged", f"{self.feature} merged into {self.target}", str(exc),
-                                    "check the repository URL and that both branches exist"))
+            report.add(MERGED.failed(str(exc)))
             return report
-        self.ctx.set("after", after.facts())
+        self.publish(after=after.facts())
         report.add(self._merged_check(after))
         loads_check, handled_check = self._block_checks()
         report.add(loads_check)
@@ -355,13 +355,11 @@ class MergeCheck:
         return report
 
     def _merged_check(self, after: BranchComparison) -> Check:
-        title = f"{self.feature} merged into {self.target}"
         if after.merged:
-            return Check.passed("merge.merged", title, f"{self.target} at {after.target_sha[:12]} contains {self.feature} "
+            return MERGED.passed(f"{self.target} at {after.target_sha[:12]} contains {self.feature} "
                                 f"({after.feature_sha[:12]}); {len(after.behind)} commit(s) on {self.target} since",
                                 target_sha=after.target_sha)
-        return Check.failed(
-            "merge.merged", title,
+        return MERGED.failed(
             f"{self.feature} is {len(after.ahead)} commit(s) ahead of {self.target}: the deployment would run the "
             f"orchestrator of {self.target}, which does not have the Secret-block change",
             f"run this step with confirm=True to merge and push, or merge {self.feature} into {self.target} on GitHub "
@@ -369,34 +367,29 @@ class MergeCheck:
         )
 
     def _block_checks(self) -> tuple[Check, Check]:
-        loads_title = f"The entrypoint on {self.target} loads Secret block {self.block!r}"
-        handled_title = "A failed Secret block load fails the run"
         try:
             files = self.workspace.files_at(self.target)
             loading = block_loading(files, self.entrypoint)
         except (FlowSourceError, GitError) as exc:
-            return (Check.failed("merge.entrypoint_loads_block", loads_title, str(exc),
-                                 f"check source.entrypoint ({self.entrypoint}) against branch {self.target}"),
-                    Check.skipped("merge.load_error_handled", handled_title, "skipped: the entrypoint could not be read"))
+            return (LOADS_BLOCK.failed(str(exc), f"check source.entrypoint ({self.entrypoint}) against branch {self.target}"),
+                    LOAD_HANDLED.skipped("skipped: the entrypoint could not be read"))
         loads = loading.of(self.block)
         if not loads:
             found = sorted({l.block or "<computed name>" for _, l, _ in loading.loads})
-            return (Check.failed(
-                        "merge.entrypoint_loads_block", loads_title,
+            return (LOADS_BLOCK.failed(
                         f"no Secret.load({self.block!r}) in {self.entrypoint.split(':')[0]} or the modules it imports "
                         f"on {self.target} (Secret blocks loaded: {', '.join(found) or 'none'}): the orchestrator still "
                         "reads its DSN elsewhere (e.g. an environment variable the managed runtime does not have)",
                         f"merge {self.feature} into {self.target} (this step, confirm=True), or make the orchestrator "
                         f"load its DSN with Secret.load({self.block!r})"),
-                    Check.skipped("merge.load_error_handled", handled_title, f"skipped: no load of {self.block!r}"))
+                    LOAD_HANDLED.skipped(f"skipped: no load of {self.block!r}"))
         where = ", ".join(f"{path}:{load.line} ({load.function or 'module level'})" for path, load, _ in loads)
-        loads_check = Check.passed("merge.entrypoint_loads_block", loads_title, f"Secret.load({self.block!r}) at {where}")
+        loads_check = LOADS_BLOCK.passed(f"Secret.load({self.block!r}) at {where} on {self.target}")
         silent = [(p, l) for p, l, raised in loads if l.swallowed and raised is None]
         if silent:
             detail = "; ".join(f"{p}:{l.line} in {l.function or 'module level'} is caught by {l.handler} and nothing "
                                "raises afterwards" for p, l in silent)
-            return loads_check, Check.warned(
-                "merge.load_error_handled", handled_title,
+            return loads_check, LOAD_HANDLED.warned(
                 detail + ": a missing or unreadable block would not fail the run at the start, but later, with a "
                 "misleading error (or silently use another DSN)",
                 "re-raise in the handler, or raise an error naming the block when no DSN was loaded",
@@ -405,7 +398,7 @@ class MergeCheck:
         detail = ("; ".join(f"{p}:{l.line} is caught by {l.handler}, and the function raises at line {r} when no DSN "
                             "was loaded" for p, l, r in caught)
                   if caught else "the load is not wrapped in a handler that swallows its error")
-        return loads_check, Check.passed("merge.load_error_handled", handled_title, detail)
+        return loads_check, LOAD_HANDLED.passed(detail)
 
     def close(self) -> None:
         self.workspace.close()

@@ -1,8 +1,9 @@
 """The pipeline's Postgres (Supabase's, or the sandbox's), with psycopg 3.
 
-Reads what the checks look at (the trigger and its function, pg_net's presence and responses, the
-registry, workflow states and their transitions) and launches a batch exactly as the admin UI
-does, so the end-to-end test goes through the real trigger. Connection failures become a
+Every SQL statement of the runbook is here. It reads what the checks look at (the schema contract:
+tables, columns, enums, the unique key; the trigger and its function, pg_net's presence, queue and
+responses, the registry, workflow states and their transitions) and launches a batch exactly as the
+admin UI does, so the end-to-end test goes through the real trigger. Connection failures become a
 `DatabaseError` with the password masked.
 """
 
@@ -20,6 +21,7 @@ from psycopg.rows import dict_row
 
 from runbook_lib.core.errors import DatabaseError
 from runbook_lib.core.secrets import redact, register_secret
+from runbook_lib.core.settings import RunbookSettings
 
 TRIGGER_NAME = "trigger_batch_ready"
 TRIGGER_FUNCTION = "public.notify_prefect_on_batch_insert"
@@ -65,7 +67,7 @@ class Database:
         self.where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> "Database":
+    def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "Database":
         settings.require("database.url")
         return cls(settings.value("database.url"), **kwargs)
 
@@ -86,6 +88,56 @@ class Database:
     # -- structure ----------------------------------------------------------------------------
     def server_version(self) -> str:
         return self.query("SHOW server_version")[0]["server_version"]
+
+    def has_relation(self, name: str) -> bool:
+        """A table or view named `schema.name` exists."""
+        return bool(self.query("SELECT to_regclass(%s) IS NOT NULL AS ok", (name,))[0]["ok"])
+
+    def has_schema(self, name: str) -> bool:
+        return bool(self.query("SELECT to_regnamespace(%s) IS NOT NULL AS ok", (name,))[0]["ok"])
+
+    def columns(self, tables: Iterable[str], schema: str = "public") -> dict[str, set[str]]:
+        """table -> its column names, for those of `tables` that exist."""
+        rows = self.query(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = %s "
+            "AND table_name = ANY(%s)", (schema, list(tables)),
+        )
+        have: dict[str, set[str]] = {}
+        for r in rows:
+            have.setdefault(r["table_name"], set()).add(r["column_name"])
+        return have
+
+    def enum_labels(self, enums: Iterable[str]) -> dict[str, list[str]]:
+        """enum type -> its labels in order, for those of `enums` that exist."""
+        rows = self.query(
+            "SELECT t.typname, e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid "
+            "WHERE t.typname = ANY(%s) ORDER BY t.typname, e.enumsortorder", (list(enums),),
+        )
+        labels: dict[str, list[str]] = {}
+        for r in rows:
+            labels.setdefault(r["typname"], []).append(r["enumlabel"])
+        return labels
+
+    def column_types(self, columns: Iterable[tuple[str, str]], schema: str = "public") -> dict[tuple[str, str], str]:
+        """(table, column) -> its type name (udt_name), for those that exist."""
+        wanted = list(columns)
+        rows = self.query(
+            "SELECT table_name, column_name, udt_name FROM information_schema.columns WHERE table_schema = %s "
+            "AND (table_name || '.' || column_name) = ANY(%s)", (schema, [f"{t}.{c}" for t, c in wanted]),
+        )
+        return {(r["table_name"], r["column_name"]): r["udt_name"] for r in rows}
+
+    def unique_keys(self, table: str) -> list[list[str]]:
+        """The column sets of the table's unique indexes without a predicate."""
+        rows = self.query(
+            """
+            SELECT array_agg(a.attname::text ORDER BY a.attname) AS cols
+              FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indpred IS NULL
+             GROUP BY i.indexrelid
+            """, (table,),
+        )
+        return [list(r["cols"]) for r in rows]
 
     def http_post_available(self) -> bool:
         """pg_net's `net.http_post` exists with the signature the trigger calls."""
@@ -197,6 +249,25 @@ class Database:
             "FROM net._http_response WHERE id = ANY(%s) ORDER BY id",
             (request_ids,),
         )
+
+    def queued_requests(self, request_ids: list[int]) -> int:
+        """How many of these pg_net requests are still waiting in net.http_request_queue."""
+        return self.query("SELECT count(*) AS n FROM net.http_request_queue WHERE id = ANY(%s)", (request_ids,))[0]["n"]
+
+    def item_states(self, batch_id: str, step_name: str) -> list[dict[str, Any]]:
+        """The batch's workflow states of one step: item_id, status, meta, updated_at."""
+        return self.query(
+            "SELECT item_id, status::text AS status, meta, updated_at FROM public.workflow_states "
+            "WHERE batch_id = %s AND step_name = %s ORDER BY item_id",
+            (batch_id, step_name),
+        )
+
+    def claimed_count(self, batch_id: str, step_name: str) -> int:
+        """How many recorded transitions of the batch's states (of one step) left their first status."""
+        return self.query(
+            "SELECT count(*) AS n FROM runbook.workflow_state_transitions WHERE batch_id = %s AND step_name = %s "
+            "AND from_status IS NOT NULL", (batch_id, step_name),
+        )[0]["n"]
 
     def state_counts(self, batch_id: str) -> dict[tuple[str, str], int]:
         """(step_name, status) -> number of workflow states of the batch."""

@@ -18,6 +18,7 @@ from typing import Any
 
 from runbook_lib.core.errors import GitError
 from runbook_lib.core.secrets import redact, register_secret
+from runbook_lib.core.settings import RunbookSettings
 
 
 
@@ -33,7 +34,7 @@ class GitRepo:
             register_secret(self._basic(token), "GITHUB_TOKEN")
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> "GitRepo":
+    def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "GitRepo":
         settings.require("source.repo_url")
         return cls(settings.value("source.repo_url"), settings.value("source.github_token"), **kwargs)
 

@@ -20,7 +20,8 @@ import httpx
 
 from runbook_lib.core.aio import run_sync
 from runbook_lib.core.errors import PrefectApiError
-from runbook_lib.core.secrets import register_secret
+from runbook_lib.core.secrets import redact, register_secret
+from runbook_lib.core.settings import RunbookSettings
 
 T = TypeVar("T")
 
@@ -39,7 +40,7 @@ class PrefectApi:
         register_secret(api_key, "PREFECT_API_KEY")
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> "PrefectApi":
+    def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "PrefectApi":
         settings.require("prefect.api_url", "prefect.api_key")
         return cls(settings.value("prefect.api_url"), settings.value("prefect.api_key"), cloud=settings.prefect.is_cloud, **kwargs)
 
@@ -150,6 +151,28 @@ class PrefectApi:
         )
 
     # -- writes -------------------------------------------------------------------------------
+    def read_flow_run_states(self, flow_run_id: str | UUID) -> list[Any]:
+        """The flow run's states, oldest first."""
+        states = self.call(f"reading the states of flow run {flow_run_id}",
+                           lambda c: c.read_flow_run_states(UUID(str(flow_run_id))))
+        return sorted(states, key=lambda s: s.timestamp)
+
+    def flow_run_logs(self, flow_run_id: str | UUID, limit: int = 200) -> list[str]:
+        """The flow run's log lines, oldest first, as `HH:MM:SS LEVEL message` (masked)."""
+        import logging
+
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(str(flow_run_id))]))
+        logs = self.call(f"reading the logs of flow run {flow_run_id}",
+                         lambda c: c.read_logs(log_filter=flt, sort=LogSort.TIMESTAMP_ASC, limit=limit))
+        return [redact(f"{log.timestamp:%H:%M:%S} {logging.getLevelName(log.level)} {log.message}") for log in logs]
+
+    def read_flow_name(self, deployment: Any) -> str:
+        """The name of a deployment's flow (`<flow>/<deployment>` is a deployment's full name)."""
+        return self.call("reading the deployment's flow", lambda c: c.read_flow(deployment.flow_id)).name
+
     def create_flow_run(self, deployment_id: str | UUID, parameters: dict[str, Any] | None = None) -> Any:
         return self.call(
             f"creating a flow run of deployment {deployment_id}",
@@ -190,7 +213,7 @@ def _short_body(response: httpx.Response, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
-def prefect_settings(settings: Any) -> Iterator[None]:
+def prefect_settings(settings: RunbookSettings) -> Iterator[None]:
     """Point Prefect's settings (PREFECT_API_URL / PREFECT_API_KEY) at the profile for the block,
     for `from_source(...).deploy()`, `Secret.load()` and other calls that create their own client.
     Context variables: `run_sync` carries them into its worker thread."""

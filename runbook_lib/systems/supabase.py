@@ -21,6 +21,7 @@ import httpx
 
 from runbook_lib.core.errors import SupabaseApiError
 from runbook_lib.core.secrets import register_secret
+from runbook_lib.core.settings import RunbookSettings
 
 MAX_NAME_LENGTH = 256
 MAX_VALUE_LENGTH = 24576
@@ -85,7 +86,7 @@ class SupabaseManagementApi:
         )
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> "SupabaseManagementApi":
+    def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "SupabaseManagementApi":
         settings.require("supabase.api_url", "supabase.access_token", "supabase.project_ref")
         return cls(
             settings.value("supabase.api_url"), settings.value("supabase.access_token"),

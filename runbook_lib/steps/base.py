@@ -1,0 +1,56 @@
+"""What every step shares: a step is a class built from the notebook's `StepContext` and the
+notebook's parameters; its methods are the notebook's cells. It declares its typed output
+(`OUTPUT`); `NAME` is the step's name (its notebook's stem)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Iterator, Protocol
+
+from runbook_lib.core.errors import RunbookError
+from runbook_lib.notebook.context import StepContext, show
+from runbook_lib.records.outputs import StepOutput
+
+
+class Plan(Protocol):
+    """What a mutating step shows behind its gate."""
+
+    def summary(self) -> str: ...
+
+    def gate_plan(self) -> dict[str, Any]: ...
+
+    @property
+    def nothing_to_apply(self) -> str | None:
+        """Why there is nothing to confirm (the live state already matches), else None."""
+
+
+class Step:
+    OUTPUT: ClassVar[type[StepOutput]]
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+        self.settings = ctx.settings
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.OUTPUT.STEP
+
+    def publish(self, **fields: Any) -> StepOutput:
+        """Record these fields of the step's output (the others keep their values)."""
+        return self.ctx.publish(self.OUTPUT(**fields))
+
+    @contextlib.contextmanager
+    def failing(self) -> Iterator[None]:
+        """A RunbookError raised inside marks the step failed (with its message) and ends the cell."""
+        try:
+            yield
+        except RunbookError as exc:
+            self.ctx.fail(exc)
+            raise
+
+    def confirm(self, plan: Plan) -> None:
+        """Show the plan behind the confirmation gate, unless there is nothing to apply."""
+        if plan.nothing_to_apply:
+            show(f"{plan.nothing_to_apply}; nothing to confirm.")
+            return
+        self.ctx.confirm_plan(plan.summary(), plan.gate_plan())
