@@ -28,13 +28,13 @@ import uuid
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
+import psycopg2
 
-import psycopg2  # noqa: E402
+from runbook_lib.core.paths import project_root
+from runbook_sandbox import manager
+from runbook_sandbox.config import SandboxConfig
 
-from runbook_sandbox import manager  # noqa: E402
-from runbook_sandbox.config import SandboxConfig  # noqa: E402
+PROJECT_ROOT = project_root()
 
 WORKSTREAM, STEP = "company-enrichment", "company-firmographics"  # a seeded registry row
 

@@ -33,7 +33,8 @@ def run(
     kernel: Optional[str] = typer.Option(None, "--kernel", help="Jupyter kernel (default: the notebook's)."),
 ) -> None:
     """Execute the runbook's notebooks in order with papermill; records in outputs/<run-id>/."""
-    from runbook_lib.runner.run import EXIT_REFUSED, RunRefused, parse_param_args, run_runbook
+    from runbook_lib.runner.params import RunRefused, parse_param_args
+    from runbook_lib.runner.run import EXIT_REFUSED, run_runbook
 
     try:
         outcome = run_runbook(

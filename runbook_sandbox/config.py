@@ -19,12 +19,13 @@ from pathlib import Path
 import jwt
 from pydantic import BaseModel, Field
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STATE_DIR_ENV = "RUNBOOK_SANDBOX_DIR"
+from runbook_lib.core.paths import default_sandbox_dir, project_root
+
+PROJECT_ROOT = project_root()  # the one rule (RUNBOOK_PROJECT_ROOT, else the checkout): runbook_lib.core.paths
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get(STATE_DIR_ENV) or PROJECT_ROOT / ".sandbox").resolve()
+    return default_sandbox_dir()
 
 
 def _project_ref() -> str:
@@ -161,6 +162,15 @@ class SandboxConfig(BaseModel):
             f"http://127.0.0.1:{p.gateway_port}/api/accounts/{p.account_id}"
             f"/workspaces/{p.workspace_id}"
         )
+
+    def prefect_client_settings(self) -> dict[str, str]:
+        """The settings that point a Prefect client, CLI or worker at the sandbox, as at Cloud (the
+        gateway's `exports` and the managed worker's environment)."""
+        return {
+            "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_API_KEY": self.prefect.api_key,
+            "PREFECT_CLOUD_API_URL": f"http://127.0.0.1:{self.prefect.gateway_port}/api",
+        }
 
     @property
     def git_base_url(self) -> str:

@@ -10,8 +10,9 @@ advertisement and the POST) needs HTTP Basic auth whose password is the token (`
 any user name, e.g. `x-access-token`); otherwise 401 with `WWW-Authenticate: Basic realm="GitHub"`.
 Credentials that are presented but wrong are refused on every request, as GitHub does.
 
-Each request is appended to `cfg.request_log_path("git")` (method, path, status, ...; never the
-Authorization header). `/_sandbox/health` answers 200.
+Each request is one JSON line in `cfg.request_log_path("git")` (`http_common.RequestLog`): time,
+method, path, status, duration, and query, authenticated, chunked, content_encoding, user_agent;
+never the Authorization header. `/_sandbox/health` answers 200.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import os
 import re
 import signal
@@ -32,10 +32,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import SandboxConfig, config_from_argv
 from .git_seed import repo_path, seed_repository
-from .manager import ServiceDef
+from .http_common import RequestLog
+from .service import ServiceDef
 
 COPY_CHUNK = 64 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -43,19 +45,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 GIT_PATH_RE = re.compile(
     r"^/(info/refs|git-upload-pack|git-receive-pack|HEAD|objects/.+|info/alternates|info/http-alternates|info/packs)$"
 )
-
-
-class RequestLog:
-    """Appends one JSON line per request; thread-safe."""
-
-    def __init__(self, path: os.PathLike) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self.lock, open(self.path, "a") as f:
-            f.write(line)
 
 
 class GitHandler(BaseHTTPRequestHandler):
@@ -78,20 +67,21 @@ class GitHandler(BaseHTTPRequestHandler):
 
     # -- routing ----------------------------------------------------------------------------------
     def _handle(self) -> None:
-        started = time.monotonic()
+        self._started = time.monotonic()
         self._status = 0
         self._user: str | None = None
+        self._logged = False
         url = urlsplit(self.path)
-        path = unquote(url.path)
+        self._path, self._query = unquote(url.path), url.query
         try:
-            if path == "/_sandbox/health":
+            if self._path == "/_sandbox/health":
                 self._send_simple(HTTPStatus.OK, "ok\n")
             else:
-                self._handle_git(path, url.query)
+                self._handle_git(self._path, self._query)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            self._log(path, url.query, started)
+            self._log()  # when no answer was completed
 
     def _handle_git(self, path: str, query: str) -> None:
         parts = path.lstrip("/").split("/", 2)
@@ -141,6 +131,7 @@ class GitHandler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if self.close_connection:
             self.send_header("Connection", "close")
+        self._log()
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -206,6 +197,8 @@ class GitHandler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             if length is None and self.command != "HEAD":
                 self.send_header("Transfer-Encoding", "chunked")
+            if self.command == "HEAD":
+                self._log()
             self.end_headers()
             if self.command != "HEAD":
                 self._copy_body(proc.stdout, chunked=length is None)
@@ -264,33 +257,40 @@ class GitHandler(BaseHTTPRequestHandler):
         return status, headers
 
     def _copy_body(self, stdout, chunked: bool) -> None:
+        """Stream the CGI's body to the client, one block behind, so that the request is logged
+        before the client can have the whole answer."""
+        held = b""
         while True:
             data = stdout.read1(COPY_CHUNK)
             if not data:
                 break
-            if chunked:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            else:
-                self.wfile.write(data)
+            self._write_block(held, chunked)
+            held = data
+        self._log()
+        self._write_block(held, chunked)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def _write_block(self, data: bytes, chunked: bool) -> None:
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+
     # -- request log --------------------------------------------------------------------------------
-    def _log(self, path: str, query: str, started: float) -> None:
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "method": self.command,
-            "path": path,
-            "query": query,
-            "status": self._status,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            "authenticated": self._user is not None,
-            "chunked": self._is_chunked(),
-            "content_encoding": self.headers.get("Content-Encoding"),
-            "user_agent": self.headers.get("User-Agent"),
-        }
-        self.server.request_log.write(record)
+    def _log(self) -> None:
+        """The request's line (never the Authorization header), once; written before the answer's
+        last bytes go out."""
+        if self._logged:
+            return
+        self._logged = True
+        self.server.request_log.write(
+            self.command, self._path, self._status, self._started,
+            query=self._query,
+            authenticated=self._user is not None,
+            chunked=self._is_chunked(),
+            content_encoding=self.headers.get("Content-Encoding"),
+            user_agent=self.headers.get("User-Agent"),
+        )
 
 
 class GitServer(ThreadingHTTPServer):
@@ -303,7 +303,7 @@ class GitServer(ThreadingHTTPServer):
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return process.http_health(f"{cfg.git_base_url}/_sandbox/health")
+    return processes.http_health(f"{cfg.git_base_url}/_sandbox/health")
 
 
 def after_start(cfg: SandboxConfig) -> None:

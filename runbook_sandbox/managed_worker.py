@@ -32,7 +32,7 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessVariables, P
 
 from . import managed_runtime
 from .config import SandboxConfig, config_from_argv
-from .manager import ServiceDef, read_state
+from .service import ServiceDef, recorded_pid
 
 DEFAULT_IMAGE = "prefecthq/prefect-client:3-python3.12"
 
@@ -106,12 +106,10 @@ def worker_home(cfg: SandboxConfig) -> str:
 
 
 def worker_env(cfg: SandboxConfig) -> dict[str, str]:
-    from .prefect_gateway import client_settings
-
     tmp = cfg.state / "prefect" / "worker" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     return {
-        **client_settings(cfg),
+        **cfg.prefect_client_settings(),
         "PREFECT_HOME": worker_home(cfg),
         # Flow runs' working directories, clones and run manifests (which hold the run's resolved
         # environment, secrets included) stay in the sandbox's state, even after a kill.
@@ -124,7 +122,7 @@ def worker_env(cfg: SandboxConfig) -> dict[str, str]:
 
 
 def _process_started(cfg: SandboxConfig) -> datetime | None:
-    pid = read_state(cfg).get("services", {}).get("managed_worker", {}).get("pid")
+    pid = recorded_pid(cfg, SERVICE.name)
     try:
         return datetime.fromtimestamp(psutil.Process(pid).create_time(), timezone.utc) if pid else None
     except psutil.Error:

@@ -1,6 +1,6 @@
 """`sandbox up | status | down`: the lifecycle of every stand-in, in dependency order.
 
-Each emulated service is one module of this package exposing `SERVICE: ServiceDef`.
+Each emulated service is one module of this package exposing `SERVICE: ServiceDef` (`service.py`).
 `up` allocates free ports, starts what is not running, waits until each one is healthy, runs its
 `after_start` hook (migrations, seeding), and writes `<state>/sandbox.json` (per service: url, pid,
 healthy) and `<state>/sandbox.env` (the settings a production user would export).
@@ -12,15 +12,14 @@ import importlib
 import json
 import os
 import shutil
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import PROJECT_ROOT, SandboxConfig
+from .service import ServiceDef, read_state, write_state
 
 # The services, in start order (stopped in reverse). One module each, exposing SERVICE.
 SERVICE_MODULES: list[str] = [
@@ -39,32 +38,6 @@ class SandboxError(RuntimeError):
     """A sandbox operation failed; the message says which service and why."""
 
 
-@dataclass
-class ServiceDef:
-    name: str
-    # Config attributes holding this service's ports, e.g. ["supabase.port"]; allocated free.
-    ports: list[str] = field(default_factory=list)
-    # argv of the process; default `python -m runbook_sandbox.<module> --config <config.json>`.
-    # Return None when there is nothing to start (e.g. an external Postgres).
-    command: Callable[[SandboxConfig], list[str] | None] | None = None
-    # None when healthy, else a short reason.
-    health: Callable[[SandboxConfig], str | None] = lambda cfg: None
-    url: Callable[[SandboxConfig], str] = lambda cfg: ""
-    prepare: Callable[[SandboxConfig], None] | None = None  # before start (initdb, ...)
-    after_start: Callable[[SandboxConfig], None] | None = None  # after healthy (migrate, seed)
-    env: Callable[[SandboxConfig], dict[str, str]] | None = None  # extra process environment
-    exports: Callable[[SandboxConfig], dict[str, str]] | None = None  # lines of sandbox.env
-    stop_signal: int = signal.SIGTERM
-    start_timeout: float = 60.0
-    user: str | None = None  # run the process as this system user (Postgres refuses root)
-    module: str = ""
-
-    def argv(self, cfg: SandboxConfig) -> list[str] | None:
-        if self.command is not None:
-            return self.command(cfg)
-        return [sys.executable, "-m", f"runbook_sandbox.{self.module}", "--config", str(cfg.config_path)]
-
-
 def services() -> list[ServiceDef]:
     out = []
     for mod in SERVICE_MODULES:
@@ -81,28 +54,7 @@ def service(name: str) -> ServiceDef:
     raise SandboxError(f"unknown sandbox service {name!r}; known: {[s.name for s in services()]}")
 
 
-# -- state file ------------------------------------------------------------------------------------
-
-
-def _state_path(cfg: SandboxConfig) -> Path:
-    return cfg.state / "sandbox.json"
-
-
-def read_state(cfg: SandboxConfig) -> dict:
-    try:
-        return json.loads(_state_path(cfg).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"services": {}}
-
-
-def _write_state(cfg: SandboxConfig, state: dict) -> None:
-    cfg.state.mkdir(parents=True, exist_ok=True)
-    state["instance_id"] = cfg.instance_id
-    state["state_dir"] = cfg.state_dir
-    state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tmp = _state_path(cfg).with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(_state_path(cfg))
+# -- sandbox.env -----------------------------------------------------------------------------------
 
 
 def exports(cfg: SandboxConfig) -> dict[str, str]:
@@ -126,7 +78,7 @@ def _process_env(cfg: SandboxConfig, svc: ServiceDef) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
         {
-            process.INSTANCE_ENV: cfg.instance_id,
+            processes.INSTANCE_ENV: cfg.instance_id,
             "PYTHONUNBUFFERED": "1",
             "RUNBOOK_SANDBOX_DIR": cfg.state_dir,
             # `python -m runbook_sandbox.<module>` runs with cwd=<state>: make the package importable.
@@ -162,7 +114,7 @@ def _status_of(cfg: SandboxConfig, svc: ServiceDef, rec: dict | None) -> tuple[b
     if rec is None:
         return False, "not started"
     pid = rec.get("pid")
-    if pid and not process.is_alive(pid):
+    if pid and not processes.is_alive(pid):
         return False, f"process {pid} is not running"
     try:
         reason = svc.health(cfg)
@@ -198,14 +150,14 @@ def up(
                 echo(f"  {svc.name:16} already running  {rec.get('url', '')}")
                 continue
             echo(f"  {svc.name:16} was down ({reason}); restarting")
-            process.stop(rec.get("pid"), svc.stop_signal)
+            processes.stop(rec.get("pid"), svc.stop_signal, svc.stop_timeout)
         todo.append(svc)
     # Every port is known before anything starts, so a service can be configured with the URL of
     # one that starts after it (the trigger posts to the Edge Function, for instance).
     for svc in todo:
         for dotted in svc.ports:
-            if not process.port_is_free(_get_port_attr(cfg, dotted)):
-                _set_port_attr(cfg, dotted, process.free_port())
+            if not processes.port_is_free(_get_port_attr(cfg, dotted)):
+                _set_port_attr(cfg, dotted, processes.free_port())
     cfg.save()
     for svc in todo:
         if svc.prepare:
@@ -213,12 +165,12 @@ def up(
         argv = svc.argv(cfg)
         pid = None
         if argv:
-            pid = process.spawn(
+            pid = processes.spawn(
                 argv, log_path=cfg.log_path(svc.name), env=_process_env(cfg, svc), cwd=cfg.state, user=svc.user
             )
         rec = {"url": svc.url(cfg), "pid": pid, "log": str(cfg.log_path(svc.name)), "healthy": False}
         recs[svc.name] = rec
-        _write_state(cfg, state)
+        write_state(cfg, state)
         _wait_healthy(cfg, svc, rec)
         if svc.after_start:
             try:
@@ -226,7 +178,7 @@ def up(
             except Exception as exc:
                 raise SandboxError(f"{svc.name}: set-up after start failed: {type(exc).__name__}: {exc}") from exc
         rec["healthy"] = True
-        _write_state(cfg, state)
+        write_state(cfg, state)
         echo(f"  {svc.name:16} up               {rec['url']}")
     _write_env(cfg)
     return state
@@ -237,11 +189,11 @@ def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict) -> None:
     reason = "not checked"
     while time.monotonic() < deadline:
         pid = rec.get("pid")
-        if pid and not process.is_alive(pid):
-            process.reap(pid)
+        if pid and not processes.is_alive(pid):
+            processes.reap(pid)
             raise SandboxError(
                 f"{svc.name} exited during start-up. Last lines of {cfg.log_path(svc.name)}:\n"
-                + process.log_tail(cfg.log_path(svc.name))
+                + processes.log_tail(cfg.log_path(svc.name))
             )
         try:
             reason = svc.health(cfg)
@@ -252,7 +204,7 @@ def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict) -> None:
         time.sleep(0.2)
     raise SandboxError(
         f"{svc.name} did not become healthy within {svc.start_timeout:.0f}s ({reason}). "
-        f"Last lines of {cfg.log_path(svc.name)}:\n" + process.log_tail(cfg.log_path(svc.name))
+        f"Last lines of {cfg.log_path(svc.name)}:\n" + processes.log_tail(cfg.log_path(svc.name))
     )
 
 
@@ -283,9 +235,9 @@ def stop_service(name: str, state_dir: Path | None = None) -> None:
     svc = service(name)
     rec = state.get("services", {}).get(name)
     if rec:
-        process.stop(rec.get("pid"), svc.stop_signal)
+        processes.stop(rec.get("pid"), svc.stop_signal, svc.stop_timeout)
         rec["healthy"] = False
-        _write_state(cfg, state)
+        write_state(cfg, state)
 
 
 def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[str], None] = print) -> list[int]:
@@ -297,13 +249,13 @@ def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[
         rec = recs.get(svc.name)
         if not rec:
             continue
-        process.stop(rec.get("pid"), svc.stop_signal)
+        processes.stop(rec.get("pid"), svc.stop_signal, svc.stop_timeout)
         echo(f"  {svc.name:16} stopped")
-    leftovers = process.sweep(cfg.instance_id)
+    leftovers = processes.sweep(cfg.instance_id)
     if leftovers:
         echo(f"  killed {len(leftovers)} leftover process(es): {leftovers}")
     state["services"] = {}
-    _write_state(cfg, state)
+    write_state(cfg, state)
     if purge:
         shutil.rmtree(cfg.state, ignore_errors=True)
     return leftovers

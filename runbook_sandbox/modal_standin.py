@@ -10,8 +10,11 @@ The protocol (fixed; the orchestrator's sandbox dispatch relies on it):
 A sender does what the production senders do: its workflow_states row (item, step = the registry slug
 of that sender and workstream) goes IN_PROGRESS with meta.sent_at/service/payload; then, after the
 completion delay, its receiver runs (a call of its own): an enrichment_results row and COMPLETED.
-Fault injection per function under `/_sandbox/faults` (ok | spawn_error | fail | hang, delay_ms),
+Fault injection per function (`http_common.NamedFaults`): `PUT /_sandbox/faults/{function}`
+`{"mode": "ok" | "spawn_error" | "fail" | "hang", "delay_ms"?}`, `GET|DELETE /_sandbox/faults`;
 `PUT /_sandbox/settings {"complete_delay_ms"}`, `GET /_sandbox/calls`, `GET /_sandbox/health`.
+Every request is one JSON line in `cfg.request_log_path("modal")` (`http_common`): time, method,
+path, status, duration; never the token headers or bodies.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import asyncio
 import hashlib
 import json
 import secrets
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,9 +36,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import SandboxConfig, config_from_argv
-from .manager import ServiceDef
+from .http_common import BadRequest, HTTPProblem, NamedFaults, RequestLog, RequestLogMiddleware, json_body
+from .service import ServiceDef
 
 SERVICE_NAME = "sandbox-enrichment"  # meta.service of every state a sender hands off
 DEFAULT_COMPLETE_DELAY_MS = 300
@@ -103,7 +107,7 @@ class ModalStandin:
     def __init__(self, cfg: SandboxConfig) -> None:
         self.cfg = cfg
         self.calls: dict[str, FunctionCall] = {}
-        self.faults: dict[str, Fault] = {}
+        self.faults = NamedFaults(self._parse_fault, name_field="function", error_key="error")
         self.complete_delay_ms = DEFAULT_COMPLETE_DELAY_MS
         self.db_slots = asyncio.Semaphore(DB_CONCURRENCY)
         self.jobs: set[asyncio.Task] = set()
@@ -125,10 +129,13 @@ class ModalStandin:
 
     async def _functions(self) -> dict[str, str]:
         """The app's functions, from enrichment_registry: name -> 'sender' | 'receiver'."""
-        async with await self._connect() as conn:
-            rows = await (await conn.execute(
-                "SELECT modal_sender_fn, modal_receiver_fn FROM public.enrichment_registry"
-            )).fetchall()
+        try:
+            async with await self._connect() as conn:
+                rows = await (await conn.execute(
+                    "SELECT modal_sender_fn, modal_receiver_fn FROM public.enrichment_registry"
+                )).fetchall()
+        except psycopg.OperationalError as exc:
+            raise HTTPProblem(f"sandbox database unavailable: {str(exc).strip().splitlines()[0]}", 503) from exc
         roles = {r["modal_receiver_fn"]: "receiver" for r in rows if r["modal_receiver_fn"]}
         roles.update({r["modal_sender_fn"]: "sender" for r in rows if r["modal_sender_fn"]})
         return roles
@@ -149,8 +156,8 @@ class ModalStandin:
         app_name, fn = request.path_params["app_name"], request.path_params["function_name"]
         try:
             roles = await self._functions() if app_name == self.cfg.modal.app_name else {}
-        except psycopg.OperationalError as exc:
-            return _error(503, f"sandbox database unavailable: {str(exc).strip().splitlines()[0]}")
+        except HTTPProblem as exc:
+            return _error(exc.status, str(exc))
         if fn not in roles:
             return _error(404, f"Function {app_name}.{fn} not found")
         try:
@@ -166,7 +173,7 @@ class ModalStandin:
             uuid.UUID(args[0])
         except ValueError:
             return _error(400, f"item_id {args[0]!r} is not a UUID")
-        fault = self.faults.get(fn, Fault())
+        fault = self._fault(fn)
         if fault.mode == "spawn_error":
             return _error(500, "injected spawn failure")
         call = self._new_call(fn, args)
@@ -182,38 +189,25 @@ class ModalStandin:
             return _error(404, f"Function call {request.path_params['call_id']} not found")
         return JSONResponse(call.public())
 
-    async def put_fault(self, request: Request) -> JSONResponse:
-        fn = request.path_params["function_name"]
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "request body must be JSON: {\"mode\": ..., \"delay_ms\": ...}")
+    async def _parse_fault(self, fn: str, body: object) -> dict:
+        """PUT /_sandbox/faults/{fn} {"mode", "delay_ms"?}: the function's fault, or HTTPProblem."""
         mode = body.get("mode") if isinstance(body, dict) else None
         if mode not in FAULT_MODES:
-            return _error(400, f"mode must be one of {list(FAULT_MODES)}")
+            raise BadRequest(f"mode must be one of {list(FAULT_MODES)}")
         delay = body.get("delay_ms")
         if delay is not None and (isinstance(delay, bool) or not isinstance(delay, int) or delay < 0):
-            return _error(400, "delay_ms must be a non-negative integer")
-        try:
-            roles = await self._functions()
-        except psycopg.OperationalError as exc:
-            return _error(503, f"sandbox database unavailable: {str(exc).strip().splitlines()[0]}")
-        if fn not in roles:
-            return _error(404, f"Function {self.cfg.modal.app_name}.{fn} not found")
-        self.faults[fn] = Fault(mode, delay)
-        return JSONResponse({"function": fn, **asdict(self.faults[fn])})
+            raise BadRequest("delay_ms must be a non-negative integer")
+        if fn not in await self._functions():
+            raise HTTPProblem(f"Function {self.cfg.modal.app_name}.{fn} not found", 404)
+        return asdict(Fault(mode, delay))
 
-    async def get_faults(self, request: Request) -> JSONResponse:
-        return JSONResponse({fn: asdict(f) for fn, f in self.faults.items()})
-
-    async def reset_faults(self, request: Request) -> JSONResponse:
-        self.faults.clear()
-        return JSONResponse({})
+    def _fault(self, fn: str) -> Fault:
+        return Fault(**(self.faults.get(fn) or {}))
 
     async def put_settings(self, request: Request) -> JSONResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = await json_body(request)
+        except BadRequest:
             body = None
         delay = body.get("complete_delay_ms") if isinstance(body, dict) else None
         if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
@@ -295,7 +289,7 @@ class ModalStandin:
         if not receiver:
             print(f"{_now_iso()} no receiver mapped for {reg['slug']!r}; item {item_id} stays IN_PROGRESS", flush=True)
             return
-        fault = self.faults.get(receiver, Fault())
+        fault = self._fault(receiver)
         if fault.mode == "spawn_error":
             return  # the receiver never runs; the state stays IN_PROGRESS
         rcall = self._new_call(receiver, call.args, spawned_by=call.function_call_id)
@@ -339,54 +333,20 @@ class ModalStandin:
 
     # -- app -------------------------------------------------------------------------------------
 
-    def app(self) -> Starlette:
+    def app(self) -> RequestLogMiddleware:
         routes = [
             Route("/_sandbox/health", self.health, methods=["GET"]),
             Route("/v1/apps/{app_name}/functions/{function_name}/spawn", self.spawn, methods=["POST"]),
             Route("/v1/function_calls/{call_id}", self.function_call, methods=["GET"]),
-            Route("/_sandbox/faults/{function_name}", self.put_fault, methods=["PUT"]),
-            Route("/_sandbox/faults", self.get_faults, methods=["GET"]),
-            Route("/_sandbox/faults", self.reset_faults, methods=["DELETE"]),
+            *self.faults.routes(),
             Route("/_sandbox/settings", self.put_settings, methods=["PUT"]),
             Route("/_sandbox/calls", self.list_calls, methods=["GET"]),
         ]
-        return RequestLog(Starlette(routes=routes), self.cfg)
-
-
-class RequestLog:
-    """ASGI middleware: one JSON line per request (time, method, path, status, elapsed); no headers, no bodies."""
-
-    def __init__(self, app, cfg: SandboxConfig) -> None:
-        self.app = app
-        self.path = cfg.request_log_path("modal")
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.monotonic()
-        status = {"code": 500}
-
-        async def send_and_record(message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            line = {
-                "time": _now_iso(),
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status["code"],
-                "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
-            }
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        return RequestLogMiddleware(Starlette(routes=routes), RequestLog(self.cfg.request_log_path("modal")))
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return process.http_health(f"{cfg.modal_url}/_sandbox/health")
+    return processes.http_health(f"{cfg.modal_url}/_sandbox/health")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,9 +26,10 @@ import httpx
 import psycopg
 from psycopg.types.json import Jsonb
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import SandboxConfig, config_from_argv
-from .manager import ServiceDef
+from .service import ServiceDef
 
 CHANNEL = "net_http_request"
 POLL_SECONDS = 1.0  # fallback when a notification is missed (e.g. while reconnecting)
@@ -67,7 +68,7 @@ def health(cfg: SandboxConfig) -> str | None:
     age = time.time() - beat["at"]
     if age > HEARTBEAT_MAX_AGE_SECONDS:
         return f"last heartbeat {age:.0f}s ago"
-    if not process.is_alive(beat["pid"]):
+    if not processes.is_alive(beat["pid"]):
         return f"relay process {beat['pid']} is not running"
     if beat.get("error"):
         return f"not connected to the database: {beat['error']}"

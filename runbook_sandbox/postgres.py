@@ -16,8 +16,10 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from runbook_lib.core import processes
+
 from .config import SandboxConfig
-from .manager import ServiceDef
+from .service import ServiceDef
 
 SQL_DIR = Path(__file__).parent / "sql"
 RUN_AS = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # postgres refuses root
@@ -103,14 +105,12 @@ def prepare(cfg: SandboxConfig) -> None:
 def _remove_stale_pid_file(data: Path) -> None:
     """After a crash the postmaster may linger as an unreaped zombie, which Postgres takes for a live
     server ("lock file postmaster.pid already exists"); its pid file is stale once it is not alive."""
-    from . import process
-
     pid_file = data / "postmaster.pid"
     try:
         pid = int(pid_file.read_text().splitlines()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return
-    if not process.is_alive(pid):
+    if not processes.is_alive(pid):
         pid_file.unlink(missing_ok=True)
 
 
@@ -196,6 +196,7 @@ SERVICE = ServiceDef(
     after_start=after_start,
     exports=lambda cfg: {"DATABASE_URL": cfg.database_url},
     stop_signal=signal.SIGINT,  # fast shutdown
+    stop_timeout=15.0,  # let it finish its shutdown checkpoint rather than kill the server
     start_timeout=60,
     user=RUN_AS,
 )

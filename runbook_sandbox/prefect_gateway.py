@@ -18,8 +18,9 @@ The clients pick their Cloud classes (which send the key at all on WebSockets) o
 PREFECT_API_URL starts with PREFECT_CLOUD_API_URL, so the sandbox exports PREFECT_CLOUD_API_URL
 = `http://127.0.0.1:<port>/api` next to PREFECT_API_URL and PREFECT_API_KEY.
 
-Each request is one JSON line in `cfg.request_log_path("prefect")`: time, method (`WEBSOCKET` for
-upgrades), path, status, duration; never headers, bodies, query strings or the key.
+Each request is one JSON line in `cfg.request_log_path("prefect")` (`http_common.RequestLog`): time,
+method (`WEBSOCKET` for upgrades, logged once refused or connected through), path, status, duration;
+never headers, bodies, query strings or the key.
 
 After start, idempotently: the work pool `managed-production` (type `prefect:managed`, with the
 managed worker's base job template: the process template plus `pip_packages` and `image`; Prefect's
@@ -34,21 +35,22 @@ import contextlib
 import hmac
 import json
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
 import websockets
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import SandboxConfig, config_from_argv
-from .manager import ServiceDef
+from .http_common import RequestLog, RequestLogMiddleware
+from .service import ServiceDef
 
 WORKSPACE_PATH = "/api/accounts/{account_id}/workspaces/{workspace_id}/{path:path}"
 HOP_BY_HOP = {
@@ -59,40 +61,15 @@ AUTH_MESSAGE_TIMEOUT = 10.0
 SECRET_BLOCKS = ("postgres-connection-string", "modal-token-id", "modal-token-secret")
 
 
-def client_settings(cfg: SandboxConfig) -> dict[str, str]:
-    """The settings that point a Prefect client, CLI or worker at the sandbox, as at Cloud."""
-    return {
-        "PREFECT_API_URL": cfg.prefect_api_url,
-        "PREFECT_API_KEY": cfg.prefect.api_key,
-        "PREFECT_CLOUD_API_URL": f"http://127.0.0.1:{cfg.prefect.gateway_port}/api",
-    }
-
-
 def exports(cfg: SandboxConfig) -> dict[str, str]:
     return {
-        **client_settings(cfg),
+        **cfg.prefect_client_settings(),
         "PREFECT_ACCOUNT_ID": cfg.prefect.account_id,
         "PREFECT_WORKSPACE_ID": cfg.prefect.workspace_id,
     }
 
 
 # -- the gateway -----------------------------------------------------------------------------------
-
-
-class RequestLog:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, method: str, path: str, status: int, started: float) -> None:
-        record = {
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round((time.monotonic() - started) * 1000, 1),
-        }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 class Gateway:
@@ -121,14 +98,8 @@ class Gateway:
         p = self.cfg.prefect
         return params["account_id"] == p.account_id and params["workspace_id"] == p.workspace_id
 
-    # -- HTTP ----------------------------------------------------------------------------------
+    # -- HTTP (logged by RequestLogMiddleware) -------------------------------------------------
     async def http_proxy(self, request: Request) -> Response:
-        started = time.monotonic()
-        response = await self._http_proxy(request)
-        self.log.write(request.method, request.url.path, response.status_code, started)
-        return response
-
-    async def _http_proxy(self, request: Request) -> Response:
         if self.check_header(request.headers):
             detail = "Invalid API key" if request.headers.get("authorization") else "Missing API key"
             return JSONResponse({"detail": detail}, status_code=401)
@@ -265,8 +236,6 @@ def create_app(cfg: SandboxConfig) -> Starlette:
         return JSONResponse({"ok": True})
 
     async def not_found(request: Request) -> Response:
-        started = time.monotonic()
-        gateway.log.write(request.method, request.url.path, 404, started)
         return JSONResponse({"detail": "Not Found"}, status_code=404)
 
     @contextlib.asynccontextmanager
@@ -282,6 +251,7 @@ def create_app(cfg: SandboxConfig) -> Starlette:
             WebSocketRoute(WORKSPACE_PATH, gateway.ws_proxy),
             Route("/{path:path}", not_found, methods=methods),
         ],
+        middleware=[Middleware(RequestLogMiddleware, log=gateway.log)],
         lifespan=lifespan,
     )
 
@@ -300,7 +270,7 @@ def serve(cfg: SandboxConfig) -> None:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return process.http_health(f"http://127.0.0.1:{cfg.prefect.gateway_port}/_sandbox/health")
+    return processes.http_health(f"http://127.0.0.1:{cfg.prefect.gateway_port}/_sandbox/health")
 
 
 def api(cfg: SandboxConfig) -> httpx.Client:
@@ -314,7 +284,7 @@ def api(cfg: SandboxConfig) -> httpx.Client:
 
 def ensure_work_pool(cfg: SandboxConfig) -> None:
     """Create the managed pool, or bring its base job template up to date (its paused state stays)."""
-    from .managed_worker import base_job_template
+    from .managed_worker import base_job_template  # here: the gateway's own process needs no worker code
 
     template = base_job_template()
     with api(cfg) as client:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import re
 
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import SandboxConfig, config_from_argv
-from .manager import ServiceDef
+from .service import ServiceDef
 from .postgres import PREFECT_DATABASE, connect
 
 
@@ -98,7 +99,7 @@ def serve(cfg: SandboxConfig) -> None:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return process.http_health(f"{cfg.prefect_server_api_url}/health")
+    return processes.http_health(f"{cfg.prefect_server_api_url}/health")
 
 
 SERVICE = ServiceDef(

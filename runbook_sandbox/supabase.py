@@ -25,7 +25,7 @@ visible without a redeploy, yet warm instances may keep the old ones for a while
 the next request always sees the new values; a runbook that verifies by behaviour must still allow
 for the production delay.
 
-Sandbox-only endpoints:
+Sandbox-only endpoints (`http_common`'s scripted answers and rate limit):
   GET  /_sandbox/health
   GET|POST|DELETE /_sandbox/faults       list / add / clear injected answers: POST {"path", "status",
                                          "count" (null: until cleared), "method"?, "body"?, "headers"?}
@@ -33,8 +33,8 @@ Sandbox-only endpoints:
                                          `status` (a 429 gets the x-ratelimit-* headers).
   GET|POST /_sandbox/rate-limit          read / set {"limit", "window_seconds"} (resets the counters)
 
-Every request is logged as one JSON line in `cfg.request_log_path("supabase")`: time, method,
-path, status, duration; never headers, bodies or query strings.
+Every request is logged as one JSON line in `cfg.request_log_path("supabase")` (`http_common`): time,
+method, path, status, duration; never headers, bodies or query strings.
 """
 
 from __future__ import annotations
@@ -44,14 +44,12 @@ import contextlib
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -62,9 +60,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import process
+from runbook_lib.core import processes
+
 from .config import PROJECT_ROOT, SandboxConfig, config_from_argv
-from .manager import ServiceDef
+from .http_common import BadRequest, RateLimiter, RequestLog, RequestLogMiddleware, ScriptedAnswers, json_body, now_iso
+from .service import ServiceDef
 
 FUNCTIONS_DIR = PROJECT_ROOT / "supabase" / "functions"
 PROJECT_REF_RE = re.compile(r"^[a-z]{20}$")
@@ -72,8 +72,6 @@ SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 256
 MAX_VALUE_LENGTH = 24576
 RESERVED_PREFIX = "SUPABASE_"
-DEFAULT_RATE_LIMIT = 120
-DEFAULT_RATE_WINDOW = 60.0
 JWT_ROLES = {"anon", "authenticated", "service_role"}
 # The production situation: the function still holds the id of a deployment that no longer exists.
 STALE_DEPLOYMENT_ID = "00000000-0000-4000-8000-00000000dead"
@@ -82,10 +80,6 @@ DRAIN_TIMEOUT = 5.0
 GATEWAY_TIMEOUT = 150.0  # Supabase's request idle timeout
 FUNCTION_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # the function decides
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer"}
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def sha256_hex(value: str) -> str:
@@ -110,10 +104,6 @@ def deno_binary() -> str:
     return found
 
 
-class BadRequest(ValueError):
-    """Client input the Management API refuses; the message is returned as is."""
-
-
 # -- secrets ---------------------------------------------------------------------------------------
 
 
@@ -128,7 +118,7 @@ class SecretStore:
             self.created_at: str = data["created_at"]
             self.secrets: dict[str, dict[str, str]] = data["secrets"]
         else:
-            self.created_at = _now_iso()
+            self.created_at = now_iso()
             self.secrets = {}
             self._save()
 
@@ -154,7 +144,7 @@ class SecretStore:
     def upsert(self, body: object) -> bool:
         """Validate the whole body first, then apply; True when anything changed."""
         items = _parse_upsert(body)
-        now = _now_iso()
+        now = now_iso()
         changed = False
         for name, value in items.items():
             changed |= self.secrets.get(name, {}).get("value") != value
@@ -210,90 +200,6 @@ def _parse_delete(body: object) -> list[str]:
     if not isinstance(body, list) or not body:
         raise BadRequest("Body must be a non-empty JSON array of secret names")
     return [_check_name(name, f"name #{i}") for i, name in enumerate(body)]
-
-
-# -- rate limit and faults -------------------------------------------------------------------------
-
-
-class RateLimiter:
-    """A fixed window of `limit` requests per `window` seconds, counted per token."""
-
-    def __init__(self, limit: int = DEFAULT_RATE_LIMIT, window: float = DEFAULT_RATE_WINDOW):
-        self.configure(limit, window)
-
-    def configure(self, limit: int, window: float) -> None:
-        self.limit, self.window = limit, window
-        self._windows: dict[str, tuple[float, int]] = {}
-
-    def hit(self, token: str) -> tuple[bool, dict[str, str]]:
-        """Count one request; (allowed, x-ratelimit-* headers)."""
-        now = time.monotonic()
-        key = sha256_hex(token)
-        start, count = self._windows.get(key, (now, 0))
-        if now - start >= self.window:
-            start, count = now, 0
-        allowed = count < self.limit
-        if allowed:
-            count += 1
-        self._windows[key] = (start, count)
-        return allowed, self.headers(self.limit - count, start + self.window - now)
-
-    def headers(self, remaining: int, reset_seconds: float) -> dict[str, str]:
-        return {
-            "x-ratelimit-limit": str(self.limit),
-            "x-ratelimit-remaining": str(max(remaining, 0)),
-            "x-ratelimit-reset": str(max(math.ceil(reset_seconds), 0)),
-        }
-
-
-class Faults:
-    """Scripted answers: the next `count` requests to `path` (and `method`, if given) get `status`."""
-
-    def __init__(self, limiter: RateLimiter):
-        self.limiter = limiter
-        self.pending: list[dict] = []
-        self._next_id = 1
-
-    def add(self, spec: object) -> dict:
-        if not isinstance(spec, dict):
-            raise BadRequest("Body must be a JSON object")
-        path, status, count = spec.get("path"), spec.get("status"), spec.get("count", 1)
-        method, headers = spec.get("method"), spec.get("headers") or {}
-        if not isinstance(path, str) or not path.startswith("/") or path.startswith("/_sandbox/"):
-            raise BadRequest('"path" must be a request path starting with "/" (not under /_sandbox/)')
-        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
-            raise BadRequest('"status" must be an HTTP status code')
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-            raise BadRequest('"count" must be a positive integer, or null for "until cleared"')
-        if method is not None and not isinstance(method, str):
-            raise BadRequest('"method" must be a string')
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise BadRequest('"headers" must be an object of strings')
-        fault = {
-            "id": self._next_id,
-            "path": path,
-            "method": method.upper() if method else None,
-            "status": status,
-            "count": count,
-            "body": spec.get("body", {"message": f"Injected fault: status {status}"}),
-            "headers": headers,
-        }
-        self._next_id += 1
-        self.pending.append(fault)
-        return fault
-
-    def take(self, method: str, path: str) -> Response | None:
-        for fault in self.pending:
-            if fault["path"] == path and fault["method"] in (None, method):
-                if fault["count"] is not None:
-                    fault["count"] -= 1
-                    if fault["count"] == 0:
-                        self.pending.remove(fault)
-                headers = dict(fault["headers"])
-                if fault["status"] == 429:
-                    headers = {**self.limiter.headers(0, self.limiter.window), **headers}
-                return JSONResponse(fault["body"], status_code=fault["status"], headers=headers)
-        return None
 
 
 # -- the Edge Function under Deno ------------------------------------------------------------------
@@ -355,7 +261,7 @@ class EdgeRuntime:
             "DENO_SERVE_ADDRESS": f"tcp:127.0.0.1:{cfg.supabase.deno_port}",
             "DENO_NO_UPDATE_CHECK": "1",
             "NO_COLOR": "1",
-            process.INSTANCE_ENV: os.environ.get(process.INSTANCE_ENV, cfg.instance_id),
+            processes.INSTANCE_ENV: os.environ.get(processes.INSTANCE_ENV, cfg.instance_id),
         }
         argv = [deno_binary(), "run", "--allow-net", "--allow-env", "--no-prompt", "--no-config", "--no-lock",
                 str(self.entrypoint)]
@@ -381,7 +287,7 @@ class EdgeRuntime:
             self.boot_error = None
             return
         await self.stop()
-        self.boot_error = f"Deno did not start the function. Last lines of {log_path}:\n" + process.log_tail(log_path, 15)
+        self.boot_error = f"Deno did not start the function. Last lines of {log_path}:\n" + processes.log_tail(log_path, 15)
         raise BootError(self.boot_error)
 
     async def stop(self) -> None:
@@ -399,38 +305,6 @@ class EdgeRuntime:
 # -- HTTP ------------------------------------------------------------------------------------------
 
 
-class RequestLogAndFaults:
-    """ASGI middleware: answers injected faults, and logs every request as one JSON line."""
-
-    def __init__(self, app, log_path: Path, faults: Faults):
-        self.app, self.log_path, self.faults = app, log_path, faults
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.monotonic()
-        seen = {"status": 500}
-
-        async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                seen["status"] = message["status"]
-            await send(message)
-
-        method, path = scope["method"], scope["path"]
-        fault = None if path.startswith("/_sandbox/") else self.faults.take(method, path)
-        try:
-            await (fault or self.app)(scope, receive, send_and_note)
-        finally:
-            line = {
-                "time": _now_iso(), "method": method, "path": path, "status": seen["status"],
-                "duration_ms": round((time.monotonic() - started) * 1000, 1),
-            }
-            if fault:
-                line["fault"] = True
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-
-
 def _bearer(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
@@ -441,18 +315,10 @@ def _tokens_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-async def _json_body(request: Request) -> object:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadRequest("Body must be valid JSON") from None
-
-
 def build_app(cfg: SandboxConfig) -> Starlette:
     store = SecretStore(cfg.path("supabase", "secrets.json"), default_secrets(cfg))
     limiter = RateLimiter()
-    faults = Faults(limiter)
+    answers = ScriptedAnswers(limiter)
     runtime = EdgeRuntime(cfg, store)
     background: set[asyncio.Task] = set()
     client: dict[str, httpx.AsyncClient] = {}
@@ -484,7 +350,7 @@ def build_app(cfg: SandboxConfig) -> Starlette:
         try:
             if request.method == "GET":
                 return JSONResponse(store.listing(), headers=headers)
-            body = await _json_body(request)
+            body = await json_body(request)
             if request.method == "POST":
                 changed = store.upsert(body)
                 response = Response(status_code=201, headers=headers)
@@ -532,32 +398,6 @@ def build_app(cfg: SandboxConfig) -> Starlette:
         state = "running" if runtime.running else ("boot_error" if runtime.boot_error else "stopped")
         return JSONResponse({"status": "ok", "edge_function": state})
 
-    async def faults_endpoint(request: Request) -> Response:
-        if request.method == "GET":
-            return JSONResponse(faults.pending)
-        if request.method == "DELETE":
-            cleared, faults.pending = len(faults.pending), []
-            return JSONResponse({"cleared": cleared})
-        try:
-            return JSONResponse(faults.add(await _json_body(request)), status_code=201)
-        except BadRequest as exc:
-            return JSONResponse({"message": str(exc)}, 400)
-
-    async def rate_limit_endpoint(request: Request) -> Response:
-        if request.method == "POST":
-            try:
-                spec = await _json_body(request)
-                limit = spec.get("limit", DEFAULT_RATE_LIMIT) if isinstance(spec, dict) else None
-                window = spec.get("window_seconds", DEFAULT_RATE_WINDOW) if isinstance(spec, dict) else None
-                if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-                    raise BadRequest('"limit" must be a positive integer')
-                if not isinstance(window, (int, float)) or isinstance(window, bool) or window <= 0:
-                    raise BadRequest('"window_seconds" must be a positive number')
-            except BadRequest as exc:
-                return JSONResponse({"message": str(exc)}, 400)
-            limiter.configure(limit, float(window))
-        return JSONResponse({"limit": limiter.limit, "window_seconds": limiter.window})
-
     @contextlib.asynccontextmanager
     async def lifespan(app):
         client["http"] = httpx.AsyncClient(timeout=httpx.Timeout(GATEWAY_TIMEOUT, connect=5.0), trust_env=False)
@@ -573,12 +413,12 @@ def build_app(cfg: SandboxConfig) -> Starlette:
     return Starlette(
         routes=[
             Route("/_sandbox/health", health, methods=["GET"]),
-            Route("/_sandbox/faults", faults_endpoint, methods=["GET", "POST", "DELETE"]),
-            Route("/_sandbox/rate-limit", rate_limit_endpoint, methods=["GET", "POST"]),
+            *answers.routes(),
+            *limiter.routes(),
             Route("/v1/projects/{ref}/secrets", secrets, methods=["GET", "POST", "DELETE"]),
             Route("/functions/v1/{name}{rest:path}", functions, methods=FUNCTION_METHODS),
         ],
-        middleware=[Middleware(RequestLogAndFaults, log_path=cfg.request_log_path("supabase"), faults=faults)],
+        middleware=[Middleware(RequestLogMiddleware, log=RequestLog(cfg.request_log_path("supabase")), answers=answers)],
         lifespan=lifespan,
     )
 
@@ -587,7 +427,7 @@ def build_app(cfg: SandboxConfig) -> Starlette:
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return process.http_health(f"{cfg.supabase_api_url}/_sandbox/health")
+    return processes.http_health(f"{cfg.supabase_api_url}/_sandbox/health")
 
 
 def prefect_secrets(cfg: SandboxConfig) -> dict[str, str]:

@@ -13,7 +13,7 @@ import httpx
 from runbook_lib.steps import deploy, e2e
 from runbook_lib.systems.prefect_deploy import deploy_flow
 from runbook_lib.systems.database import Database
-from runbook_lib.core.settings import load_settings
+from runbook_lib.core.profiles import load_settings
 from runbook_lib.systems.supabase import SupabaseManagementApi
 
 from .notebook_runs import Run, run_notebook

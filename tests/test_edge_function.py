@@ -15,7 +15,8 @@ import httpx
 import jwt
 import pytest
 
-from runbook_sandbox import manager, process
+from runbook_lib.core import processes as process
+from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 
 pytestmark = pytest.mark.timeout(120)

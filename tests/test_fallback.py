@@ -20,7 +20,7 @@ import pytest
 from runbook_lib.steps import e2e, fallback
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.supabase import secret_digest
-from runbook_sandbox import process
+from runbook_lib.core import processes as process
 
 from .chain_helpers import LINK_IDS, function_deployment_digest, run_chain_notebook, set_function_deployment_id
 from .conftest import PROJECT_ROOT
@@ -49,7 +49,7 @@ def test_fallback_passes_end_to_end_and_stops_its_worker(sandbox, sandbox_env, s
         run = run_chain_notebook(STEP, sandbox, tmp_path, {"confirm": True, "stop_worker": True, **E2E})
         assert run.error is None, run.results
         statuses = run.statuses()
-        for check in ("fallback.pool", "fallback.pool_ready", "fallback.deploy", "verify.work_pool", "fallback.worker",
+        for check in ("prefect.work_pool", "fallback.pool_ready", "fallback.deploy", "verify.work_pool", "fallback.worker",
                       "secret.verify", "fallback.worker_stopped", *LINK_IDS, "cleanup"):
             assert statuses[check] == "pass", (check, run.check(check))
         api = PrefectApi.from_settings(settings)

@@ -25,7 +25,7 @@ from runbook_lib.systems import prefect_deploy
 from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError
 from runbook_lib.systems.git import GitRepo
 from runbook_lib.notebook.context import StepContext, start_step
-from runbook_lib.core.settings import load_settings
+from runbook_lib.core.profiles import load_settings
 from runbook_sandbox import prefect_gateway
 
 from .notebook_runs import assert_no_secrets, run_notebook, secret_values

@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from runbook_sandbox import manager, pgnet_relay, postgres, process
+from runbook_lib.core import processes as process
+from runbook_sandbox import manager, pgnet_relay, postgres
 from runbook_sandbox.config import SandboxConfig
 
 from .conftest import insert_batch, partial_sandbox, wait_for

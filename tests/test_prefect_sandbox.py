@@ -27,7 +27,8 @@ import pytest
 import websockets
 from dotenv import dotenv_values
 
-from runbook_sandbox import manager, managed_runtime, process, prefect_gateway
+from runbook_lib.core import processes as process
+from runbook_sandbox import manager, managed_runtime, prefect_gateway
 from runbook_sandbox.config import SandboxConfig
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from runbook_lib.core import secrets as redaction
-from runbook_lib.runner.run import RunRefused, check_params, parse_param_args, run_runbook
+from runbook_lib.runner.params import RunRefused, check_params, parse_param_args
+from runbook_lib.runner.run import run_runbook
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "pnu_runnertestkey0123456789"

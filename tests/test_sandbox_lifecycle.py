@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from dotenv import dotenv_values
 
-from runbook_sandbox import manager, process
+from runbook_lib.core import processes as process
+from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 
 from .conftest import make_state_dir

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from dotenv import dotenv_values
 
-from runbook_sandbox import manager, process
+from runbook_lib.core import processes as process
+from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -29,8 +29,12 @@ from runbook_lib.core.errors import ChecksFailed, RunbookError
 from runbook_lib.core.secrets import redact, redact_obj
 from runbook_lib.core.settings import RunbookSettings
 
-if TYPE_CHECKING:
-    from runbook_lib.checks.facts import Facts
+
+class Facts(Protocol):
+    """What a probe reads (`runbook_lib.checks.facts.Facts`): the settings and the shared reads."""
+
+    settings: RunbookSettings
+    step: str
 
 
 class Status(str, Enum):
@@ -198,7 +202,7 @@ class CheckDef:
     title: Title
     proves: str
     remediation: str = ""
-    probe: Callable[["Facts"], Outcome] | None = None
+    probe: Callable[[Facts], Outcome] | None = None
 
     def title_for(self, settings: RunbookSettings | None = None) -> str:
         return self.title(settings) if callable(self.title) else self.title
@@ -235,7 +239,7 @@ class CheckDef:
         return Check(id=self.id, title=self.title_for(settings), status=outcome.status, detail=outcome.detail,
                      remediation=outcome.remediation, data=outcome.data)
 
-    def run(self, facts: "Facts") -> Check:
+    def run(self, facts: Facts) -> Check:
         """Run the probe against `facts` (see `attempt`)."""
         if self.probe is None:
             raise TypeError(f"check {self.id!r} has no probe: the step that records it builds its result")
@@ -247,7 +251,7 @@ REGISTRY: dict[str, CheckDef] = {}
 
 
 def define(id: str, title: Title, *, proves: str, remediation: str = "",
-           probe: Callable[["Facts"], Outcome] | None = None) -> CheckDef:
+           probe: Callable[[Facts], Outcome] | None = None) -> CheckDef:
     """Define a check once; a second definition of the same id is a programming error."""
     if id in REGISTRY:
         raise ValueError(f"check {id!r} is defined twice")
@@ -256,14 +260,14 @@ def define(id: str, title: Title, *, proves: str, remediation: str = "",
     return definition
 
 
-def check(id: str, title: Title, *, proves: str, remediation: str = "") -> Callable[[Callable[["Facts"], Outcome]], CheckDef]:
+def check(id: str, title: Title, *, proves: str, remediation: str = "") -> Callable[[Callable[[Facts], Outcome]], CheckDef]:
     """Decorator: define a check whose probe is the decorated function."""
-    def register(probe: Callable[["Facts"], Outcome]) -> CheckDef:
+    def register(probe: Callable[[Facts], Outcome]) -> CheckDef:
         return define(id, title, proves=proves, remediation=remediation, probe=probe)
     return register
 
 
-def run_checks(facts: "Facts", definitions: Iterable[CheckDef], report: CheckReport | None = None) -> CheckReport:
+def run_checks(facts: Facts, definitions: Iterable[CheckDef], report: CheckReport | None = None) -> CheckReport:
     """Run each definition in order; the results go to `report` (replacing earlier results of the
     same ids) and the returned report holds just these."""
     group = CheckReport(step=report.step if report is not None else facts.step)

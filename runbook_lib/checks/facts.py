@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from runbook_lib.checks.base import Fail, Skip
 from runbook_lib.core import secrets
-from runbook_lib.core.settings import RunbookSettings
+from runbook_lib.core.settings import RunbookSettings, is_secret_block_placeholder
 from runbook_lib.source.flow import FlowInfo, analyse_flow
 from runbook_lib.systems.database import Database
 from runbook_lib.systems.git import GitRepo
@@ -254,8 +254,6 @@ def plaintext_secrets(obj: Any, known: dict[str, str], where: str = "job_variabl
     """(path, why) for every string of `obj` that holds a secret in clear: the value of a known
     secret, something shaped like a credential, or a literal under a secret-like name (only a
     `{{ prefect.blocks.secret.<name> }}` placeholder may stand there). Never returns the values."""
-    from runbook_lib.core.settings import is_secret_block_placeholder
-
     found: list[tuple[str, str]] = []
 
     def walk(value: Any, path: str, key: str | None) -> None:

@@ -19,7 +19,8 @@ from runbook_lib.core.errors import RunbookError
 from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
 from runbook_lib.records.outputs import StepOutput
 from runbook_lib.records.results import GateDecision, StepResults, check_step_name, now
-from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings, load_settings
+from runbook_lib.core.profiles import load_settings
+from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings
 
 
 O = TypeVar("O", bound=StepOutput)

@@ -26,7 +26,6 @@ running (bad option, lock held); 128+signal when killed.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import json
 import os
@@ -49,28 +48,23 @@ from urllib.parse import unquote, urlsplit
 
 import psutil
 
-from runbook_lib.core import paths as project, render, secrets as redaction
+from runbook_lib.core import paths as project, secrets as redaction
 from runbook_lib.core.errors import RunbookError
 from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord
+from runbook_lib.runner.lock import ProfileLock, _read_json, _same_process, kill_tree
+from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
+from runbook_lib.runner.progress import Progress
 from runbook_lib.records.scan import scan_for_secrets
 from runbook_lib.runner.index import render_index, render_notebook_html
 from runbook_lib.records.results import StepResults, list_results
-from runbook_lib.core.settings import (
-    DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV, available_profiles, load_settings,
-)
+from runbook_lib.core.profiles import available_profiles, load_settings
+from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 
 DEFAULT_CELL_TIMEOUT = 3600.0
 EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
-RESERVED_PARAMS = {"profile": "--profile", "confirm": "--confirm", "run_dir": "--run-id / --outputs-dir"}
 
-_STEP_FILE = re.compile(r"^\d+_[A-Za-z0-9_.\-]+\.ipynb$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-_PARAM_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class RunRefused(RunbookError):
-    """The run did not start (bad option, lock held, nothing to resume); nothing was changed."""
 
 
 @dataclass
@@ -88,216 +82,6 @@ class RunOutcome:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# -- parameters ----------------------------------------------------------------------------------
-
-
-def parse_param_args(args: Sequence[str]) -> dict[str, Any]:
-    """`["key=value", ...]` -> dict; values are JSON when they parse as JSON (5, true, [..]), else text."""
-    params: dict[str, Any] = {}
-    for arg in args:
-        key, sep, raw = arg.partition("=")
-        if not sep:
-            raise RunRefused(f"-p {arg!r}: expected key=value")
-        try:
-            params[key.strip()] = json.loads(raw)
-        except ValueError:
-            params[key.strip()] = raw
-    return params
-
-
-def check_params(params: Mapping[str, Any], known_secrets: Mapping[str, str]) -> None:
-    """Refuse parameter overrides that are reserved, malformed or look secret (by key or value)."""
-    problems = []
-    for key, value in params.items():
-        if not _PARAM_KEY.match(str(key)):
-            problems.append(f"{key!r} is not a valid parameter name")
-        elif key in RESERVED_PARAMS:
-            problems.append(f"{key!r} is set by the runner: use {RESERVED_PARAMS[key]}")
-        elif redaction.looks_like_secret_name(key):
-            problems.append(f"{key!r} looks like a secret's name")
-        text = json.dumps(value) if not isinstance(value, str) else value
-        looks = redaction.credential_kinds(text, anon_jwt_is_public=False)
-        looks += [f"the value of {name}" for name, secret in known_secrets.items()
-                  if len(secret) >= redaction.MIN_SECRET_LENGTH and secret in text]
-        if looks:
-            problems.append(f"the value of {key!r} looks like {', '.join(looks)}")
-    if problems:
-        raise RunRefused(
-            "refused -p parameter(s): " + "; ".join(problems) + ". Parameters are written in clear into the "
-            "executed notebooks; secrets come from the profile's settings (environment, .env or sandbox.env)"
-        )
-
-
-# -- steps ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Step:
-    name: str  # "03_deploy"
-    notebook: Path
-
-    @property
-    def short(self) -> str:
-        return self.name.split("_", 1)[1] if _STEP_FILE.match(self.notebook.name) else self.name
-
-
-def discover_steps(notebooks_dir: Path) -> list[Step]:
-    """The default sequence: every `NN_name.ipynb` in `notebooks_dir`, in order."""
-    found = sorted(p for p in notebooks_dir.glob("*.ipynb") if _STEP_FILE.match(p.name))
-    return [Step(p.stem, p) for p in sorted(found, key=lambda p: (int(p.name.split("_", 1)[0]), p.name))]
-
-
-def find_step(steps: Sequence[Step], wanted: str, option: str) -> int:
-    """The index of `wanted` ("03", "03_deploy", "deploy", "03_deploy.ipynb") in `steps`."""
-    key = wanted.strip().removesuffix(".ipynb")
-    for i, step in enumerate(steps):
-        number = step.name.split("_", 1)[0]
-        if key in (step.name, step.short) or (key.isdigit() and number.isdigit() and int(key) == int(number)):
-            return i
-    raise RunRefused(f"{option} {wanted!r}: no such step; the steps are: {', '.join(s.name for s in steps) or 'none'}")
-
-
-# -- the lock ------------------------------------------------------------------------------------
-
-
-class ProfileLock:
-    """One runner per profile and outputs directory: an flock'd file naming its holder."""
-
-    def __init__(self, outputs_dir: Path, profile: str):
-        self.path = outputs_dir / ".locks" / f"{profile}.lock"
-        self.profile = profile
-        self._fd: int | None = None
-        self.content: dict[str, Any] = {}
-        self.previous: dict[str, Any] = {}  # what a holder that died left in the file
-
-    def acquire(self, run_id: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_json(self.path)
-            os.close(fd)
-            raise RunRefused(
-                f"another run holds the lock for profile {self.profile!r}: run {holder.get('run_id', '?')} "
-                f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started_at', '?')}); "
-                f"wait for it to finish or stop it (lock file {self.path})"
-            ) from None
-        self._fd = fd
-        self.previous = _read_json(self.path)
-        self.update(run_id=run_id, pid=os.getpid(), create_time=psutil.Process().create_time(),
-                    host=socket.gethostname(), started_at=now().isoformat())
-
-    def update(self, **fields: Any) -> None:
-        """Rewrite the holder's details (the running step's process is added while it runs)."""
-        assert self._fd is not None
-        self.content.update(fields)
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(self.content).encode(), 0)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # an empty file: released cleanly
-            os.close(self._fd)
-            self._fd = None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text() or "{}")
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _same_process(pid: Any, create_time: Any) -> psutil.Process | None:
-    """The process `pid` if it is still the one started at `create_time`."""
-    try:
-        proc = psutil.Process(int(pid))
-        return proc if abs(proc.create_time() - float(create_time)) < 0.01 else None
-    except (psutil.Error, TypeError, ValueError):
-        return None
-
-
-def kill_tree(proc: psutil.Process, timeout: float = 5.0) -> None:
-    """Stop `proc` and every descendant (the step process and its kernel)."""
-    try:
-        family = proc.children(recursive=True) + [proc]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=timeout)
-
-
-# -- progress ------------------------------------------------------------------------------------
-
-
-class Progress:
-    """Which step runs, for how long, and how each ended: a live rich table on a TTY, plain lines otherwise."""
-
-    def __init__(self, steps: Sequence[Step], stream: Any = None, live: bool | None = None):
-        from rich.console import Console
-
-        self.console = Console(file=stream or sys.stdout, highlight=False)
-        self.live = self.console.is_terminal if live is None else live
-        self.steps = list(steps)
-        self.state: dict[str, tuple[str, float | None, float | None, str]] = {}  # name -> (status, start, duration, detail)
-        self._live: Any = None
-
-    def __enter__(self) -> "Progress":
-        if self.live:
-            from rich.live import Live
-
-            self._live = Live(self, console=self.console, refresh_per_second=4, transient=False)
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._live is not None:
-            self._live.__exit__(*exc)
-
-    def __rich__(self) -> Any:
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(show_header=True, header_style="bold", box=None)
-        for col in ("step", "status", "elapsed", ""):
-            table.add_column(col)
-        for step in self.steps:
-            status, started, duration, detail = self.state.get(step.name, ("not_run", None, None, ""))
-            elapsed = duration if duration is not None else (time.monotonic() - started if started else None)
-            table.add_row(step.name, Text(status.replace("_", " "), style=render.style_of(status)[1]),
-                          f"{elapsed:.1f} s" if elapsed is not None else "", Text(detail))
-        return table
-
-    def note(self, text: str) -> None:
-        self.console.print(redaction.redact(text), markup=False)
-
-    def started(self, step: Step) -> None:
-        self.state[step.name] = ("running", time.monotonic(), None, "")
-        if not self.live:
-            self.note(f"[{self._pos(step)}] {step.name}: running")
-
-    def finished(self, step: Step, record: StepRecord) -> None:
-        error = f" ({record.error_type}: {record.error})" if record.error_type else ""
-        self.state[step.name] = (record.status, None, record.duration_seconds or 0.0, redaction.redact(error.strip(" ()")[:120]))
-        if not self.live:
-            self.note(f"[{self._pos(step)}] {step.name}: {record.status} in {record.duration_seconds or 0:.1f} s{error}")
-
-    def skipped(self, step: Step, record: StepRecord) -> None:
-        self.state[step.name] = (record.status, None, record.duration_seconds, "earlier attempt" if record.earlier else "")
-        if not self.live:
-            self.note(f"[{self._pos(step)}] {step.name}: {record.status.replace('_', ' ')}"
-                      + (" (earlier attempt)" if record.earlier else ""))
-
-    def _pos(self, step: Step) -> str:
-        return f"{self.steps.index(step) + 1}/{len(self.steps)}"
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -395,7 +179,7 @@ class _Runner:
             raise RunRefused(f"no notebooks named NN_name.ipynb in {self.notebooks_dir}")
         if self.only:
             outside = self.notebooks_dir / f"{self.only.removesuffix('.ipynb')}.ipynb"
-            if outside.is_file() and not _STEP_FILE.match(outside.name):  # e.g. the fallback notebook
+            if outside.is_file() and not STEP_FILE.match(outside.name):  # e.g. the fallback notebook
                 self.steps.append(Step(outside.stem, outside))
             self.selected = [find_step(self.steps, self.only, "--only")]
         elif self.from_step:
@@ -578,7 +362,7 @@ class _Runner:
         self.manifest.steps = [record if s.step == step.name else s for s in self.manifest.steps]
         started = time.monotonic()
         # A session of its own: a Ctrl-C in the terminal reaches the runner only, which stops the step.
-        proc = subprocess.Popen([sys.executable, "-m", "runbook_lib.runner.run", json.dumps(spec)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "runbook_lib.runner.step_process", json.dumps(spec)], env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, errors="replace", start_new_session=True)
         self.worker = psutil.Process(proc.pid)
@@ -763,45 +547,3 @@ def run_runbook(
             signal.signal(sig, handler)
 
 
-# -- the step process ----------------------------------------------------------------------------
-
-
-def _execute_step(spec: dict[str, Any]) -> int:
-    """Run one notebook with papermill; write {"error_type", "error"} (empty on success) to the
-    result file. Dies with its kernel when the runner disappears."""
-    import papermill
-
-    runner_pid = os.getppid()
-
-    def watch_runner() -> None:
-        while os.getppid() == runner_pid:
-            time.sleep(0.3)
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        os._exit(3)
-
-    threading.Thread(target=watch_runner, daemon=True).start()
-    result: dict[str, Any] = {"ok": True}
-    try:
-        papermill.execute_notebook(
-            spec["input"], spec["output"], parameters=spec["parameters"], cwd=spec["cwd"],
-            kernel_name=spec["kernel_name"], execution_timeout=spec["execution_timeout"],
-            progress_bar=False, log_output=False, request_save_on_cell_execute=True,
-        )
-    except papermill.PapermillExecutionError as exc:
-        result = {"ok": False, "error_type": exc.ename, "error": exc.evalue}
-    except BaseException as exc:  # CellTimeoutError, DeadKernelError, NoSuchKernel...: all failures
-        message = str(exc).strip().split("\n")
-        result = {"ok": False, "error_type": type(exc).__name__, "error": " ".join(m.strip() for m in message[:3])[:1000]}
-    result = redaction.redact_obj(result)
-    tmp = Path(spec["result"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(spec["result"])
-    return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_execute_step(json.loads(sys.argv[1])))

@@ -43,7 +43,8 @@ from runbook_lib.checks.facts import Facts
 from runbook_lib.core import paths as project
 from runbook_lib.core import processes
 from runbook_lib.core.errors import PrefectApiError, ResultsError, RunbookError
-from runbook_lib.core.settings import load_settings, RunbookSettings
+from runbook_lib.core.profiles import load_settings
+from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show, start_step as _start_step
 from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput, FallbackOutput

@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from runbook_lib.core import secrets as redaction
-from runbook_lib.core.settings import RunbookSettings, load_settings
+from runbook_lib.core.profiles import load_settings
+from runbook_lib.core.settings import RunbookSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _GIT_IDENTITY = ("-c", "user.name=Runbook Test", "-c", "user.email=runbook-test@example.com",

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import re
 
-from runbook_lib.checks import REGISTRY, catalog_markdown, database, local, prefect, source, supabase
+from runbook_lib.checks import (
+    REGISTRY,
+    catalog_markdown,
+    database,
+    local,
+    prefect,
+    source,
+    supabase,
+)
 from runbook_lib.steps import load_all
 
 GROUPS = (source.REPOSITORY + source.PACKAGES + prefect.POOL + prefect.BLOCKS + prefect.JOB_VARIABLES

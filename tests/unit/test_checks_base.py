@@ -9,10 +9,22 @@ from typing import Iterator
 
 import pytest
 
-from runbook_lib.checks import Facts, REGISTRY, source
+from runbook_lib.checks import REGISTRY, Facts, source
 from runbook_lib.checks.base import (
-    Check, CheckDef, CheckReport, Fail, Outcome, Skip, Status, check, define, ok, run_checks, warn,
+    Check,
+    CheckDef,
+    CheckReport,
+    Fail,
+    Outcome,
+    Skip,
+    Status,
+    check,
+    define,
+    ok,
+    run_checks,
+    warn,
 )
+from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import ChecksFailed, RunbookError, SettingsError
 
 POOL = CheckDef("prefect.pool", "Work pool exists", proves="the pool exists", remediation="create the pool")
@@ -205,3 +217,66 @@ def test_the_table_shows_badges_ids_and_remediation_only_when_not_passed():
     assert text.splitlines()[0] == report.summary_line()
     assert "  fail | Broken c.fail | it <broke> | fix <it>" in text.splitlines()
     assert CheckReport(step="s", checks=[Check.passed("a", "A")]).table().title_status == "pass"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redaction():
+    redaction.forget_secrets()
+    yield
+    redaction.forget_secrets()
+
+def _preflight_report() -> CheckReport:
+    report = CheckReport(step="preflight")
+    report.add(Check.passed("prefect.key", "Prefect API key accepted", "200 from the workspace"))
+    report.add(Check.warned("packages.redundant", "Redundant packages", "prefect is in the image", "drop it"))
+    report.add(Check.failed("source.git-suffix", "Source URL ends in .git", "https://github.com/o/r <b>",
+                            "append .git to the repository URL"))
+    report.add(Check.skipped("e2e", "End-to-end", "not requested"))
+    return report
+
+def test_check_report_html_shows_colours_status_and_remediation():
+    html = _preflight_report()._repr_html_()
+    assert "preflight: FAILED (1 pass, 1 warn, 1 fail, 1 skip)" in html
+    for colour in ("#dafbe1", "#fff8c5", "#ffebe9", "#f6f8fa"):
+        assert colour in html
+    assert "append .git to the repository URL" in html and "&lt;b&gt;" in html and "<b>https" not in html
+    assert html.count("<tr") == 5  # header + 4 checks
+
+def test_check_report_terminal_and_json_renderings():
+    from rich.console import Console
+
+    report = _preflight_report()
+    console = Console(record=True, width=160)
+    report.render_terminal(console)
+    text = console.export_text()
+    assert "FAIL" in text and "append .git to the repository URL" in text and "source.git-suffix" in text
+    again = CheckReport.from_json(report.to_json())
+    assert again == report and again.get("packages.redundant").status is Status.WARN
+
+def test_failed_checks_raise_naming_them_and_probes_that_raise_become_failures():
+    report = _preflight_report()
+    pool = CheckDef("prefect.pool", "Work pool exists", proves="the pool exists", remediation="create it")
+    report.add(pool.attempt(lambda: (_ for _ in ()).throw(RunbookError("pool missing"))))
+    with pytest.raises(ChecksFailed) as err:
+        report.raise_for_failures()
+    assert err.value.failed == ["source.git-suffix", "prefect.pool"]
+    assert "source.git-suffix (Source URL ends in .git)" in str(err.value) and "2 check(s) failed" in str(err.value)
+    assert report.get("prefect.pool").detail == "pool missing" and report.get("prefect.pool").remediation == "create it"
+    with pytest.raises(ValueError, match="already in the report"):
+        report.add(Check.passed("prefect.key", "again"))
+    CheckReport(step="ok", checks=[Check.passed("a", "A")]).raise_for_failures()
+    # A probe's own remediation wins; a skip names what it needed; an outcome is the result.
+    fail = pool.attempt(lambda: (_ for _ in ()).throw(Fail("no pool 'x'", "create x", pool="x")))
+    assert (fail.status, fail.remediation, fail.data) == (Status.FAIL, "create x", {"pool": "x"})
+    skip = pool.attempt(lambda: (_ for _ in ()).throw(Skip("needs the Prefect API")))
+    assert skip.status is Status.SKIP and "needs the Prefect API" in skip.detail
+    passed = pool.attempt(lambda: ok("exists", id="1"))
+    assert (passed.id, passed.title, passed.status, passed.data) == ("prefect.pool", "Work pool exists", Status.PASS, {"id": "1"})
+    crash = pool.attempt(lambda: 1 / 0)
+    assert crash.status is Status.FAIL and crash.detail.startswith("ZeroDivisionError") and crash.remediation == "create it"
+
+def test_check_texts_are_redacted():
+    redaction.register_secret("pnu_checksecret1", "PREFECT_API_KEY")
+    check = Check.failed("k", "Key", "sent pnu_checksecret1", "rotate pnu_checksecret1", key="pnu_checksecret1")
+    dumped = CheckReport(step="s", checks=[check]).to_json()
+    assert "pnu_checksecret1" not in dumped and "[redacted:PREFECT_API_KEY]" in dumped

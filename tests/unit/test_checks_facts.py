@@ -10,7 +10,13 @@ import json
 import pytest
 
 from runbook_lib.checks.base import Skip
-from runbook_lib.checks.facts import WITHHELD, Facts, plaintext_secrets, public_values, withhold
+from runbook_lib.checks.facts import (
+    WITHHELD,
+    Facts,
+    plaintext_secrets,
+    public_values,
+    withhold,
+)
 from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import GitError
 

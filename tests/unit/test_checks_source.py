@@ -11,7 +11,13 @@ import pytest
 from runbook_lib.checks import Facts, Status, run_checks, source
 from runbook_lib.checks.base import CheckReport
 from tests.unit.flow_sources import (
-    COMPUTED_NAME, ENTRYPOINT, HELPER, NOT_A_FLOW, ORCHESTRATOR, REQUIRED_PARAMETER, WITH_HELPER,
+    COMPUTED_NAME,
+    ENTRYPOINT,
+    HELPER,
+    NOT_A_FLOW,
+    ORCHESTRATOR,
+    REQUIRED_PARAMETER,
+    WITH_HELPER,
 )
 
 STEP = "01_verify_prerequisites"

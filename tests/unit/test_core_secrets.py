@@ -5,12 +5,16 @@ overlapping secrets, the registry's lifecycle, and the logging filter."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 
 import pytest
 
 from runbook_lib.core import secrets as redaction
+from runbook_lib.core.errors import (
+    RunbookError,
+)
 
 
 def _jwt(claims: dict) -> str:
@@ -123,3 +127,49 @@ def test_a_redacting_stream_delegates_everything_else():
     stream.writelines([" b", " ghp_streamsecret9\n"])
     assert inner.getvalue() == "a [redacted:GITHUB_TOKEN] b [redacted:GITHUB_TOKEN]\n"
     assert stream.getvalue() == inner.getvalue() and stream._runbook_redaction
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redaction():
+    redaction.forget_secrets()
+    yield
+    redaction.forget_secrets()
+
+def test_redact_masks_registered_secrets_their_url_forms_and_patterns():
+    redaction.register_secret("p@ss/w0rd!", "DATABASE_PASSWORD")
+    redaction.register_secret("pnu_abcdef123456", "PREFECT_API_KEY")
+    redaction.register_secret("abc", "TOO_SHORT")  # below MIN_SECRET_LENGTH: not masked
+    text = "key=pnu_abcdef123456 dsn=postgresql://u:p%40ss%2Fw0rd%21@h/db raw=p@ss/w0rd! abc"
+    out = redaction.redact(text)
+    assert "pnu_abcdef123456" not in out and "p@ss/w0rd!" not in out and "p%40ss%2Fw0rd%21" not in out
+    assert "[redacted:PREFECT_API_KEY]" in out and out.endswith(" abc")
+    assert redaction.redact("postgresql://user:unknownpw@host:5432/db") == "postgresql://user:***@host:5432/db"
+    assert redaction.redact("Authorization: Bearer eyJhbGciOi.payload.sig") == "Authorization: Bearer ***"
+    assert redaction.redact_obj({"a": ["pnu_abcdef123456", 3]}) == {"a": ["[redacted:PREFECT_API_KEY]", 3]}
+
+def test_log_records_and_streams_are_redacted():
+    redaction.register_secret("sbp_logsecret999", "SUPABASE_ACCESS_TOKEN")
+    redaction.install_log_redaction()
+    buffer = io.StringIO()
+    logger = logging.getLogger("runbook-test-redaction")
+    handler = logging.StreamHandler(buffer)
+    logger.addHandler(handler)
+    try:
+        logger.warning("token is %s", "sbp_logsecret999")
+        try:
+            raise ValueError("boom sbp_logsecret999")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    assert "sbp_logsecret999" not in buffer.getvalue()
+    assert "token is [redacted:SUPABASE_ACCESS_TOKEN]" in buffer.getvalue()
+    assert "boom [redacted:SUPABASE_ACCESS_TOKEN]" in buffer.getvalue()
+    inner = io.StringIO()
+    stream = redaction.RedactingStream(inner)
+    print("x sbp_logsecret999 y", file=stream)
+    assert inner.getvalue() == "x [redacted:SUPABASE_ACCESS_TOKEN] y\n"
+
+def test_runbook_errors_are_redacted_when_created():
+    redaction.register_secret("ghp_errorsecret42", "GITHUB_TOKEN")
+    assert "ghp_errorsecret42" not in str(RunbookError("clone with ghp_errorsecret42 failed"))

@@ -10,7 +10,13 @@ from pydantic import ValidationError
 
 from runbook_lib.records import outputs
 from runbook_lib.records.outputs import (
-    DeployOutput, E2EOutput, EdgeSecretOutput, FallbackOutput, MergeOutput, PrerequisitesOutput, StepOutput,
+    DeployOutput,
+    E2EOutput,
+    EdgeSecretOutput,
+    FallbackOutput,
+    MergeOutput,
+    PrerequisitesOutput,
+    StepOutput,
 )
 
 ID = "0b7e5c2a-1f3d-4c6e-9a8b-7d6c5e4f3a2b"

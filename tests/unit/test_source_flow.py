@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import pytest
 
+from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import FlowSourceError
 from runbook_lib.source.flow import (
-    analyse_entrypoint, analyse_flow, local_top_level_names, module_imports, parse, repository_imports,
+    analyse_entrypoint,
+    analyse_flow,
+    local_top_level_names,
+    module_imports,
+    parse,
+    repository_imports,
 )
 from tests.unit.flow_sources import ORCHESTRATOR
 
@@ -119,3 +125,120 @@ def test_entrypoint_helpers_name_what_is_missing():
         repository_imports(files, "src/missing.py:main")
     with pytest.raises(FlowSourceError, match=r"^src/bad.py does not parse: .* \(line 1\)$"):
         repository_imports({"src/o.py": "import bad\n", "src/bad.py": "def (:\n"}, "src/o.py:main")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redaction():
+    redaction.forget_secrets()
+    yield
+    redaction.forget_secrets()
+
+ANNOTATED_ORCHESTRATOR = '''
+import os
+import prefect
+from prefect import flow as pflow
+from prefect.blocks.system import Secret
+import psycopg2
+from dotenv import load_dotenv
+from src.sequencer import advance_completed_items
+from dispatcher import dispatch_pending_items
+
+
+def get_dsn():
+    try:
+        return Secret.load("postgres-connection-string").get()
+    except Exception as exc:
+        print("could not load", exc)
+        return os.environ.get("DATABASE_URL", "")
+
+
+def strict_dsn():
+    try:
+        return Secret.load("postgres-connection-string").get()
+    except (KeyError, Exception):
+        raise RuntimeError("no dsn")
+
+
+def nested():
+    try:
+        try:
+            return prefect.blocks.system.Secret.load("modal-token-id")
+        except ValueError:
+            raise
+    except:
+        return None
+
+
+def narrow():
+    try:
+        return Secret.load(name="modal-token-secret")
+    except KeyError:
+        return None
+
+
+@pflow(log_prints=True)
+def orchestrator_main(batch_size: int = 50, dry_run: bool = False):
+    import modal
+    advance_completed_items()
+    return dispatch_pending_items(batch_size, os.environ["MODAL_TOKEN_ID"])
+
+
+def not_a_flow(x):
+    return x
+'''
+
+def test_flow_analysis_finds_the_flow_its_parameters_imports_and_secret_loads():
+    from runbook_lib.source.flow import analyse_flow
+
+    info = analyse_flow(ANNOTATED_ORCHESTRATOR, "orchestrator_main", "src/orchestrator.py")
+    assert info.is_flow and not info.is_async and info.flow_name == "orchestrator-main"  # Prefect's default naming
+    assert [(p.name, p.annotation, p.default) for p in info.parameters] == [("batch_size", "int", "50"), ("dry_run", "bool", "False")]
+    modules = {i.module for i in info.imports}
+    assert {"os", "prefect", "psycopg2", "dotenv", "modal", "src.sequencer", "dispatcher"} <= modules
+    assert next(i for i in info.imports if i.module == "modal").in_function
+    loads = {(s.function, s.block): s for s in info.secret_loads}
+    assert loads[("get_dsn", "postgres-connection-string")].swallowed
+    assert loads[("get_dsn", "postgres-connection-string")].handler == "except Exception (line 15)"
+    assert not loads[("strict_dsn", "postgres-connection-string")].swallowed
+    assert loads[("nested", "modal-token-id")].swallowed  # re-raised inward, swallowed by the bare except
+    assert loads[("nested", "modal-token-id")].handler.startswith("bare except")
+    assert not loads[("narrow", "modal-token-secret")].swallowed  # KeyError does not catch Secret.load's ValueError
+    assert info.secret_blocks == ["modal-token-id", "modal-token-secret", "postgres-connection-string"]
+    assert [(e.name, e.has_default) for e in info.env_reads] == [("DATABASE_URL", True), ("MODAL_TOKEN_ID", False)]
+
+    plain = analyse_flow(ANNOTATED_ORCHESTRATOR, "not_a_flow")
+    assert not plain.is_flow and plain.flow_name is None
+    named = analyse_flow("from prefect import flow\n@flow(name='orchestrator_main')\nasync def f(): pass\n", "f")
+    assert named.flow_name == "orchestrator_main" and named.is_async
+
+def test_flow_analysis_errors_are_clear():
+    from runbook_lib.source.flow import analyse_flow
+
+    with pytest.raises(FlowSourceError, match=r"has no module-level function 'orchestrator_main' \(it defines: \['get_dsn'"):
+        analyse_flow(ANNOTATED_ORCHESTRATOR.replace("def orchestrator_main", "def renamed"), "orchestrator_main", "src/o.py")
+    with pytest.raises(FlowSourceError, match=r"src/o.py does not parse: .*line 2"):
+        analyse_flow("x = 1\ndef broken(:\n", "broken", "src/o.py")
+
+def test_repository_imports_follow_local_modules_and_feed_the_package_check():
+    from runbook_lib.source.flow import local_top_level_names, repository_imports
+    from runbook_lib.source.packages import missing_imports
+
+    files = {
+        "src/orchestrator.py": ANNOTATED_ORCHESTRATOR,
+        "src/__init__.py": "",
+        "src/sequencer.py": "from .db import connect\nimport requests\n",
+        "src/db.py": "import psycopg2\nimport yaml\n",
+        "src/dispatcher.py": "def dispatch_pending_items(*a):\n    import modal\n    import sklearn.cluster\n",
+        "scripts/unused.py": "import pandas\n",
+    }
+    external, visited = repository_imports(files, "src/orchestrator.py:orchestrator_main")
+    names = {i.module for i in external}
+    assert {"psycopg2", "yaml", "modal", "requests", "sklearn.cluster", "dotenv"} <= names and "pandas" not in names
+    assert set(visited) == {"src/orchestrator.py", "src/__init__.py", "src/sequencer.py", "src/db.py", "src/dispatcher.py"}
+    local = local_top_level_names(files, "src/orchestrator.py:orchestrator_main")
+    assert {"src", "dispatcher", "sequencer"} <= local
+    production = ["psycopg2-binary", "modal", "python-dotenv"]
+    missing = missing_imports([i.module for i in external], production, local_modules=local)
+    assert [(m.module, m.distribution) for m in missing] == [("sklearn", "scikit-learn")]
+    missing = missing_imports([i.module for i in external], ["psycopg2-binary"], local_modules=local)
+    assert {m.module for m in missing} == {"modal", "sklearn"}

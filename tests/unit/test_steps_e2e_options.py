@@ -9,7 +9,12 @@ import math
 import pytest
 
 from runbook_lib.core.errors import RunbookError
-from runbook_lib.steps.e2e.options import PARAMETERS, E2EError, E2EOptions, batch_items_for_test
+from runbook_lib.steps.e2e.options import (
+    PARAMETERS,
+    E2EError,
+    E2EOptions,
+    batch_items_for_test,
+)
 
 
 @pytest.fixture

@@ -11,8 +11,16 @@ import pytest
 
 from runbook_lib.core import secrets as redaction
 from runbook_lib.systems.prefect_deploy import (
-    FIELDS, DeployError, DesiredDeployment, FieldChange, diff_fields, diff_table, explain_deploy_error,
-    git_clone_step, live_fields, same,
+    FIELDS,
+    DeployError,
+    DesiredDeployment,
+    FieldChange,
+    diff_fields,
+    diff_table,
+    explain_deploy_error,
+    git_clone_step,
+    live_fields,
+    same,
 )
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -1,0 +1,62 @@
+"""The sandbox's command line: `up | status | down` (mounted by `python -m runbook_lib` as `sandbox`;
+also `python -m runbook_sandbox.cli`). The commands import the manager when they run, so mounting
+this app costs the host CLI nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="The loopback stand-ins for Prefect Cloud, Supabase, GitHub and Modal.")
+
+StateDir = typer.Option(None, "--state-dir", envvar="RUNBOOK_SANDBOX_DIR", help="Where the sandbox keeps its state (default .sandbox/).")
+
+
+@app.command("up")
+def up(
+    state_dir: Optional[Path] = StateDir,
+    database_url: Optional[str] = typer.Option(None, help="Use this Postgres server instead of the embedded one."),
+    seed_merged: Optional[bool] = typer.Option(None, "--seed-merged/--seed-unmerged", help="Seed the repository with feature/secret-blocks already merged into main."),
+) -> None:
+    """Start every stand-in in the background; return once each one is healthy."""
+    from . import manager
+
+    try:
+        manager.up(state_dir, database_url=database_url, seed_merged=seed_merged, echo=typer.echo)
+    except manager.SandboxError as exc:
+        typer.secho(f"sandbox up failed: {exc}", fg="red", err=True)
+        raise typer.Exit(1)
+    cfg_dir = state_dir or manager.SandboxConfig.load_or_create(None).state
+    typer.echo(f"sandbox is up; settings in {Path(cfg_dir) / 'sandbox.env'}")
+
+
+@app.command("status")
+def status(state_dir: Optional[Path] = StateDir, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show each service's health; exit 1 when any is unhealthy."""
+    from . import manager
+
+    rows = manager.status(state_dir)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            mark = "ok  " if r["healthy"] else "DOWN"
+            typer.echo(f"  {mark} {r['name']:16} pid={r['pid'] or '-':<8} {r['url']}  {'' if r['healthy'] else r['reason']}")
+    if not all(r["healthy"] for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command("down")
+def down(state_dir: Optional[Path] = StateDir, purge: bool = typer.Option(False, help="Also delete the sandbox's data.")) -> None:
+    """Stop every process the sandbox started."""
+    from . import manager
+
+    manager.down(state_dir, purge=purge, echo=typer.echo)
+    typer.echo("sandbox is down")
+
+
+if __name__ == "__main__":
+    app()

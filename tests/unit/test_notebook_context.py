@@ -1,0 +1,175 @@
+"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
+flow-source analysis, requirement mapping, git reading, and the database helpers against the
+sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from runbook_lib.checks.base import Check
+from runbook_lib.core import secrets as redaction
+from runbook_lib.core.errors import (
+    ChecksFailed,
+    NotConfirmed,
+    ResultsError,
+    SettingsError,
+)
+from runbook_lib.records.results import StepResults
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+ACCOUNT = "11111111-1111-4111-8111-111111111111"
+
+WORKSPACE = "22222222-2222-4222-8222-222222222222"
+
+@pytest.fixture(autouse=True)
+def _fresh_redaction():
+    redaction.forget_secrets()
+    yield
+    redaction.forget_secrets()
+
+def write_sandbox_env(directory: Path, **extra: str) -> Path:
+    values = {
+        "PREFECT_API_URL": f"http://127.0.0.1:4201/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}",
+        "PREFECT_API_KEY": "pnu_sandboxkey0123456789",
+        "PREFECT_ACCOUNT_ID": ACCOUNT,
+        "PREFECT_WORKSPACE_ID": WORKSPACE,
+        "DATABASE_URL": "postgresql://postgres:sandbox-pw-123@127.0.0.1:5433/postgres",
+        "SUPABASE_API_URL": "http://127.0.0.1:5000",
+        "SUPABASE_ACCESS_TOKEN": "sbp_sandboxtoken0123456789",
+        "SUPABASE_PROJECT_REF": "abcdefghijklmnopqrst",
+        "SUPABASE_FUNCTIONS_URL": "http://127.0.0.1:5000/functions/v1",
+        "SUPABASE_ANON_KEY": "eyJhbGciOiJIUzI1NiJ9.anon.sig",
+        "RUNBOOK_REPO_URL": "http://127.0.0.1:5200/bencrane/data-enrichment-orchestration-v1.git",
+        "ENRICHMENT_DISPATCH_URL": "http://127.0.0.1:5100",
+        "MODAL_TOKEN_ID": "ak-sandbox0123",
+        "MODAL_TOKEN_SECRET": "as-sandboxsecret0123",
+    }
+    values.update(extra)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sandbox.env"
+    path.write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+@pytest.fixture
+def sandbox_environ(tmp_path) -> dict[str, str]:
+    write_sandbox_env(tmp_path / "sbx")
+    return {"RUNBOOK_SANDBOX_DIR": str(tmp_path / "sbx")}
+
+def test_start_step_records_typed_outputs_and_later_steps_read_them_by_type(sandbox_environ, tmp_path):
+    from runbook_lib.notebook.context import start_step
+    from runbook_lib.records.outputs import DeployOutput, E2EOutput, EdgeSecretOutput
+
+    run_dir = tmp_path / "run"
+    deployment_id = "0F9D2C1E-0000-4000-8000-0000000000AB"
+    ctx = start_step(DeployOutput.STEP, profile="sandbox", run_dir=run_dir, environ=sandbox_environ, install_hooks=False)
+    ctx.publish(DeployOutput(deployment_id=deployment_id))
+    ctx.publish(DeployOutput(flow_name="key pnu_sandboxkey0123456789"))  # secrets are registered: masked on disk
+    ctx.finish()
+    on_disk = json.loads((run_dir / "03_deploy.json").read_text())
+    assert on_disk["status"] == "passed" and on_disk["values"]["deployment_id"] == deployment_id.lower()
+    assert "pnu_sandboxkey0123456789" not in (run_dir / "03_deploy.json").read_text()
+    later = start_step(EdgeSecretOutput.STEP, profile="sandbox", confirm="true", run_dir=run_dir, environ=sandbox_environ,
+                       install_hooks=False)
+    deployed = later.output_of(DeployOutput)
+    assert isinstance(deployed, DeployOutput) and deployed.deployment_id == deployment_id.lower()
+    assert deployed.commit_sha is None  # not recorded: None, never a KeyError
+    with pytest.raises(ResultsError, match="no results of step '05_end_to_end_test' .* run that step first"):
+        later.output_of(E2EOutput)
+    with pytest.raises(ValueError, match="is not a UUID"):
+        DeployOutput(deployment_id="not-a-uuid")
+
+def test_failing_checks_fail_the_step_and_the_gate_decision_is_recorded(sandbox_environ, tmp_path):
+    from runbook_lib.notebook.context import start_step
+
+    ctx = start_step("deploy", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    with pytest.raises(NotConfirmed):
+        ctx.confirm_plan("deploy orchestrator", {"pool": "managed-production"}, interactive=False)
+    saved = StepResults.load(tmp_path, "deploy")
+    assert saved.status == "failed" and saved.gate.decision == "rejected" and saved.gate.mode == "headless"
+    ctx = start_step("preflight", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    report = ctx.new_report()
+    report.add(Check.failed("pool", "Work pool exists", "no pool", "create it"))
+    with pytest.raises(ChecksFailed, match="pool"):
+        ctx.record_checks(report)
+    saved = StepResults.load(tmp_path, "preflight")
+    assert saved.status == "failed" and [c.id for c in saved.checks] == ["pool"] and "pool" in saved.error
+
+def test_start_step_records_a_settings_failure(tmp_path):
+    from runbook_lib.notebook.context import start_step
+
+    with pytest.raises(SettingsError):
+        start_step("preflight", profile="sandbox", run_dir=tmp_path,
+                   environ={"RUNBOOK_SANDBOX_DIR": str(tmp_path / "missing")}, install_hooks=False)
+    saved = StepResults.load(tmp_path, "preflight")
+    assert saved.status == "failed" and "sandbox up" in saved.error
+
+def test_relative_run_dirs_are_taken_from_the_project_root(monkeypatch, tmp_path):
+    from runbook_lib.notebook.context import resolve_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run_dir("outputs/run-1", "sandbox", PROJECT_ROOT) == PROJECT_ROOT / "outputs" / "run-1"
+    assert resolve_run_dir(None, "production", PROJECT_ROOT) == PROJECT_ROOT / "outputs" / "runs" / "interactive-production"
+    with pytest.raises(ResultsError):
+        StepResults.path(tmp_path, "../escape")
+
+NOTEBOOK_CELLS = [
+    ("parameters", "profile = 'sandbox'\nconfirm = None\nrun_dir = None"),
+    ("", "import asyncio\nfrom runbook_lib.notebook.context import start_step\n"
+         "from runbook_lib.core.aio import run_sync\n"
+         "ctx = start_step('deploy', profile=profile, confirm=confirm, run_dir=run_dir)"),
+    ("", "print('key', ctx.settings.value('prefect.api_key'))\n"
+         "from IPython.display import HTML, display\n"
+         "display(HTML('<i>dsn ' + ctx.settings.value('database.url') + '</i>'))\n"
+         "print('in a kernel:', run_sync(asyncio.sleep(0, result='slept')))"),
+    ("", "ctx.new_report()"),
+    ("", "gate = ctx.confirm_plan('deploy the orchestrator', {'pool': 'managed-production'})"),
+    ("", "from runbook_lib.records.outputs import MergeOutput\n"
+         "ctx.require_approved({'pool': 'managed-production'})\nctx.publish(MergeOutput(action='applied'))\nctx.finish()"),
+]
+
+@pytest.mark.timeout(180)
+def test_a_notebook_in_a_real_kernel_from_another_cwd(sandbox_environ, tmp_path, monkeypatch):
+    """papermill runs the notebook in a Jupyter kernel from a foreign directory: secrets are
+    masked in outputs, run_sync works with the kernel's loop, and without confirm the apply cell
+    fails closed; with -p confirm true it applies."""
+    import papermill
+
+    monkeypatch.setenv("RUNBOOK_SANDBOX_DIR", sandbox_environ["RUNBOOK_SANDBOX_DIR"])
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
+    monkeypatch.delenv("RUNBOOK_HEADLESS", raising=False)
+    nb = nbformat.v4.new_notebook()
+    for tag, source in NOTEBOOK_CELLS:
+        cell = nbformat.v4.new_code_cell(source)
+        if tag:
+            cell.metadata["tags"] = [tag]
+        nb.cells.append(cell)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = tmp_path / "step.ipynb"
+    nbformat.write(nb, source)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+
+    run_dir = tmp_path / "run-unconfirmed"
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(source), str(tmp_path / "out1.ipynb"), cwd=str(elsewhere),
+                                   parameters={"run_dir": str(run_dir)}, progress_bar=False, kernel_name="python3")
+    assert err.value.ename == "NotConfirmed" and "click Approve above" in err.value.evalue
+    out = (tmp_path / "out1.ipynb").read_text()
+    assert "pnu_sandboxkey0123456789" not in out and "key [redacted:PREFECT_API_KEY]" in out
+    assert "sandbox-pw-123" not in out and "<i>dsn [redacted:DATABASE_URL]</i>" in out
+    assert "in a kernel: slept" in out and "deploy: passed (0 pass" in out  # the report's HTML
+    assert "application/vnd.jupyter.widget-view+json" in out  # the Approve button
+    assert StepResults.load(run_dir, "deploy").gate.decision == "pending"
+
+    run_dir = tmp_path / "run-confirmed"
+    papermill.execute_notebook(str(source), str(tmp_path / "out2.ipynb"), cwd=str(elsewhere),
+                               parameters={"run_dir": str(run_dir), "confirm": True}, progress_bar=False,
+                               kernel_name="python3")
+    saved = StepResults.load(run_dir, "deploy")
+    assert saved.status == "passed" and saved.values["action"] == "applied"
+    assert saved.gate.decision == "approved" and saved.gate.mode == "parameter"

@@ -1,0 +1,53 @@
+"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
+flow-source analysis, requirement mapping, git reading, and the database helpers against the
+sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from runbook_lib.core import secrets as redaction
+from runbook_lib.core.errors import (
+    SupabaseApiError,
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redaction():
+    redaction.forget_secrets()
+    yield
+    redaction.forget_secrets()
+
+def test_supabase_inputs_are_validated_before_any_request():
+    from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
+
+    calls = []
+    api = SupabaseManagementApi("http://127.0.0.1:9", "sbp_token0123456789", "abcdefghijklmnopqrst", sleep=calls.append)
+    with api:
+        with pytest.raises(SupabaseApiError, match="starts with SUPABASE_, which is reserved"):
+            api.upsert_secrets({"PREFECT_DEPLOYMENT_ID": "x", "SUPABASE_URL": "y"})
+        with pytest.raises(SupabaseApiError, match="longer than 24576"):
+            api.upsert_secrets({"BIG": "x" * 24577})
+        with pytest.raises(SupabaseApiError, match="invalid secret name '1BAD'"):
+            api.delete_secrets(["1BAD"])
+    assert calls == []  # nothing was even attempted
+    with pytest.raises(SupabaseApiError, match="not 20 lowercase letters"):
+        SupabaseManagementApi("http://127.0.0.1:9", "sbp_t0123", "ABC")
+    assert secret_digest("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+def test_supabase_retry_delay_honours_the_rate_limit_headers():
+    import time
+
+    from runbook_lib.systems.supabase import SupabaseManagementApi
+
+    api = SupabaseManagementApi("http://127.0.0.1:9", "sbp_token0123456789", "abcdefghijklmnopqrst", max_wait=30)
+    delay = lambda headers: api.retry_delay(httpx.Response(429, headers=headers), attempt=1)  # noqa: E731
+    assert delay({"retry-after": "7"}) == 7
+    assert delay({"retry-after": "120"}) == 30  # capped
+    assert delay({"x-ratelimit-reset": "4"}) == 4  # seconds, as Supabase documents it
+    assert delay({"x-ratelimit-reset": "4500"}) == 4.5  # no window lasts 4500 s: milliseconds
+    assert 8 <= delay({"x-ratelimit-reset": str(int(time.time()) + 10)}) <= 10
+    assert 8 <= delay({"x-ratelimit-reset": str(int(time.time() * 1000) + 10000)}) <= 10
+    assert 0.5 <= delay({}) <= 0.6
+    api.close()
