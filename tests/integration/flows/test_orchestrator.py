@@ -22,7 +22,7 @@ import pytest
 
 from runbook_sandbox import git_seed
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 ORCHESTRATOR_PATH = PROJECT_ROOT / "flows" / "src" / "orchestrator.py"
 BLOCK = "postgres-connection-string"
 

@@ -14,8 +14,8 @@ from dotenv import dotenv_values
 
 from runbook_sandbox.config import SandboxConfig
 
-from . import conftest
-from .conftest import insert_batch, partial_sandbox
+from tests import conftest
+from tests.conftest import insert_batch, partial_sandbox
 
 pytestmark = pytest.mark.timeout(120)
 

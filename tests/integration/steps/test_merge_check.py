@@ -25,8 +25,8 @@ from runbook_lib.notebook.context import start_step
 from runbook_lib.core.errors import RunbookError
 from runbook_sandbox.git_seed import FEATURE_BRANCH, MAIN_BRANCH, ORCHESTRATOR, repo_path, seed_repository
 
-from . import notebook_runs
-from .notebook_runs import Run
+from tests.integration import notebook_runs
+from tests.integration.notebook_runs import Run
 
 STEP = "02_merge_check"
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",

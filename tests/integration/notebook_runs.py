@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import papermill
 from papermill.exceptions import PapermillExecutionError
 
-from .conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 

@@ -20,7 +20,7 @@ from runbook_lib.core import secrets as redaction
 from runbook_lib.runner.params import RunRefused, check_params, parse_param_args
 from runbook_lib.runner.run import run_runbook
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "pnu_runnertestkey0123456789"
 DB_PASSWORD = "runner-db-pw-4567"
 

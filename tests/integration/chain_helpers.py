@@ -16,7 +16,7 @@ from runbook_lib.systems.database import Database
 from runbook_lib.core.profiles import load_settings
 from runbook_lib.systems.supabase import SupabaseManagementApi
 
-from .notebook_runs import Run, run_notebook
+from tests.integration.notebook_runs import Run, run_notebook
 
 # The branch whose orchestrator loads the DSN from the Secret block (main gets it when step 02
 # merges; these tests do not depend on whether that happened in this session).

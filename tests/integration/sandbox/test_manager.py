@@ -17,7 +17,7 @@ from runbook_lib.core import processes as process
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 
-from .conftest import make_state_dir
+from tests.conftest import make_state_dir
 
 
 def cli(state_dir, *args, check=True):

@@ -28,8 +28,8 @@ from runbook_lib.core.settings import git_clone_url as normalise_repo_url
 from runbook_sandbox import postgres, prefect_gateway
 from runbook_sandbox.config import _anon_key
 
-from . import notebook_runs
-from .notebook_runs import Run, assert_no_secrets, secret_values
+from tests.integration import notebook_runs
+from tests.integration.notebook_runs import Run, assert_no_secrets, secret_values
 
 STEP = "01_verify_prerequisites"
 JWT_SECRET = "a-test-jwt-secret-of-32-bytes-or-more"

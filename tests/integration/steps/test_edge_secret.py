@@ -24,8 +24,8 @@ from runbook_lib.core.errors import ChecksFailed, NotConfirmed, SupabaseApiError
 from runbook_lib.systems.supabase import secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 
-from .notebook_runs import assert_no_secrets, run_notebook, secret_values
-from .test_nb03_deploy import (
+from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
+from tests.integration.steps.test_deploy import (
     deploy_in_process, deployment_writes, gateway, log_mark, requests_since, step_context, unique_name,
 )
 

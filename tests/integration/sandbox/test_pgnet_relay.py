@@ -16,7 +16,7 @@ from runbook_lib.core import processes as process
 from runbook_sandbox import manager, pgnet_relay, postgres
 from runbook_sandbox.config import SandboxConfig
 
-from .conftest import insert_batch, partial_sandbox, wait_for
+from tests.conftest import insert_batch, partial_sandbox, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -22,9 +22,9 @@ from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.supabase import secret_digest
 from runbook_lib.core import processes as process
 
-from .chain_helpers import LINK_IDS, function_deployment_digest, run_chain_notebook, set_function_deployment_id
-from .conftest import PROJECT_ROOT
-from .notebook_runs import assert_no_secrets_under, secret_values
+from tests.integration.chain_helpers import LINK_IDS, function_deployment_digest, run_chain_notebook, set_function_deployment_id
+from tests.conftest import PROJECT_ROOT
+from tests.integration.notebook_runs import assert_no_secrets_under, secret_values
 
 STEP = "fallback_process_pool"
 E2E = {"n_items": 6, "flow_run_timeout": 120, "completion_timeout": 150}

@@ -20,9 +20,9 @@ from runbook_lib.systems.database import Database
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_sandbox import manager
 
-from .chain_helpers import FIRST_SENDER, LINK_IDS, batches_of_client, modal_fault, run_chain_notebook, \
+from tests.integration.chain_helpers import FIRST_SENDER, LINK_IDS, batches_of_client, modal_fault, run_chain_notebook, \
     set_function_deployment_id
-from .notebook_runs import Run, assert_no_secrets_under, secret_values
+from tests.integration.notebook_runs import Run, assert_no_secrets_under, secret_values
 
 STEP = "05_end_to_end_test"
 FAST = {"n_items": 6, "trigger_timeout": 15, "flow_run_timeout": 120, "completion_timeout": 150}

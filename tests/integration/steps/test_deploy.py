@@ -28,7 +28,7 @@ from runbook_lib.notebook.context import StepContext, start_step
 from runbook_lib.core.profiles import load_settings
 from runbook_sandbox import prefect_gateway
 
-from .notebook_runs import assert_no_secrets, run_notebook, secret_values
+from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 
 STEP = "03_deploy"
 DEPLOYMENT = "data-enrichment-orchestrator"
