@@ -7,9 +7,9 @@ from typing import Any
 
 from runbook_lib.checks.base import Check, define
 from runbook_lib.checks.facts import Facts, plaintext_secrets, public_values
+from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import DesiredDeployment, git_clone_step, same
-from runbook_lib.core.settings import RunbookSettings
 
 _AGAIN = ("re-run this step; if it persists, the workspace changes the deployment after it is applied (another "
           "deploy, a UI edit)")

@@ -39,7 +39,6 @@ from runbook_lib.core.settings import (
     SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV, URL_SETTINGS, RunbookSettings, one_message,
 )
 
-
 # -- loading -------------------------------------------------------------------------------------
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runbook_lib.core.errors import RequirementError, SettingsError
+from runbook_lib.core.errors import ParameterError, RequirementError, SettingsError
+from runbook_lib.core.values import parse_uuid
 
 # The settings a production user exports, and the setting each one fills.
 ENV_SETTINGS: dict[str, str] = {
@@ -91,8 +91,8 @@ def _uuid(value: str | None) -> str | None:
     if value is None:
         return None
     try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
+        return parse_uuid(value)
+    except ParameterError:
         raise ValueError("is not a UUID") from None
 
 

@@ -13,15 +13,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from runbook_lib.core import paths as project, secrets as redaction
 from runbook_lib.checks.base import Check, CheckReport
+from runbook_lib.core import paths as project
+from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import RunbookError
+from runbook_lib.core.profiles import load_settings
+from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings
 from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
 from runbook_lib.records.outputs import StepOutput
 from runbook_lib.records.results import GateDecision, StepResults, check_step_name, now
-from runbook_lib.core.profiles import load_settings
-from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings
-
 
 O = TypeVar("O", bound=StepOutput)
 

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 from runbook_lib.core import render
 from runbook_lib.core.errors import NotConfirmed, ParameterError
-from runbook_lib.core.values import parse_flag
 from runbook_lib.core.secrets import redact, redact_obj
+from runbook_lib.core.values import parse_flag
 from runbook_lib.records.results import GateDecision, now
 
 HEADLESS_ENV = "RUNBOOK_HEADLESS"

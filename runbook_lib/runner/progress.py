@@ -6,10 +6,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-from runbook_lib.core import render, secrets as redaction
+from runbook_lib.core import render
+from runbook_lib.core import secrets as redaction
 from runbook_lib.records.manifest import StepRecord
 from runbook_lib.runner.params import Step
-
 
 
 class Progress:

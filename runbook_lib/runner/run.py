@@ -48,18 +48,19 @@ from urllib.parse import unquote, urlsplit
 
 import psutil
 
-from runbook_lib.core import paths as project, secrets as redaction
+from runbook_lib.core import paths as project
+from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import RunbookError
+from runbook_lib.core.profiles import available_profiles, load_settings
+from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord
+from runbook_lib.records.results import StepResults, list_results
+from runbook_lib.records.scan import scan_for_secrets
+from runbook_lib.runner.index import render_index, render_notebook_html
 from runbook_lib.runner.lock import ProfileLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
-from runbook_lib.records.scan import scan_for_secrets
-from runbook_lib.runner.index import render_index, render_notebook_html
-from runbook_lib.records.results import StepResults, list_results
-from runbook_lib.core.profiles import available_profiles, load_settings
-from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 
 DEFAULT_CELL_TIMEOUT = 3600.0
 EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2

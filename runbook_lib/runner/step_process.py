@@ -17,7 +17,6 @@ import psutil
 from runbook_lib.core import secrets as redaction
 
 
-
 def execute_step(spec: dict[str, Any]) -> int:
     """Run one notebook with papermill; write {"error_type", "error"} (empty on success) to the
     result file. Dies with its kernel when the runner disappears."""

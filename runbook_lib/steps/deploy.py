@@ -19,15 +19,15 @@ from runbook_lib.checks import prefect, source
 from runbook_lib.checks.base import CheckReport, define, run_checks
 from runbook_lib.checks.deployment import desired_deployment, verification_checks
 from runbook_lib.checks.facts import Facts
+from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show
 from runbook_lib.records.outputs import DeployOutput
+from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import (
     DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, diff_table, live_fields,
 )
-from runbook_lib.steps.base import Step
-from runbook_lib.core.settings import RunbookSettings
 
 SMOKE_LOG_LINES = 40
 # What the plan checks, in order: the catalog's checks, shared with step 01.

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from runbook_lib.checks.base import Check, CheckReport, define
-from runbook_lib.core.errors import PrefectApiError, ResultsError, RunbookError, SupabaseApiError
-from runbook_lib.core.errors import ParameterError
+from runbook_lib.core.errors import ParameterError, PrefectApiError, ResultsError, RunbookError, SupabaseApiError
+from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag, parse_uuid
 from runbook_lib.notebook.context import StepContext
 from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput
@@ -36,7 +36,6 @@ from runbook_lib.records.results import StepResults, now
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
-from runbook_lib.core.settings import RunbookSettings
 
 DEPLOY_STEP = DeployOutput.STEP
 HISTORY_FILE = "edge_function_secret_history.jsonl"

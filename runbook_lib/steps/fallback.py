@@ -46,12 +46,14 @@ from runbook_lib.core.errors import PrefectApiError, ResultsError, RunbookError
 from runbook_lib.core.profiles import load_settings
 from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag
-from runbook_lib.notebook.context import StepContext, show, start_step as _start_step
+from runbook_lib.notebook.context import StepContext, show
+from runbook_lib.notebook.context import start_step as _start_step
 from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput, FallbackOutput
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
-from runbook_lib.systems.prefect_deploy import DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, \
-    diff_table, live_fields
+from runbook_lib.systems.prefect_deploy import (
+    DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, diff_table, live_fields,
+)
 
 STEP = FallbackOutput.STEP
 WORKER_MARKER_ENV = "RUNBOOK_FALLBACK_WORKER"

@@ -13,7 +13,6 @@ imports) calls `Secret.load("<block>")`, and a failed load is not swallowed.
 from __future__ import annotations
 
 import ast
-import html
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook_lib.checks.base import Check, CheckReport, define
+from runbook_lib.core import render
 from runbook_lib.core.errors import FlowSourceError, GitError, RunbookError
 from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.notebook.context import StepContext
@@ -96,8 +96,8 @@ class BranchComparison:
         printer.text(redact(self.summary()))
 
     def _repr_html_(self) -> str:
-        colour = "#116329" if self.merged else "#7d4e00"
-        return f'<pre style="white-space:pre-wrap;color:{colour}">{html.escape(redact(self.summary()))}</pre>'
+        return render.Table("", ("Where the branches stand",), [
+            (render.Cell(self.summary(), status="pass" if self.merged else "warn", pre=True),)])._repr_html_()
 
 
 class MergeConflict(GitError):

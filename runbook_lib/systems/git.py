@@ -21,7 +21,6 @@ from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.core.settings import RunbookSettings
 
 
-
 class GitRepo:
     def __init__(self, url: str, token: str | None = None, *, timeout: float = 120.0):
         self.url = url

@@ -16,8 +16,8 @@ from runbook_lib.core import render
 from runbook_lib.core.aio import run_sync
 from runbook_lib.core.errors import RunbookError
 from runbook_lib.core.secrets import redact
-from runbook_lib.systems.prefect import prefect_settings
 from runbook_lib.core.settings import RunbookSettings
+from runbook_lib.systems.prefect import prefect_settings
 
 DEPLOY_TIMEOUT = 300.0
 # The fields compared between the plan and the live deployment (the diff), in display order.

@@ -3,16 +3,17 @@ timing, then clean up. See `runbook_lib.steps.e2e` for what each link proves."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
-import json
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
 from runbook_lib.checks.base import Check, CheckReport, Status
 from runbook_lib.core.errors import DatabaseError, PrefectApiError, RunbookError
 from runbook_lib.core.secrets import redact
+from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.notebook.progress import Progress
 from runbook_lib.records.outputs import E2EOutput
 from runbook_lib.steps.e2e import timeline
@@ -24,7 +25,6 @@ from runbook_lib.steps.e2e.links import (
 from runbook_lib.steps.e2e.options import E2EOptions, ExpectedDeployment, batch_items_for_test
 from runbook_lib.systems.database import Database, LaunchedBatch
 from runbook_lib.systems.prefect import FINAL_STATE_TYPES, PrefectApi
-from runbook_lib.core.settings import RunbookSettings
 
 # A flow run created this long before the launch (clock skew between the database and Prefect
 # allowed for) was not started by this batch.

@@ -10,9 +10,10 @@ from typing import Any
 
 from runbook_lib.checks.base import Status
 from runbook_lib.core import render
+from runbook_lib.steps.e2e.links import (
+    LANES, LINK_EDGE_FUNCTION, LINK_FLOW_RUN, LINK_ITEMS, LINK_TRIGGER, LINK_WORK_POOL, STATUSES, count, diff, ms,
+)
 from runbook_lib.systems.prefect import FINAL_STATE_TYPES
-from runbook_lib.steps.e2e.links import LANES, LINK_EDGE_FUNCTION, LINK_FLOW_RUN, LINK_ITEMS, LINK_TRIGGER, \
-    LINK_WORK_POOL, STATUSES, count, diff, ms
 
 
 def collect(result: Any, *, origin: datetime, response: dict[str, Any] | None, run: Any, running_at: datetime | None,

@@ -300,7 +300,7 @@ def test_the_ci_example_runs_production_with_secrets_from_the_secret_store_only(
 
     text = (PROJECT_ROOT / "ci-examples" / "runbook-production.yml").read_text()
     job = yaml.safe_load(text)["jobs"]["runbook"]
-    step = next(s for s in job["steps"] if "runbook_lib run" in s.get("run", ""))
+    step = next(s for s in job["steps"] if "runbook run" in s.get("run", ""))
     assert "--profile production" in step["run"] and "-p " not in step["run"] and "papermill" not in step["run"]
     env = step["env"]
     assert set(env) - {"CONFIRM_FLAG"} <= set(ENV_SETTINGS), "every variable is a setting the profile reads"
