@@ -10,12 +10,11 @@ from typing import Any
 
 import httpx
 
-from runbook_lib.steps import deploy, e2e
-from runbook_lib.systems.prefect_deploy import deploy_flow
-from runbook_lib.systems.database import Database
 from runbook_lib.core.profiles import load_settings
+from runbook_lib.steps import deploy, e2e
+from runbook_lib.systems.database import Database
+from runbook_lib.systems.prefect_deploy import deploy_flow
 from runbook_lib.systems.supabase import SupabaseManagementApi
-
 from tests.integration.notebook_runs import Run, run_notebook
 
 # The branch whose orchestrator loads the DSN from the Secret block (main gets it when step 02

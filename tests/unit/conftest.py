@@ -4,6 +4,7 @@ directory, reached by a file:// URL (git's own protocol, as `GitRepo` speaks it)
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -86,3 +87,48 @@ def make_remote(tmp_path: Path) -> Callable[[dict[str, dict[str, str]]], Remote]
             git("push", "--quiet", str(bare), f"HEAD:refs/heads/{branch}", cwd=work)
         return Remote(f"file://{bare}", bare, shas)
     return build
+
+
+# -- a sandbox profile without a sandbox: its settings file, written by hand ------------------------
+
+ACCOUNT = "11111111-1111-4111-8111-111111111111"
+WORKSPACE = "22222222-2222-4222-8222-222222222222"
+OTHER = "33333333-3333-4333-8333-333333333333"
+
+
+def write_sandbox_env(directory: Path, **extra: str) -> Path:
+    values = {
+        "PREFECT_API_URL": f"http://127.0.0.1:4201/api/accounts/{ACCOUNT}/workspaces/{WORKSPACE}",
+        "PREFECT_API_KEY": "pnu_sandboxkey0123456789",
+        "PREFECT_ACCOUNT_ID": ACCOUNT,
+        "PREFECT_WORKSPACE_ID": WORKSPACE,
+        "DATABASE_URL": "postgresql://postgres:sandbox-pw-123@127.0.0.1:5433/postgres",
+        "SUPABASE_API_URL": "http://127.0.0.1:5000",
+        "SUPABASE_ACCESS_TOKEN": "sbp_sandboxtoken0123456789",
+        "SUPABASE_PROJECT_REF": "abcdefghijklmnopqrst",
+        "SUPABASE_FUNCTIONS_URL": "http://127.0.0.1:5000/functions/v1",
+        "SUPABASE_ANON_KEY": "eyJhbGciOiJIUzI1NiJ9.anon.sig",
+        "RUNBOOK_REPO_URL": "http://127.0.0.1:5200/bencrane/data-enrichment-orchestration-v1.git",
+        "ENRICHMENT_DISPATCH_URL": "http://127.0.0.1:5100",
+        "MODAL_TOKEN_ID": "ak-sandbox0123",
+        "MODAL_TOKEN_SECRET": "as-sandboxsecret0123",
+    }
+    values.update(extra)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sandbox.env"
+    path.write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+@pytest.fixture
+def sandbox_environ(tmp_path) -> dict[str, str]:
+    write_sandbox_env(tmp_path / "sbx")
+    return {"RUNBOOK_SANDBOX_DIR": str(tmp_path / "sbx")}
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """A project root with the real profiles, for tests that add a .env or edit a profile."""
+    root = tmp_path / "project"
+    shutil.copytree(PROJECT_ROOT / "profiles", root / "profiles")
+    return root

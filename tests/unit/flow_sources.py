@@ -62,3 +62,60 @@ COMPUTED_NAME = ORCHESTRATOR.replace('@flow(name="orchestrator_main")', '@flow(n
 # The entrypoint imports a repository module (from its own directory) that imports scikit-learn.
 WITH_HELPER = ORCHESTRATOR.replace("import psycopg2\n", "import psycopg2\nfrom scoring import score_items\n")
 HELPER = "import sklearn.linear_model\n\n\ndef score_items(items):\n    return sklearn.linear_model.LinearRegression()\n"
+
+# An orchestrator with annotated parameters, helpers that load Secret blocks in several ways (some
+# swallowing the error), and a function that is not a flow.
+
+ANNOTATED_ORCHESTRATOR = '''
+import os
+import prefect
+from prefect import flow as pflow
+from prefect.blocks.system import Secret
+import psycopg2
+from dotenv import load_dotenv
+from src.sequencer import advance_completed_items
+from dispatcher import dispatch_pending_items
+
+
+def get_dsn():
+    try:
+        return Secret.load("postgres-connection-string").get()
+    except Exception as exc:
+        print("could not load", exc)
+        return os.environ.get("DATABASE_URL", "")
+
+
+def strict_dsn():
+    try:
+        return Secret.load("postgres-connection-string").get()
+    except (KeyError, Exception):
+        raise RuntimeError("no dsn")
+
+
+def nested():
+    try:
+        try:
+            return prefect.blocks.system.Secret.load("modal-token-id")
+        except ValueError:
+            raise
+    except:
+        return None
+
+
+def narrow():
+    try:
+        return Secret.load(name="modal-token-secret")
+    except KeyError:
+        return None
+
+
+@pflow(log_prints=True)
+def orchestrator_main(batch_size: int = 50, dry_run: bool = False):
+    import modal
+    advance_completed_items()
+    return dispatch_pending_items(batch_size, os.environ["MODAL_TOKEN_ID"])
+
+
+def not_a_flow(x):
+    return x
+'''

@@ -219,12 +219,6 @@ def test_the_table_shows_badges_ids_and_remediation_only_when_not_passed():
     assert CheckReport(step="s", checks=[Check.passed("a", "A")]).table().title_status == "pass"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
-
 def _preflight_report() -> CheckReport:
     report = CheckReport(step="preflight")
     report.add(Check.passed("prefect.key", "Prefect API key accepted", "200 from the workspace"))

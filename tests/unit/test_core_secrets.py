@@ -129,12 +129,6 @@ def test_a_redacting_stream_delegates_everything_else():
     assert stream.getvalue() == inner.getvalue() and stream._runbook_redaction
 
 
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
-
 def test_redact_masks_registered_secrets_their_url_forms_and_patterns():
     redaction.register_secret("p@ss/w0rd!", "DATABASE_PASSWORD")
     redaction.register_secret("pnu_abcdef123456", "PREFECT_API_KEY")

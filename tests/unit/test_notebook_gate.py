@@ -1,23 +1,14 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.notebook.gate: the confirmation gate fails closed headless, is decided by `confirm`, binds to the plan, and waits for a click in a notebook."""
 
 from __future__ import annotations
 
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     NotConfirmed,
 )
 from runbook_lib.notebook.gate import ConfirmationGate, parse_confirm
 
-
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
 
 def test_gate_headless_without_confirm_fails_closed_and_records_it():
     decisions = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import FlowSourceError
 from runbook_lib.source.flow import (
     analyse_entrypoint,
@@ -16,7 +15,7 @@ from runbook_lib.source.flow import (
     parse,
     repository_imports,
 )
-from tests.unit.flow_sources import ORCHESTRATOR
+from tests.unit.flow_sources import ANNOTATED_ORCHESTRATOR, ORCHESTRATOR
 
 
 def test_the_test_orchestrator_reads_like_the_real_one():
@@ -127,65 +126,6 @@ def test_entrypoint_helpers_name_what_is_missing():
         repository_imports({"src/o.py": "import bad\n", "src/bad.py": "def (:\n"}, "src/o.py:main")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
-
-ANNOTATED_ORCHESTRATOR = '''
-import os
-import prefect
-from prefect import flow as pflow
-from prefect.blocks.system import Secret
-import psycopg2
-from dotenv import load_dotenv
-from src.sequencer import advance_completed_items
-from dispatcher import dispatch_pending_items
-
-
-def get_dsn():
-    try:
-        return Secret.load("postgres-connection-string").get()
-    except Exception as exc:
-        print("could not load", exc)
-        return os.environ.get("DATABASE_URL", "")
-
-
-def strict_dsn():
-    try:
-        return Secret.load("postgres-connection-string").get()
-    except (KeyError, Exception):
-        raise RuntimeError("no dsn")
-
-
-def nested():
-    try:
-        try:
-            return prefect.blocks.system.Secret.load("modal-token-id")
-        except ValueError:
-            raise
-    except:
-        return None
-
-
-def narrow():
-    try:
-        return Secret.load(name="modal-token-secret")
-    except KeyError:
-        return None
-
-
-@pflow(log_prints=True)
-def orchestrator_main(batch_size: int = 50, dry_run: bool = False):
-    import modal
-    advance_completed_items()
-    return dispatch_pending_items(batch_size, os.environ["MODAL_TOKEN_ID"])
-
-
-def not_a_flow(x):
-    return x
-'''
 
 def test_flow_analysis_finds_the_flow_its_parameters_imports_and_secret_loads():
     from runbook_lib.source.flow import analyse_flow

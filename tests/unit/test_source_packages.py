@@ -1,22 +1,13 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.source.packages: requirement strings, import names mapped to distributions, what the runtime image provides."""
 
 from __future__ import annotations
 
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     RequirementError,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
 
 def test_requirement_strings_are_validated():
     from runbook_lib.source.packages import parse_requirement, validate_requirements

@@ -1,23 +1,14 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.systems.supabase without a server: inputs refused before any request, the retry delay from the rate-limit headers."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     SupabaseApiError,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
 
 def test_supabase_inputs_are_validated_before_any_request():
     from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest

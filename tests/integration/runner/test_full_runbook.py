@@ -13,7 +13,6 @@ import pytest
 
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
-
 from tests.conftest import PROJECT_ROOT, make_state_dir
 
 STEPS = [p.stem for p in sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]

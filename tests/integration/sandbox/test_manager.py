@@ -16,7 +16,6 @@ from dotenv import dotenv_values
 from runbook_lib.core import processes as process
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
-
 from tests.conftest import make_state_dir
 
 

@@ -13,7 +13,6 @@ import pytest
 from dotenv import dotenv_values
 
 from runbook_sandbox.config import SandboxConfig
-
 from tests import conftest
 from tests.conftest import insert_batch, partial_sandbox
 

@@ -15,7 +15,6 @@ import pytest
 from runbook_lib.core import processes as process
 from runbook_sandbox import manager, pgnet_relay, postgres
 from runbook_sandbox.config import SandboxConfig
-
 from tests.conftest import insert_batch, partial_sandbox, wait_for
 
 pytestmark = pytest.mark.timeout(180)

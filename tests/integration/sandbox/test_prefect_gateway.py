@@ -28,7 +28,7 @@ import websockets
 from dotenv import dotenv_values
 
 from runbook_lib.core import processes as process
-from runbook_sandbox import manager, managed_runtime, prefect_gateway
+from runbook_sandbox import managed_runtime, manager, prefect_gateway
 from runbook_sandbox.config import SandboxConfig
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -19,15 +19,14 @@ import httpx
 import pytest
 
 from runbook_lib.checks.facts import plaintext_secrets
+from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError
+from runbook_lib.core.profiles import load_settings
 from runbook_lib.core.values import parse_flag
+from runbook_lib.notebook.context import StepContext, start_step
 from runbook_lib.steps import deploy
 from runbook_lib.systems import prefect_deploy
-from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError
 from runbook_lib.systems.git import GitRepo
-from runbook_lib.notebook.context import StepContext, start_step
-from runbook_lib.core.profiles import load_settings
 from runbook_sandbox import prefect_gateway
-
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 
 STEP = "03_deploy"

@@ -19,9 +19,14 @@ from runbook_lib.steps import e2e, fallback
 from runbook_lib.systems.database import Database
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_sandbox import manager
-
-from tests.integration.chain_helpers import FIRST_SENDER, LINK_IDS, batches_of_client, modal_fault, run_chain_notebook, \
-    set_function_deployment_id
+from tests.integration.chain_helpers import (
+    FIRST_SENDER,
+    LINK_IDS,
+    batches_of_client,
+    modal_fault,
+    run_chain_notebook,
+    set_function_deployment_id,
+)
 from tests.integration.notebook_runs import Run, assert_no_secrets_under, secret_values
 
 STEP = "05_end_to_end_test"

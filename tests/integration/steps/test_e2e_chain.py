@@ -19,9 +19,7 @@ import pytest
 from runbook_lib.steps import e2e
 from runbook_lib.systems.database import Database
 from runbook_lib.systems.prefect import PrefectApi
-
 from tests.integration.chain_helpers import FIRST_SENDER, batches_of_client, modal_fault
-
 
 # -- helpers -----------------------------------------------------------------------------------------
 

@@ -19,14 +19,19 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from runbook_lib.steps import edge_secret
 from runbook_lib.core.errors import ChecksFailed, NotConfirmed, SupabaseApiError
+from runbook_lib.steps import edge_secret
 from runbook_lib.systems.supabase import secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
-
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 from tests.integration.steps.test_deploy import (
-    deploy_in_process, deployment_writes, gateway, log_mark, requests_since, step_context, unique_name,
+    deploy_in_process,
+    deployment_writes,
+    gateway,
+    log_mark,
+    requests_since,
+    step_context,
+    unique_name,
 )
 
 STEP = "04_update_edge_function_secret"

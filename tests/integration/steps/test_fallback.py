@@ -17,13 +17,17 @@ from importlib import metadata
 import psutil
 import pytest
 
+from runbook_lib.core import processes as process
 from runbook_lib.steps import e2e, fallback
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.supabase import secret_digest
-from runbook_lib.core import processes as process
-
-from tests.integration.chain_helpers import LINK_IDS, function_deployment_digest, run_chain_notebook, set_function_deployment_id
 from tests.conftest import PROJECT_ROOT
+from tests.integration.chain_helpers import (
+    LINK_IDS,
+    function_deployment_digest,
+    run_chain_notebook,
+    set_function_deployment_id,
+)
 from tests.integration.notebook_runs import assert_no_secrets_under, secret_values
 
 STEP = "fallback_process_pool"

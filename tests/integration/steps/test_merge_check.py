@@ -19,12 +19,11 @@ from typing import Any, Iterator
 
 import pytest
 
+from runbook_lib.core.errors import RunbookError
+from runbook_lib.notebook.context import start_step
 from runbook_lib.source.flow import parse, secret_loads
 from runbook_lib.steps.merge_check import MergeCheck, _branch_name, _raises_outside_handler, block_loading
-from runbook_lib.notebook.context import start_step
-from runbook_lib.core.errors import RunbookError
 from runbook_sandbox.git_seed import FEATURE_BRANCH, MAIN_BRANCH, ORCHESTRATOR, repo_path, seed_repository
-
 from tests.integration import notebook_runs
 from tests.integration.notebook_runs import Run
 

@@ -27,7 +27,6 @@ from runbook_lib.core.secrets import clear_text_secrets
 from runbook_lib.core.settings import git_clone_url as normalise_repo_url
 from runbook_sandbox import postgres, prefect_gateway
 from runbook_sandbox.config import _anon_key
-
 from tests.integration import notebook_runs
 from tests.integration.notebook_runs import Run, assert_no_secrets, secret_values
 

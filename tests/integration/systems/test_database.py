@@ -1,22 +1,13 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.systems.database against the sandbox's real Postgres: the trigger, pg_net, the registry, a launch."""
 
 from __future__ import annotations
 
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     DatabaseError,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
 
 @pytest.fixture(scope="module")
 def postgres_sandbox(tmp_path_factory):

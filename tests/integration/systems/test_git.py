@@ -1,27 +1,13 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.systems.git against the sandbox's git server: reading the seeded flow, a refused token."""
 
 from __future__ import annotations
 
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     GitError,
 )
-from runbook_lib.core.profiles import load_settings
 
-
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
-
-@pytest.fixture
-def sandbox_settings(sandbox):
-    return load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)})
 
 @pytest.mark.timeout(120)
 def test_git_repo_reads_the_seeded_flow_and_refuses_a_wrong_token(sandbox_settings):

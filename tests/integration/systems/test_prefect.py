@@ -1,6 +1,4 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.systems.prefect against the sandbox's Cloud-shaped gateway: reads, a rejected key explained."""
 
 from __future__ import annotations
 
@@ -12,19 +10,9 @@ from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     RunbookError,
 )
-from runbook_lib.core.profiles import load_settings
 
 OTHER = "33333333-3333-4333-8333-333333333333"
 
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
-
-@pytest.fixture
-def sandbox_settings(sandbox):
-    return load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)})
 
 @pytest.mark.timeout(120)
 def test_prefect_api_reads_the_workspace_and_explains_a_rejected_key(sandbox_settings):

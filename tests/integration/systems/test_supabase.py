@@ -1,28 +1,14 @@
-"""runbook_lib core: settings, redaction, checks, the confirmation gate, run_sync, step results,
-flow-source analysis, requirement mapping, git reading, and the database helpers against the
-sandbox's real Postgres. Every test is bounded in time; no service is mocked."""
+"""runbook_lib.systems.supabase against the Management API stand-in: upsert, list, delete, retries."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import (
     SupabaseApiError,
 )
-from runbook_lib.core.profiles import load_settings
 
-
-@pytest.fixture(autouse=True)
-def _fresh_redaction():
-    redaction.forget_secrets()
-    yield
-    redaction.forget_secrets()
-
-@pytest.fixture
-def sandbox_settings(sandbox):
-    return load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)})
 
 @pytest.mark.timeout(120)
 def test_supabase_api_upserts_lists_and_deletes_secrets(sandbox_settings):
