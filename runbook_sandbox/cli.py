@@ -20,12 +20,18 @@ def up(
     state_dir: Optional[Path] = StateDir,
     database_url: Optional[str] = typer.Option(None, help="Use this Postgres server instead of the embedded one."),
     seed_merged: Optional[bool] = typer.Option(None, "--seed-merged/--seed-unmerged", help="Seed the repository with feature/secret-blocks already merged into main."),
+    repo: Optional[str] = typer.Option(
+        None, "--repo", metavar="PATH_OR_URL",
+        help="Seed the sandbox's GitHub repository with every branch of this git repository (a path: its "
+        "local branches; a URL: its remote heads) instead of the story from flows/. Kept on later `up`s; "
+        "a different --repo replaces it.",
+    ),
 ) -> None:
     """Start every stand-in in the background; return once each one is healthy."""
     from . import manager
 
     try:
-        manager.up(state_dir, database_url=database_url, seed_merged=seed_merged, echo=typer.echo)
+        manager.up(state_dir, database_url=database_url, seed_merged=seed_merged, repo=repo, echo=typer.echo)
     except manager.SandboxError as exc:
         typer.secho(f"sandbox up failed: {exc}", fg="red", err=True)
         raise typer.Exit(1)

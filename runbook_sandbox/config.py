@@ -98,6 +98,9 @@ class GitConfig(BaseModel):
     repo: str = "data-enrichment-orchestration-v1"
     # Seed the repository with feature/secret-blocks already merged into main.
     seed_merged: bool = False
+    # The repository `sandbox up --repo` seeded it from (a URL as given, an absolute path); None: the
+    # seeded story from flows/. A later `up` keeps the repository; a missing one is seeded from it.
+    seed_source: str | None = None
 
 
 class SandboxConfig(BaseModel):

@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 from runbook_lib.core import processes
 
 from .config import SandboxConfig, config_from_argv
-from .git_seed import repo_path, seed_repository
+from .git_seed import repo_path, seed_from_source, seed_repository
 from .http_common import RequestLog
 from .service import ServiceDef
 
@@ -307,9 +307,13 @@ def health(cfg: SandboxConfig) -> str | None:
 
 
 def after_start(cfg: SandboxConfig) -> None:
-    """Seed the orchestrator repository on first start; an existing repository is kept as is."""
+    """Seed the orchestrator repository on first start (from the recorded `--repo` source, else the
+    story from flows/); an existing repository is kept as is."""
     if not repo_path(cfg).exists():
-        seed_repository(cfg)
+        if cfg.git.seed_source:
+            seed_from_source(cfg, cfg.git.seed_source)
+        else:
+            seed_repository(cfg)
 
 
 SERVICE = ServiceDef(

@@ -3,7 +3,8 @@
 Each emulated service is one module of this package exposing `SERVICE: ServiceDef` (`service.py`).
 `up` allocates free ports, starts what is not running, waits until each one is healthy, runs its
 `after_start` hook (migrations, seeding), and writes `<state>/sandbox.json` (per service: url, pid,
-healthy) and `<state>/sandbox.env` (the settings a production user would export).
+healthy) and `<state>/sandbox.env` (the settings a production user would export). With `repo`, the
+GitHub stand-in's repository is seeded from a git repository of the user's first (`git_seed`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 from runbook_lib.core import processes
 
+from . import git_seed
 from .config import PROJECT_ROOT, SandboxConfig
 from .service import ServiceDef, read_state, write_state
 
@@ -128,10 +130,30 @@ def up(
     *,
     database_url: str | None = None,
     seed_merged: bool | None = None,
+    repo: str | os.PathLike | None = None,
     only: list[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict:
+    """Start what is not running (every service, or `only` those); see the module's docstring.
+
+    `repo` (a path or URL of a git repository) seeds the GitHub stand-in's `<owner>/<repo>` with every
+    branch of that repository instead of the story from flows/ (`git_seed.use_repository`): done
+    before any service starts, refused with SandboxError (nothing changed) when it cannot be read;
+    kept as is on a later `up` with the same source, replaced when another one is given.
+    """
     cfg = SandboxConfig.load_or_create(state_dir)
+    if repo is not None:
+        if seed_merged is not None:
+            raise SandboxError(
+                "git_server: --seed-merged/--seed-unmerged choose how the story from flows/ is seeded; "
+                "they do not apply to --repo"
+            )
+        try:
+            note = git_seed.use_repository(cfg, repo)
+        except git_seed.SeedError as exc:
+            raise SandboxError(f"git_server: {exc}") from exc
+        cfg.save()
+        echo(f"  {'git repository':16} {note}")
     if database_url is not None:
         cfg.postgres.external_url = database_url
     if seed_merged is not None:

@@ -5,7 +5,10 @@ front of the real Prefect server (`prefect_server`).
 
 Every HTTP request under that base needs `Authorization: Bearer <cfg.prefect.api_key>` (401
 otherwise; 404 for another account or workspace) and is passed through to `<server>/api/...`
-(the key is not forwarded). WebSocket upgrades under it (`/events/in`, `/events/out`, `/logs/out`,
+(the key is not forwarded). Response bodies honour the client's `Accept-Encoding`, as Cloud does: gzip
+(passed through from the server, with `Content-Encoding: gzip`) only to a client whose header allows
+it, else identity (no `Content-Encoding`, the `Content-Length` of the plain body; a streamed body stays
+streamed); `accepts_gzip`. WebSocket upgrades under it (`/events/in`, `/events/out`, `/logs/out`,
 `/task_runs/subscriptions/scheduled`, `/work_pools/<pool>/workers/connect`) are proxied too,
 authenticated as Cloud authenticates them with prefect 3.9.1's clients:
 
@@ -58,6 +61,7 @@ HOP_BY_HOP = {
     "transfer-encoding", "upgrade", "host", "content-length",
 }
 AUTH_MESSAGE_TIMEOUT = 10.0
+GZIP_CODINGS = {"gzip", "x-gzip"}
 SECRET_BLOCKS = ("postgres-connection-string", "modal-token-id", "modal-token-secret")
 
 
@@ -67,6 +71,33 @@ def exports(cfg: SandboxConfig) -> dict[str, str]:
         "PREFECT_ACCOUNT_ID": cfg.prefect.account_id,
         "PREFECT_WORKSPACE_ID": cfg.prefect.workspace_id,
     }
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an `Accept-Encoding` header allows gzip (RFC 9110 12.5.3): `gzip` (or `x-gzip`) with a
+    q-value above 0, or else `*` with one. No header, `identity`, `gzip;q=0`: no."""
+    named: float | None = None
+    star: float | None = None
+    for item in (accept_encoding or "").split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        if not coding:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        coding = coding.lower()
+        if coding in GZIP_CODINGS:
+            named = q if named is None else max(named, q)
+        elif coding == "*":
+            star = q
+    if named is not None:
+        return named > 0
+    return star is not None and star > 0
 
 
 # -- the gateway -----------------------------------------------------------------------------------
@@ -108,24 +139,41 @@ class Gateway:
         url = f"{self.upstream}/{request.path_params['path']}"
         if request.url.query:
             url += "?" + request.url.query
+        # The server compresses whenever "gzip" appears in the header (and httpx would ask for it on
+        # its own): it is asked for gzip only when the client's header allows it, else for identity.
+        gzip_ok = accepts_gzip(request.headers.get("accept-encoding"))
         headers = [
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"authorization"}
+            (k, v) for k, v in request.headers.items()
+            if k.lower() not in HOP_BY_HOP | {"authorization", "accept-encoding"}
         ]
+        headers.append(("accept-encoding", "gzip" if gzip_ok else "identity"))
         upstream_request = self.http.build_request(request.method, url, headers=headers, content=await request.body())
         try:
             upstream = await self.http.send(upstream_request, stream=True)
         except httpx.HTTPError as exc:
             return JSONResponse({"detail": f"Prefect server unavailable: {type(exc).__name__}"}, status_code=502)
+        encoding = upstream.headers.get("content-encoding", "").strip().lower()
+        decode = encoding not in ("", "identity") and not (gzip_ok and encoding in GZIP_CODINGS)
         out_headers = {}
         for k, v in upstream.headers.multi_items():
             lk = k.lower()
             if lk in HOP_BY_HOP - {"content-length"} or lk in {"date", "server"}:
                 continue
+            if decode and lk in {"content-encoding", "content-length"}:
+                continue
             if lk == "location" and v.startswith(self.upstream):
                 v = self.public_base() + v[len(self.upstream):]
             out_headers[k] = v
+        if decode and "content-length" in upstream.headers and request.method != "HEAD":
+            # An encoding the client did not accept, on a whole body: decoded, with its own length.
+            try:
+                body = await upstream.aread()
+            finally:
+                await upstream.aclose()
+            return Response(body, status_code=upstream.status_code, headers=out_headers)
         return StreamingResponse(
-            upstream.aiter_raw(), status_code=upstream.status_code, headers=out_headers,
+            upstream.aiter_bytes() if decode else upstream.aiter_raw(),  # a streamed body: decoded as it goes
+            status_code=upstream.status_code, headers=out_headers,
             background=BackgroundTask(upstream.aclose),
         )
 

@@ -1,223 +1,49 @@
-"""Step 02: is the feature branch (the orchestrator that loads its DSN from a Secret block) merged
-into the branch the deployment uses? If not, merge it behind the confirmation gate and push.
+"""Step 02: is the Secret-block change on the branch the deployment uses? The question is answered
+from content, not from branch names: real repositories get rebased, cherry-picked, squash-merged,
+and their branches deleted after merging.
 
-`inspect()` fetches both branches into a private clone and reports where they stand (commits ahead
-and behind, changed files). `propose()` shows the merge as a plan behind the gate (nothing to
-confirm when already merged). `apply()` merges (fast-forward when possible, else a merge commit;
-a conflict aborts the merge and pushes nothing) and pushes with GITHUB_TOKEN, sent as an
-`http.extraHeader` through git's environment, never in a URL or on a command line. `verify()`
-fetches again and checks: merged, the target's entrypoint (and the repository modules it
-imports) calls `Secret.load("<block>")`, and a failed load is not swallowed.
+`inspect()` fetches every branch into a private clone and reads the target: when its entrypoint
+(and the repository modules it imports) already loads the DSN's Secret block, the answer is yes,
+with where (file:line), whatever became of the named branch (a missing branch is then a note).
+Otherwise the named branch is compared with the target by patch and by content (`git cherry`; a
+change already present on the target), so only the commits that bring a change the target lacks
+count, with the files they touch; when the branch is missing, the other remote branches are
+searched for one whose entrypoint loads the block. `propose()` previews the merge against the
+current target without a work tree (`git merge-tree`): a fast-forward, a clean merge with its
+diff summary, or the conflicting files (then there is nothing to approve, and nothing is pushed);
+it says whether the unique changes touch the entrypoint's module closure (when they do not, the
+merge is not needed for this deployment). `apply()` merges and pushes the approved plan with
+GITHUB_TOKEN (an `http.extraHeader` through git's environment, never in a URL or on a command
+line), refusing when the remote moved since the plan was shown. `verify()` fetches again.
 """
 
 from __future__ import annotations
 
 import ast
-import shutil
 import subprocess
-import tempfile
-import weakref
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from runbook_lib.checks.base import Check, CheckReport, define
 from runbook_lib.core import render
 from runbook_lib.core.errors import FlowSourceError, GitError, RunbookError
-from runbook_lib.core.secrets import redact, register_secret
-from runbook_lib.notebook.context import StepContext
+from runbook_lib.notebook.context import StepContext, show
 from runbook_lib.records.outputs import MergeOutput
 from runbook_lib.source.flow import SecretLoad, parse, repository_imports, secret_loads
 from runbook_lib.steps.base import Step
-from runbook_lib.systems.git import GitRepo
+from runbook_lib.systems.git import BranchComparison, GitWorkspace, MergeConflict
 
-MERGED = define("merge.merged", "Feature branch merged into the target",
-                proves="the target branch contains the feature branch's commits",
-                remediation="check the repository URL and that both branches exist")
+DEFAULT_FEATURE_BRANCH = "feature/secret-blocks"
+
+MERGED = define("merge.merged", "The Secret-block change is on the target",
+                proves="the target branch has the change the deployment needs: its entrypoint loads the block, or "
+                       "the named branch brings no change the target lacks (compared by patch and content)",
+                remediation="check the repository URL and that the target branch exists")
 LOADS_BLOCK = define("merge.entrypoint_loads_block", "The target's entrypoint loads the Secret block",
                      proves="the target's entrypoint, or a repository module it imports, calls Secret.load(<the DSN "
                             "block>)")
 LOAD_HANDLED = define("merge.load_error_handled", "A failed Secret block load fails the run",
                       proves="a failed Secret.load is not swallowed (the run fails at its start, naming the block)")
-DEFAULT_FEATURE_BRANCH = "feature/secret-blocks"
-MERGE_IDENTITY = ("Deployment runbook", "runbook@localhost")
-
-
-@dataclass(frozen=True)
-class Commit:
-    sha: str
-    subject: str
-
-    def __str__(self) -> str:
-        return f"{self.sha[:12]} {self.subject}"
-
-
-@dataclass
-class BranchComparison:
-    """Where the feature branch stands against the target branch on the remote."""
-
-    repo_url: str
-    target: str
-    feature: str
-    target_sha: str
-    feature_sha: str
-    ahead: list[Commit]  # feature commits not in the target
-    behind: list[Commit]  # target commits not in the feature branch
-    files: list[str] = field(default_factory=list)  # "M\tpath" lines of what the merge brings
-
-    @property
-    def merged(self) -> bool:
-        return not self.ahead
-
-    @property
-    def fast_forward(self) -> bool:
-        return not self.behind
-
-    def summary(self) -> str:
-        head = (f"{self.feature} ({self.feature_sha[:12]}) vs {self.target} ({self.target_sha[:12]}) on {self.repo_url}: "
-                f"{len(self.ahead)} commit(s) ahead, {len(self.behind)} behind")
-        if self.merged:
-            return head + f"\n{self.feature} is merged into {self.target}: nothing to merge."
-        lines = [head, f"{self.feature} is NOT merged into {self.target}; "
-                 + ("a fast-forward is possible." if self.fast_forward else "a merge commit is needed."),
-                 "Commits it brings:"] + [f"  {c}" for c in self.ahead]
-        lines += ["Files it changes:"] + [f"  {f}" for f in self.files]
-        return "\n".join(lines)
-
-    def facts(self) -> dict[str, Any]:
-        return {"repository": self.repo_url, "target": self.target, "target_sha": self.target_sha,
-                "feature": self.feature, "feature_sha": self.feature_sha, "merged": self.merged,
-                "ahead": [str(c) for c in self.ahead], "behind": [str(c) for c in self.behind], "files": self.files}
-
-    def __str__(self) -> str:
-        return self.summary()
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        printer.text(redact(self.summary()))
-
-    def _repr_html_(self) -> str:
-        return render.Table("", ("Where the branches stand",), [
-            (render.Cell(self.summary(), status="pass" if self.merged else "warn", pre=True),)])._repr_html_()
-
-
-class MergeConflict(GitError):
-    """The merge conflicted; it was aborted and nothing was pushed."""
-
-
-class MergeWorkspace(GitRepo):
-    """A private clone of two branches of the repository, to compare, merge and push them.
-
-    Reads are anonymous (the repository is public, as the managed runtime needs); only `push`
-    sends the token, as a header through git's environment."""
-
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 120.0):
-        super().__init__(url, None, timeout=timeout)
-        self._push_token = token
-        register_secret(token, "GITHUB_TOKEN")
-        if token:
-            register_secret(self._basic(token), "GITHUB_TOKEN")
-        self._work: Path | None = None
-
-    def _dir(self) -> Path:
-        if self._work is None:
-            self._work = Path(tempfile.mkdtemp(prefix="runbook-merge-"))
-            weakref.finalize(self, shutil.rmtree, str(self._work), ignore_errors=True)  # a cell that failed
-            self._git("init", "--quiet", str(self._work), what="preparing a local clone")
-            for key, value in (("user.name", MERGE_IDENTITY[0]), ("user.email", MERGE_IDENTITY[1]),
-                               ("commit.gpgsign", "false"), ("merge.ff", "true")):
-                if key.startswith("user.") and self._config(key):
-                    continue  # the user's own git identity, when configured, signs the merge
-                self._git("config", key, value, cwd=self._work, what="configuring the local clone")
-        return self._work
-
-    def _config(self, key: str) -> str:
-        try:
-            return self._git("config", "--get", key, cwd=self._work, what=f"reading git config {key}").strip()
-        except GitError:
-            return ""
-
-    def close(self) -> None:
-        if self._work is not None:
-            shutil.rmtree(self._work, ignore_errors=True)
-            self._work = None
-        super().close()
-
-    @staticmethod
-    def _remote_ref(branch: str) -> str:
-        return f"refs/remotes/origin/{branch}"
-
-    def fetch_branches(self, *branches: str) -> dict[str, str]:
-        """Fetch the branches' full history; branch -> commit sha. A missing branch is a GitError naming it."""
-        remote = self.ls_remote()
-        missing = [b for b in branches if f"refs/heads/{b}" not in remote]
-        if missing:
-            heads = sorted(r.removeprefix("refs/heads/") for r in remote if r.startswith("refs/heads/"))
-            raise GitError(f"branch(es) {', '.join(missing)} do not exist in {self.url} (branches: {', '.join(heads) or 'none'})")
-        specs = [f"+refs/heads/{b}:{self._remote_ref(b)}" for b in branches]
-        self._git("fetch", "--quiet", "--no-tags", self.url, *specs, cwd=self._dir(), what=f"fetching {', '.join(branches)}")
-        return {b: self._rev(self._remote_ref(b)) for b in branches}
-
-    def _rev(self, ref: str) -> str:
-        return self._git("rev-parse", f"{ref}^{{commit}}", cwd=self._dir(), what=f"resolving {ref}").strip()
-
-    def _commits(self, range_: str) -> list[Commit]:
-        out = self._git("log", "--format=%H%x09%s", range_, cwd=self._dir(), what=f"listing commits {range_}")
-        return [Commit(*line.split("\t", 1)) for line in out.splitlines() if "\t" in line]
-
-    def compare(self, target: str, feature: str) -> BranchComparison:
-        shas = self.fetch_branches(target, feature)
-        t, f = self._remote_ref(target), self._remote_ref(feature)
-        files = self._git("diff", "--name-status", f"{t}...{f}", cwd=self._dir(), what="listing changed files")
-        return BranchComparison(
-            repo_url=self.url, target=target, feature=feature, target_sha=shas[target], feature_sha=shas[feature],
-            ahead=self._commits(f"{t}..{f}"), behind=self._commits(f"{f}..{t}"), files=files.splitlines(),
-        )
-
-    def files_at(self, branch: str, suffix: str = ".py") -> dict[str, str]:
-        """Every `suffix` file of the fetched branch: path -> text."""
-        ref = self._remote_ref(branch)
-        names = self._git("ls-tree", "-r", "--name-only", ref, cwd=self._dir(), what=f"listing files of {branch}")
-        return {p: self._git("show", f"{ref}:{p}", cwd=self._dir(), what=f"reading {p} at {branch}")
-                for p in names.splitlines() if p.endswith(suffix)}
-
-    def merge(self, comparison: BranchComparison) -> str:
-        """Merge the fetched feature branch into the target locally; the new target sha.
-
-        Fast-forward when the target has nothing the feature lacks, else a merge commit. A conflict
-        aborts the merge (the clone is left clean) and raises MergeConflict naming the files."""
-        target, feature = comparison.target, comparison.feature
-        cwd = self._dir()
-        self._git("checkout", "--quiet", "-B", target, comparison.target_sha, cwd=cwd, what=f"checking out {target}")
-        if comparison.fast_forward:
-            self._git("merge", "--quiet", "--ff-only", comparison.feature_sha, cwd=cwd, what=f"fast-forwarding {target}")
-        else:
-            try:
-                self._git("merge", "--quiet", "--no-ff", "--no-edit", "-m", f"Merge branch '{feature}' into {target}",
-                          comparison.feature_sha, cwd=cwd, what=f"merging {feature} into {target}")
-            except GitError as exc:
-                conflicts = self._git("diff", "--name-only", "--diff-filter=U", cwd=cwd, what="listing conflicts").split()
-                try:
-                    self._git("merge", "--abort", cwd=cwd, what="aborting the merge")
-                except GitError:
-                    pass
-                if conflicts:
-                    raise MergeConflict(
-                        f"merging {feature} into {target} conflicts in {', '.join(conflicts)}; the merge was aborted "
-                        "and nothing was pushed"
-                    ) from None
-                raise GitError(f"merging {feature} into {target} failed ({exc}); nothing was pushed") from None
-        return self._rev("HEAD")
-
-    def push(self, sha: str, branch: str) -> None:
-        """Push `sha` to `branch` (never forced: a remote that moved meanwhile refuses it)."""
-        if not self._push_token:
-            raise GitError("pushing needs GITHUB_TOKEN (a token allowed to push to the repository)")
-        self._token = self._push_token
-        try:
-            self._git("push", "--quiet", "--porcelain", self.url, f"{sha}:refs/heads/{branch}", cwd=self._dir(),
-                      what=f"pushing {branch} to {self.url}")
-        finally:
-            self._token = None
 
 
 # -- the entrypoint's Secret block ----------------------------------------------------------------
@@ -260,6 +86,80 @@ def block_loading(files: dict[str, str], entrypoint: str) -> BlockLoading:
     return BlockLoading(loads)
 
 
+@dataclass
+class MergeState:
+    """What `inspect()` found: the target, where it loads the block, and the named branch against it."""
+
+    target: str
+    target_sha: str
+    loads: list[str]  # "path:line (function)" of each Secret.load of the block the entrypoint's code makes
+    feature: str
+    comparison: BranchComparison | None  # None when the named branch does not exist
+    closure: list[str]  # the repository files the entrypoint runs (at the branch head, else the target)
+    candidates: list[str]  # when the branch is missing: remote branches whose entrypoint loads the block
+    branches: list[str]
+
+    @property
+    def target_has_change(self) -> bool:
+        return bool(self.loads)
+
+    @property
+    def unique_in_closure(self) -> list[str]:
+        if self.comparison is None:
+            return []
+        return [f for f in self.comparison.unique_files if f in self.closure]
+
+    @property
+    def action(self) -> str | None:
+        """The merge to make, or None when there is nothing to merge for this deployment."""
+        c = self.comparison
+        if self.target_has_change or c is None or c.merged or not self.unique_in_closure:
+            return None
+        return "fast-forward" if c.preview.kind == "fast-forward" else "merge commit"
+
+    def summary(self) -> str:
+        c = self.comparison
+        lines = [f"{self.target} is at {self.target_sha[:12]}."]
+        if self.loads:
+            lines.append(f"{self.target} already loads the Secret block: {'; '.join(self.loads)}.")
+        else:
+            lines.append(f"{self.target} does not load the Secret block (its entrypoint and the modules it imports).")
+        if c is None:
+            lines.append(f"Branch {self.feature} does not exist (branches: {', '.join(self.branches) or 'none'}).")
+            if not self.loads:
+                lines.append("Branches whose entrypoint loads the block: " + (", ".join(self.candidates) or "none") + ".")
+            return "\n".join(lines)
+        lines.append(f"{self.feature} ({c.feature_sha[:12]}): {len(c.ahead)} commit(s) not on {self.target} by hash, "
+                     f"{len(c.already_on_target)} of them already there as the same patch or change, "
+                     f"{len(c.unique)} bringing a change {self.target} lacks:")
+        lines += [f"  {commit}  ({', '.join(files) or 'no files'})" for commit, files in c.unique]
+        if c.unique:
+            touched = self.unique_in_closure
+            lines.append("They touch the entrypoint's modules: " + ", ".join(touched) if touched else
+                         "None of them touches the entrypoint's modules: the merge is not needed for this deployment.")
+        preview = c.preview
+        if preview is not None and c.unique:
+            if preview.kind == "conflict":
+                lines.append(f"Merging into the current {self.target} CONFLICTS in: {', '.join(preview.conflicts)}.")
+            else:
+                lines.append(f"Merging into the current {self.target}: {preview.kind}." + (f"\n{preview.stat}" if preview.stat else ""))
+        return "\n".join(lines)
+
+    def facts(self) -> dict[str, Any]:
+        base = self.comparison.facts() if self.comparison else {"feature": self.feature, "exists": False}
+        return {**base, "target": self.target, "target_sha": self.target_sha, "target_loads_block": self.loads,
+                "merged": self.comparison.merged if self.comparison else None,
+                "unique_in_closure": self.unique_in_closure, "candidates": self.candidates}
+
+    def _repr_html_(self) -> str:
+        status = "pass" if self.target_has_change or self.action is None else "warn"
+        return render.Table("", ("Where the branches stand",), [
+            (render.Cell(self.summary(), status=status, pre=True),)])._repr_html_()
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
 # -- the step -------------------------------------------------------------------------------------
 
 
@@ -279,71 +179,139 @@ class MergeCheck(Step):
                 raise RunbookError(f"feature_branch and target_branch are both {self.feature!r}: nothing to merge")
         self.block = settings.blocks.database_url
         self.entrypoint = settings.source.entrypoint
-        self.workspace = MergeWorkspace(settings.source.clone_url, settings.value("source.github_token"))
-        self.comparison: BranchComparison | None = None
+        self.workspace = GitWorkspace(settings.source.clone_url, settings.value("source.github_token"))
+        self.state: MergeState | None = None
         self.plan: dict[str, Any] | None = None
 
-    def _step(self, fn: Any) -> Any:
-        """Run one stage; a runbook error marks the step failed (and is raised, failing the cell)."""
+    # -- reading ------------------------------------------------------------------------------
+    def _loads_at(self, branch: str) -> list[str]:
+        files = self.workspace.files_at(branch)
+        loading = block_loading(files, self.entrypoint)
+        return [f"{path}:{load.line} ({load.function or 'module level'})" for path, load, _ in loading.of(self.block)]
+
+    def _closure_at(self, branch: str) -> list[str]:
+        try:
+            return sorted(repository_imports(self.workspace.files_at(branch), self.entrypoint)[1])
+        except FlowSourceError:
+            return []
+
+    def _read(self) -> MergeState:
+        heads = self.workspace.fetch_all()
+        if self.target not in heads:
+            raise GitError(f"the target branch {self.target!r} does not exist in {self.workspace.url} "
+                           f"(branches: {', '.join(sorted(heads)) or 'none'})")
+        try:
+            loads = self._loads_at(self.target)
+        except FlowSourceError as exc:
+            raise GitError(f"the entrypoint {self.entrypoint} cannot be read on {self.target}: {exc}") from None
+        comparison, candidates = None, []
+        if self.feature in heads:
+            comparison = self.workspace.compare(self.target, self.feature)
+        elif not loads:
+            for branch in sorted(heads):
+                if branch != self.target:
+                    try:
+                        if self._loads_at(branch):
+                            candidates.append(branch)
+                    except (FlowSourceError, GitError):
+                        continue  # a branch without the entrypoint cannot hold the change
+        closure = self._closure_at(self.feature if comparison is not None else self.target)
+        return MergeState(self.target, heads[self.target], loads, self.feature, comparison, closure, candidates,
+                          sorted(heads))
+
+    def inspect(self) -> MergeState:
+        """Fetch every branch; read the target and compare the named branch with it (recorded as `before`)."""
         with self.failing():
-            return fn()
+            self.state = self._read()
+        self.publish(before=self.state.facts())
+        return self.state
 
-    def inspect(self) -> BranchComparison:
-        """Fetch both branches; where the feature branch stands against the target (recorded as `before`)."""
-        self.comparison = self._step(lambda: self.workspace.compare(self.target, self.feature))
-        self.publish(before=self.comparison.facts())
-        return self.comparison
-
+    # -- the plan -----------------------------------------------------------------------------
     def propose(self) -> Any:
-        """Nothing to confirm when merged; else the merge (and push) as a plan behind the gate."""
-        comparison = self.comparison or self.inspect()
-        if comparison.merged:
-            self.publish(action="none: already merged")
-            return f"{self.feature} is already merged into {self.target}: nothing to merge, nothing to push."
-        self._step(lambda: self.ctx.settings.require("source.github_token"))
+        """Nothing to confirm when the target has the change (or the branch brings nothing it needs);
+        a conflicting merge fails here; else the merge (and push) as a plan behind the gate."""
+        state = self.state or self.inspect()
+        c = state.comparison
+        if state.action is None:
+            if state.target_has_change:
+                why = (f"{self.target} already loads {self.block!r} ({'; '.join(state.loads)})"
+                       + (f"; branch {self.feature} does not exist" if c is None else ""))
+                action = "none: already merged" if c is not None and c.merged else "none: the change is on the target"
+            elif c is None:
+                with self.failing():
+                    self.ctx.record_checks([self._merged_check(state)])
+                return None
+            elif c.merged:
+                why, action = f"{self.feature} is already merged into {self.target}", "none: already merged"
+            else:
+                why = (f"{self.feature}'s {len(c.unique)} unique commit(s) touch none of the entrypoint's modules "
+                       f"({', '.join(c.unique_files)})")
+                action = "none: not needed for this deployment"
+            self.publish(action=action)
+            show(f"{why}: nothing to merge, nothing to push.")
+            return None
+        if c.preview.kind == "conflict":
+            exc = MergeConflict(
+                f"merging {self.feature} into the current {self.target} ({state.target_sha[:12]}) conflicts in "
+                f"{', '.join(c.preview.conflicts)}: there is nothing to approve, and nothing was pushed; resolve it on "
+                f"the branch (rebase {self.feature} onto {self.target}), then re-run this step"
+            )
+            self.ctx.record_failure(MERGED.failed(str(exc), f"rebase {self.feature} onto {self.target} and resolve "
+                                                  f"{', '.join(c.preview.conflicts)}, push it, then re-run this step"), exc)
+            raise exc
+        with self.failing():
+            self.settings.require("source.github_token")
         self.plan = {
-            "action": "fast-forward" if comparison.fast_forward else "merge commit",
-            "repository": comparison.repo_url,
-            "merge": f"{self.feature} ({comparison.feature_sha[:12]}) into {self.target} ({comparison.target_sha[:12]})",
-            "target_sha": comparison.target_sha,
-            "feature_sha": comparison.feature_sha,
-            "commits": [str(c) for c in comparison.ahead],
-            "files": comparison.files,
-            "push": f"{self.target} to {comparison.repo_url}, authenticated with GITHUB_TOKEN (never forced)",
+            "action": state.action,
+            "repository": c.repo_url,
+            "merge": f"{self.feature} ({c.feature_sha[:12]}) into {self.target} ({c.target_sha[:12]})",
+            "target_sha": c.target_sha,
+            "feature_sha": c.feature_sha,
+            "commits": [{"commit": str(commit), "files": files} for commit, files in c.unique],
+            "already_on_target": len(c.already_on_target),
+            "touches": state.unique_in_closure,
+            "result": c.preview.stat,
+            "push": f"{self.target} to {c.repo_url}, authenticated with GITHUB_TOKEN (never forced)",
         }
-        summary = (f"{'fast-forward' if comparison.fast_forward else 'merge'} {self.target} to include {self.feature} "
-                   f"({len(comparison.ahead)} commit(s)) and push it")
+        summary = (f"{'fast-forward' if state.action == 'fast-forward' else 'merge'} {self.target} to include "
+                   f"{self.feature} ({len(c.unique)} commit(s) bringing a change) and push it")
         self.ctx.confirm_plan(summary, self.plan)  # shows the plan (and, interactive, Approve / Reject)
         return None
 
     def apply(self) -> str:
-        """Merge and push the approved plan; a no-op when already merged. The new target sha."""
-        comparison = self.comparison or self.inspect()
-        if comparison.merged:
-            return f"nothing to apply: {self.feature} is already merged into {self.target} ({comparison.target_sha[:12]})"
+        """Merge and push the approved plan; a no-op when there is nothing to merge. The new target sha."""
+        state = self.state or self.inspect()
+        if self.plan is None:
+            return f"nothing to apply: {self.target} needs no merge of {self.feature}"
         self.ctx.require_approved(self.plan)
+        c = state.comparison
 
         def merge_and_push() -> str:
             now = self.workspace.compare(self.target, self.feature)
-            if (now.target_sha, now.feature_sha) != (comparison.target_sha, comparison.feature_sha):
+            if (now.target_sha, now.feature_sha) != (c.target_sha, c.feature_sha):
                 raise GitError(
-                    f"the remote changed since the plan was shown ({self.target} is now {now.target_sha[:12]}, "
+                    f"the live state changed since the plan was shown ({self.target} is now {now.target_sha[:12]}, "
                     f"{self.feature} {now.feature_sha[:12]}); re-run the step to see and confirm the new plan; "
                     "nothing was pushed"
                 )
-            sha = self.workspace.merge(comparison)
+            sha = self.workspace.merge(c)
             self.workspace.push(sha, self.target)
             return sha
 
         sha = self._step(merge_and_push)
-        self.publish(action="fast-forward" if comparison.fast_forward else "merge commit", pushed_sha=sha)
-        return f"{self.target} is now {sha[:12]} on {comparison.repo_url} (pushed)"
+        self.publish(action=state.action, pushed_sha=sha)
+        return f"{self.target} is now {sha[:12]} on {c.repo_url} (pushed)"
 
+    def _step(self, fn: Any) -> Any:
+        with self.failing():
+            return fn()
+
+    # -- verify -------------------------------------------------------------------------------
     def verify(self) -> CheckReport:
         """Fetch again; the checks of the target branch as it now is on the remote."""
         report = CheckReport(step=self.ctx.name)
         try:
-            after = self.workspace.compare(self.target, self.feature)
+            after = self._read()
         except RunbookError as exc:
             report.add(MERGED.failed(str(exc)))
             return report
@@ -354,14 +322,50 @@ class MergeCheck(Step):
         report.add(handled_check)
         return report
 
-    def _merged_check(self, after: BranchComparison) -> Check:
-        if after.merged:
-            return MERGED.passed(f"{self.target} at {after.target_sha[:12]} contains {self.feature} "
-                                f"({after.feature_sha[:12]}); {len(after.behind)} commit(s) on {self.target} since",
-                                target_sha=after.target_sha)
+    def _merged_check(self, state: MergeState) -> Check:
+        c = state.comparison
+        if state.target_has_change:
+            where = f"{self.target} at {state.target_sha[:12]} loads {self.block!r} at {'; '.join(state.loads)}"
+            if c is None:
+                return MERGED.passed(f"{where}; branch {self.feature} does not exist (a note: nothing needs it)",
+                                     target_sha=state.target_sha)
+            if c.unique:
+                touched = state.unique_in_closure
+                rest = (f"; {self.feature} still has {len(c.unique)} commit(s) {self.target} lacks "
+                        f"({', '.join(c.unique_files)})")
+                if touched:
+                    return MERGED.warned(
+                        where + rest + f", touching the entrypoint's modules ({', '.join(touched)}): the deployment "
+                        f"runs {self.target} without them",
+                        f"merge {self.feature} if its other changes to the flow are wanted in this deployment")
+                return MERGED.warned(where + rest + ", none of the entrypoint's modules: not needed for this deployment",
+                                     f"merge {self.feature} when its change is wanted; the deployment does not need it")
+            return MERGED.passed(f"{where}; {self.feature} has no change {self.target} lacks", target_sha=state.target_sha)
+        if c is None:
+            found = ", ".join(state.candidates)
+            return MERGED.failed(
+                f"{self.target} does not load {self.block!r}, and branch {self.feature} does not exist "
+                f"(branches: {', '.join(state.branches) or 'none'})",
+                (f"merge one of the branches whose entrypoint loads it: {found} (re-run this step with "
+                 f"feature_branch={state.candidates[0]!r})") if found else
+                (f"no branch of the repository loads {self.block!r}: make the orchestrator load its DSN with "
+                 f"Secret.load({self.block!r}) on a branch, then re-run this step with feature_branch=<it>"),
+                candidates=state.candidates,
+            )
+        if c.merged:
+            return MERGED.passed(f"{self.target} at {state.target_sha[:12]} has every change of {self.feature} "
+                                 f"({len(c.already_on_target)} commit(s) there as the same patch or change)",
+                                 target_sha=state.target_sha)
+        if not state.unique_in_closure:
+            return MERGED.warned(
+                f"{self.feature} has {len(c.unique)} commit(s) {self.target} lacks, touching "
+                f"{', '.join(c.unique_files)}, none of the entrypoint's modules: not needed for this deployment",
+                f"merge {self.feature} when its change is wanted; the deployment does not depend on it",
+            )
         return MERGED.failed(
-            f"{self.feature} is {len(after.ahead)} commit(s) ahead of {self.target}: the deployment would run the "
-            f"orchestrator of {self.target}, which does not have the Secret-block change",
+            f"{self.feature} has {len(c.unique)} commit(s) {self.target} lacks, touching the entrypoint's modules "
+            f"({', '.join(state.unique_in_closure)}): the deployment would run the orchestrator of {self.target}, "
+            "which does not have the Secret-block change",
             f"run this step with confirm=True to merge and push, or merge {self.feature} into {self.target} on GitHub "
             "(pull request)",
         )

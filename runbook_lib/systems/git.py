@@ -1,9 +1,12 @@
 """The flow's git repository, read with the git command line: what a ref points at, and files at a ref.
 
-`ls_remote()` lists the remote's refs; `read_file(ref, path)` fetches just that commit (shallow)
-into a private bare repository in a temporary directory and reads the file from it. A token
-(GITHUB_TOKEN) is sent as an HTTP header through git's environment, never on the command line
-or in the URL, and is masked in every message.
+`GitRepo`: `ls_remote()` lists the remote's refs; `read_file(ref, path)` fetches just that commit
+(shallow) into a private bare repository in a temporary directory and reads the file from it.
+`GitWorkspace`: a private clone of branches, to compare them by hash, by patch (`git cherry`: a
+rebased or cherry-picked commit is the same patch under another hash) and by content (a squash
+merge), preview a merge without a work tree (`git merge-tree --write-tree`), merge and push.
+A token (GITHUB_TOKEN) is sent as an HTTP header through git's environment, never on the command
+line or in the URL, and is masked in every message.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +146,269 @@ class GitRepo:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# -- a private clone: compare, preview, merge, push -------------------------------------------------
+
+MERGE_IDENTITY = ("Deployment runbook", "runbook@localhost")
+
+
+@dataclass(frozen=True)
+class Commit:
+    sha: str
+    subject: str
+
+    def __str__(self) -> str:
+        return f"{self.sha[:12]} {self.subject}"
+
+
+@dataclass
+class MergePreview:
+    """What a merge would do: "nothing" (the target has every change), "fast-forward", "merge" (clean,
+    `stat` summarises the result against the target) or "conflict" (`conflicts` names the files)."""
+
+    kind: str
+    tree: str
+    conflicts: list[str] = field(default_factory=list)
+    stat: str = ""
+
+
+@dataclass
+class BranchComparison:
+    """Where the feature branch stands against the target branch on the remote."""
+
+    repo_url: str
+    target: str
+    feature: str
+    target_sha: str
+    feature_sha: str
+    ahead: list[Commit]  # feature commits not in the target, by hash
+    behind: list[Commit]  # target commits not in the feature branch
+    files: list[str] = field(default_factory=list)  # "M\tpath" lines of what the branch changed since it forked
+    unique: list[tuple[Commit, list[str]]] = field(default_factory=list)  # commits bringing a change the target lacks
+    already_on_target: list[Commit] = field(default_factory=list)  # the same patch or change is on the target
+    preview: MergePreview | None = None
+
+    @property
+    def merged(self) -> bool:
+        """The target has every change of the branch (by hash, by patch or by content)."""
+        return not self.unique
+
+    @property
+    def fast_forward(self) -> bool:
+        return not self.behind
+
+    @property
+    def unique_files(self) -> list[str]:
+        return sorted({f for _, files in self.unique for f in files})
+
+    def facts(self) -> dict[str, Any]:
+        return {"repository": self.repo_url, "target": self.target, "target_sha": self.target_sha,
+                "feature": self.feature, "feature_sha": self.feature_sha, "merged": self.merged,
+                "ahead": [str(c) for c in self.ahead], "behind": [str(c) for c in self.behind], "files": self.files,
+                "unique": [{"commit": str(c), "files": files} for c, files in self.unique],
+                "already_on_target": len(self.already_on_target),
+                "preview": {"kind": self.preview.kind, "conflicts": self.preview.conflicts, "stat": self.preview.stat}
+                if self.preview else None}
+
+
+class MergeConflict(GitError):
+    """The merge conflicted; it was aborted and nothing was pushed."""
+
+
+class GitWorkspace(GitRepo):
+    """A private clone of two branches of the repository, to compare, merge and push them.
+
+    Reads are anonymous (the repository is public, as the managed runtime needs); only `push`
+    sends the token, as a header through git's environment."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 120.0):
+        super().__init__(url, None, timeout=timeout)
+        self._push_token = token
+        register_secret(token, "GITHUB_TOKEN")
+        if token:
+            register_secret(self._basic(token), "GITHUB_TOKEN")
+        self._work: Path | None = None
+
+    def _dir(self) -> Path:
+        if self._work is None:
+            self._work = Path(tempfile.mkdtemp(prefix="runbook-merge-"))
+            weakref.finalize(self, shutil.rmtree, str(self._work), ignore_errors=True)  # a cell that failed
+            self._git("init", "--quiet", str(self._work), what="preparing a local clone")
+            for key, value in (("user.name", MERGE_IDENTITY[0]), ("user.email", MERGE_IDENTITY[1]),
+                               ("commit.gpgsign", "false"), ("merge.ff", "true")):
+                if key.startswith("user.") and self._config(key):
+                    continue  # the user's own git identity, when configured, signs the merge
+                self._git("config", key, value, cwd=self._work, what="configuring the local clone")
+        return self._work
+
+    def _config(self, key: str) -> str:
+        try:
+            return self._git("config", "--get", key, cwd=self._work, what=f"reading git config {key}").strip()
+        except GitError:
+            return ""
+
+    def close(self) -> None:
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+            self._work = None
+        super().close()
+
+    @staticmethod
+    def _remote_ref(branch: str) -> str:
+        return f"refs/remotes/origin/{branch}"
+
+    def fetch_branches(self, *branches: str) -> dict[str, str]:
+        """Fetch the branches' full history; branch -> commit sha. A missing branch is a GitError naming it."""
+        remote = self.ls_remote()
+        missing = [b for b in branches if f"refs/heads/{b}" not in remote]
+        if missing:
+            heads = sorted(r.removeprefix("refs/heads/") for r in remote if r.startswith("refs/heads/"))
+            raise GitError(f"branch(es) {', '.join(missing)} do not exist in {self.url} (branches: {', '.join(heads) or 'none'})")
+        specs = [f"+refs/heads/{b}:{self._remote_ref(b)}" for b in branches]
+        self._git("fetch", "--quiet", "--no-tags", self.url, *specs, cwd=self._dir(), what=f"fetching {', '.join(branches)}")
+        return {b: self._rev(self._remote_ref(b)) for b in branches}
+
+    def _rev(self, ref: str) -> str:
+        return self._git("rev-parse", f"{ref}^{{commit}}", cwd=self._dir(), what=f"resolving {ref}").strip()
+
+    def _commits(self, range_: str) -> list[Commit]:
+        out = self._git("log", "--format=%H%x09%s", range_, cwd=self._dir(), what=f"listing commits {range_}")
+        return [Commit(*line.split("\t", 1)) for line in out.splitlines() if "\t" in line]
+
+    def fetch_all(self) -> dict[str, str]:
+        """Fetch every branch of the remote (full history); branch -> commit sha."""
+        self._git("fetch", "--quiet", "--no-tags", "--prune", self.url, "+refs/heads/*:refs/remotes/origin/*",
+                  cwd=self._dir(), what="fetching every branch")
+        out = self._git("for-each-ref", "--format=%(refname:lstrip=3) %(objectname)", "refs/remotes/origin",
+                        cwd=self._dir(), what="listing the fetched branches")
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        proc = subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, descendant], cwd=self._dir(),
+                              env=self._env(), capture_output=True, text=True, timeout=self.timeout)
+        return proc.returncode == 0
+
+    def tree_of(self, ref: str) -> str:
+        return self._git("rev-parse", f"{ref}^{{tree}}", cwd=self._dir(), what=f"reading the tree of {ref}").strip()
+
+    def cherry(self, target: str, feature: str) -> tuple[list[Commit], list[Commit]]:
+        """(commits of `feature` whose patch `target` lacks, those already on `target` as the same patch:
+        rebased or cherry-picked under another hash), oldest first."""
+        t, f = self._remote_ref(target), self._remote_ref(feature)
+        out = self._git("cherry", "-v", t, f, cwd=self._dir(), what=f"comparing {feature} with {target} by patch")
+        unique, equivalent = [], []
+        for line in out.splitlines():
+            mark, _, rest = line.partition(" ")
+            sha, _, subject = rest.partition(" ")
+            (unique if mark == "+" else equivalent).append(Commit(sha, subject))
+        return unique, equivalent
+
+    def commit_files(self, sha: str) -> list[str]:
+        """The paths a commit changes (a merge commit: against its first parent)."""
+        out = self._git("diff-tree", "--no-commit-id", "--name-only", "-r", "-m", "--first-parent", sha,
+                        cwd=self._dir(), what=f"listing the files of {sha[:12]}")
+        return sorted(set(out.split()))
+
+    def change_present(self, target: str, sha: str) -> bool:
+        """True when the change `sha` makes (against its first parent) is already in `target`'s tree:
+        its reverse applies cleanly there (a squash merge, or the same change made by hand)."""
+        diff = self._git("diff", "--binary", f"{sha}^", sha, cwd=self._dir(), what=f"reading the change of {sha[:12]}")
+        if not diff.strip():
+            return True
+        index = self._dir() / ".git" / f"runbook-index-{sha[:12]}"
+        env = {**self._env(), "GIT_INDEX_FILE": str(index)}
+        try:
+            subprocess.run(["git", "read-tree", self._remote_ref(target)], cwd=self._dir(), env=env, check=True,
+                           capture_output=True, timeout=self.timeout)
+            proc = subprocess.run(["git", "apply", "--cached", "--check", "--reverse"], cwd=self._dir(), env=env,
+                                  input=diff, capture_output=True, text=True, timeout=self.timeout)
+            return proc.returncode == 0
+        finally:
+            index.unlink(missing_ok=True)
+
+    def preview_merge(self, target: str, feature: str) -> "MergePreview":
+        """What merging `feature` into `target` would do, without touching a work tree (`git merge-tree
+        --write-tree`): nothing, a fast-forward, a clean merge (with its diff summary) or conflicts."""
+        t, f = self._remote_ref(target), self._remote_ref(feature)
+        proc = subprocess.run(["git", "merge-tree", "--write-tree", "--name-only", "--no-messages", t, f],
+                              cwd=self._dir(), env=self._env(), capture_output=True, text=True, timeout=self.timeout)
+        if proc.returncode not in (0, 1):
+            raise GitError(f"previewing the merge of {feature} into {target}: {self._explain(proc.stderr)}")
+        lines = proc.stdout.splitlines()
+        tree = lines[0].strip() if lines else ""
+        if proc.returncode == 1:
+            return MergePreview("conflict", tree, conflicts=sorted({line.strip() for line in lines[1:] if line.strip()}))
+        if tree == self.tree_of(t):
+            return MergePreview("nothing", tree)
+        kind = "fast-forward" if self.is_ancestor(t, f) else "merge"
+        stat = self._git("diff", "--stat", t, tree, cwd=self._dir(), what="summarising the merge").rstrip()
+        return MergePreview(kind, tree, stat=stat)
+
+    def compare(self, target: str, feature: str) -> "BranchComparison":
+        """Where `feature` stands against `target` (both fetched): by hash, by patch and by content."""
+        shas = self.fetch_branches(target, feature)
+        t, f = self._remote_ref(target), self._remote_ref(feature)
+        files = self._git("diff", "--name-status", f"{t}...{f}", cwd=self._dir(), what="listing changed files")
+        ahead = self._commits(f"{t}..{f}")
+        unique, equivalent = self.cherry(target, feature)
+        preview = self.preview_merge(target, feature)
+        if preview.kind == "nothing":  # squash-merged, or every change made on the target already
+            unique, equivalent = [], equivalent + unique
+        else:
+            present = [c for c in unique if self.change_present(target, c.sha)]
+            unique = [c for c in unique if c not in present]
+            equivalent = equivalent + present
+        return BranchComparison(
+            repo_url=self.url, target=target, feature=feature, target_sha=shas[target], feature_sha=shas[feature],
+            ahead=ahead, behind=self._commits(f"{f}..{t}"), files=files.splitlines(),
+            unique=[(c, self.commit_files(c.sha)) for c in unique], already_on_target=equivalent, preview=preview,
+        )
+
+    def files_at(self, branch: str, suffix: str = ".py") -> dict[str, str]:
+        """Every `suffix` file of the fetched branch: path -> text."""
+        ref = self._remote_ref(branch)
+        names = self._git("ls-tree", "-r", "--name-only", ref, cwd=self._dir(), what=f"listing files of {branch}")
+        return {p: self._git("show", f"{ref}:{p}", cwd=self._dir(), what=f"reading {p} at {branch}")
+                for p in names.splitlines() if p.endswith(suffix)}
+
+    def merge(self, comparison: BranchComparison) -> str:
+        """Merge the fetched feature branch into the target locally; the new target sha.
+
+        Fast-forward when the target has nothing the feature lacks, else a merge commit. A conflict
+        aborts the merge (the clone is left clean) and raises MergeConflict naming the files."""
+        target, feature = comparison.target, comparison.feature
+        cwd = self._dir()
+        self._git("checkout", "--quiet", "-B", target, comparison.target_sha, cwd=cwd, what=f"checking out {target}")
+        if comparison.fast_forward:
+            self._git("merge", "--quiet", "--ff-only", comparison.feature_sha, cwd=cwd, what=f"fast-forwarding {target}")
+        else:
+            try:
+                self._git("merge", "--quiet", "--no-ff", "--no-edit", "-m", f"Merge branch '{feature}' into {target}",
+                          comparison.feature_sha, cwd=cwd, what=f"merging {feature} into {target}")
+            except GitError as exc:
+                conflicts = self._git("diff", "--name-only", "--diff-filter=U", cwd=cwd, what="listing conflicts").split()
+                try:
+                    self._git("merge", "--abort", cwd=cwd, what="aborting the merge")
+                except GitError:
+                    pass
+                if conflicts:
+                    raise MergeConflict(
+                        f"merging {feature} into {target} conflicts in {', '.join(conflicts)}; the merge was aborted "
+                        "and nothing was pushed"
+                    ) from None
+                raise GitError(f"merging {feature} into {target} failed ({exc}); nothing was pushed") from None
+        return self._rev("HEAD")
+
+    def push(self, sha: str, branch: str) -> None:
+        """Push `sha` to `branch` (never forced: a remote that moved meanwhile refuses it)."""
+        if not self._push_token:
+            raise GitError("pushing needs GITHUB_TOKEN (a token allowed to push to the repository)")
+        self._token = self._push_token
+        try:
+            self._git("push", "--quiet", "--porcelain", self.url, f"{sha}:refs/heads/{branch}", cwd=self._dir(),
+                      what=f"pushing {branch} to {self.url}")
+        finally:
+            self._token = None
+
+

@@ -12,7 +12,9 @@ dependency closure), so whether the managed runtime can import it depends on `pi
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -20,7 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -283,6 +287,79 @@ def test_gateway_authenticates_websockets_like_cloud(sandbox):
     ws_statuses = [r["status"] for r in records if r["method"] == "WEBSOCKET"]
     assert 401 in ws_statuses and 101 in ws_statuses
     assert key not in sandbox.request_log_path("prefect").read_text()
+
+
+def raw_get(cfg: SandboxConfig, path: str, accept_encoding: str | None) -> tuple[int, dict[str, str], bytes]:
+    """GET `path` under the workspace API with http.client, sending exactly the Accept-Encoding given
+    (None: no such header; http.client would add `identity` on its own). Returns status, headers
+    (lower-case names) and the body as it came over the wire (only the chunked framing undone)."""
+    url = urlsplit(f"{cfg.prefect_api_url}/{path}")
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.putrequest("GET", url.path, skip_accept_encoding=True)
+        conn.putheader("Authorization", f"Bearer {cfg.prefect.api_key}")
+        if accept_encoding is not None:
+            conn.putheader("Accept-Encoding", accept_encoding)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        conn.close()
+
+
+IDENTITY_ASKS = [None, "identity", "gzip;q=0", "br", "deflate, identity;q=0.5"]
+GZIP_ASKS = ["gzip", "gzip, deflate", "deflate;q=0.5, gzip;q=0.8", "*"]
+
+
+def test_accepts_gzip_reads_the_header_like_rfc_9110():
+    for header in IDENTITY_ASKS + ["", "x-gzip;q=0", "*;q=0", "gzip;q=0, *"]:
+        assert not prefect_gateway.accepts_gzip(header), header
+    for header in GZIP_ASKS + ["GZIP", "x-gzip", "br, *;q=0.1", "gzip;q=0.001", "gzip; q=1.0"]:
+        assert prefect_gateway.accepts_gzip(header), header
+
+
+@pytest.mark.timeout(60)
+def test_gateway_answers_gzip_only_to_clients_that_accept_it(sandbox):
+    """Like Cloud: a client that does not ask for gzip (curl without --compressed) gets plain JSON."""
+    path = f"work_pools/{sandbox.prefect.work_pool}"  # a JSON body well above the server's gzip threshold
+    for accept in IDENTITY_ASKS:
+        status, headers, body = raw_get(sandbox, path, accept)
+        assert status == 200, (accept, status, body[:200])
+        assert "content-encoding" not in headers, (accept, headers)
+        assert int(headers["content-length"]) == len(body), (accept, headers)
+        assert not body.startswith(b"\x1f\x8b"), accept
+        assert json.loads(body)["name"] == sandbox.prefect.work_pool
+    plain = json.loads(raw_get(sandbox, path, None)[2])
+    for accept in GZIP_ASKS:
+        status, headers, body = raw_get(sandbox, path, accept)
+        assert status == 200 and headers.get("content-encoding") == "gzip", (accept, headers)
+        assert body.startswith(b"\x1f\x8b") and int(headers["content-length"]) == len(body), (accept, headers)
+        assert json.loads(gzip.decompress(body)) == plain
+
+
+@pytest.mark.timeout(90)
+def test_a_streamed_answer_stays_streamed_in_either_encoding(sandbox, api, unique):
+    """The server's CSV log download is a streamed body: chunked, plain or gzip as the client asked."""
+    flow_id = api.post("flows/", json={"name": f"gateway-encoding-{unique}"}).raise_for_status().json()["id"]
+    run_id = api.post("flow_runs/", json={"flow_id": flow_id, "name": f"encoding-{unique}"}).raise_for_status().json()["id"]
+    now = datetime.now(timezone.utc).isoformat()
+    messages = [f"log line {i:04d} of the streamed download {unique} " + "x" * 40 for i in range(300)]
+    logs = [{"name": "probe", "level": 20, "message": m, "timestamp": now, "flow_run_id": run_id} for m in messages]
+    api.post("logs/", json=logs).raise_for_status()
+
+    path = f"flow_runs/{run_id}/logs/download"
+    status, headers, plain = raw_get(sandbox, path, None)
+    assert status == 200 and headers["content-type"].startswith("text/csv")
+    assert headers.get("transfer-encoding") == "chunked" and "content-length" not in headers, headers
+    assert "content-encoding" not in headers and not plain.startswith(b"\x1f\x8b")
+    text = plain.decode()
+    assert all(m in text for m in messages)
+
+    status, headers, compressed = raw_get(sandbox, path, "gzip")
+    assert status == 200 and headers.get("content-encoding") == "gzip", headers
+    assert headers.get("transfer-encoding") == "chunked" and "content-length" not in headers, headers
+    assert gzip.decompress(compressed) == plain
 
 
 @pytest.mark.timeout(90)
