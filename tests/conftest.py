@@ -137,7 +137,7 @@ def insert_batch(conn, status: str, blueprint: list[str], items: list[tuple[str,
 @pytest.fixture(scope="module")
 def settings(sandbox):
     """The sandbox profile on the branch whose flow reads the Secret block (chain_helpers.FLOW_BRANCH)."""
-    from .chain_helpers import sandbox_settings
+    from tests.integration.chain_helpers import sandbox_settings
 
     return sandbox_settings(sandbox)
 
@@ -145,7 +145,7 @@ def settings(sandbox):
 @pytest.fixture(scope="module")
 def managed(settings) -> str:
     """The managed deployment (step 03's library calls), and the Edge Function pointed at it."""
-    from .chain_helpers import deploy_managed, set_function_deployment_id
+    from tests.integration.chain_helpers import deploy_managed, set_function_deployment_id
 
     deployment_id = deploy_managed(settings)
     set_function_deployment_id(settings, deployment_id)
