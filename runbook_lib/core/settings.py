@@ -351,6 +351,11 @@ class E2ESettings(_Section):
     flow_run_timeout_seconds: float = Field(default=300, gt=0, allow_inf_nan=False)
     completion_timeout_seconds: float = Field(default=600, gt=0, allow_inf_nan=False)
     poll_interval_seconds: float = Field(default=2, gt=0, allow_inf_nan=False)
+    # Once the flow run is over, items that have not changed for this long will not move without
+    # another trigger: the test concludes then instead of waiting out completion_timeout_seconds
+    # (items IN_PROGRESS, in the enrichment service's hands, are still waited for). Long enough for
+    # a sender spawned at the end of the run to start (Modal's cold start).
+    settle_seconds: float = Field(default=30, gt=0, allow_inf_nan=False)
     expect_completed: bool = True
     # "ui": inserted INITIALIZING, then flipped to PENDING (fires the trigger); "direct_pending": the
     # UI path that inserts PENDING at once and never fires it (to reproduce that failure mode).

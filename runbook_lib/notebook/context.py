@@ -5,6 +5,11 @@ from the project root. It loads the profile's settings, registers their secrets 
 installs the redaction hooks, and starts the step's results file in the run directory. The
 returned `StepContext` is what the notebook's cells call: show things, record checks (failing
 the cell when a check failed), gate changes behind a confirmation, record values, finish.
+
+When the gate refuses a change, the step's results say so at once: `rejected` (Reject clicked, or
+`confirm=False`) or `not_confirmed` (headless without `confirm`, or the apply cell reached without
+an approval), with the reason in `error`; an approval given afterwards (Approve clicked) puts the
+step back to `running`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ from typing import Any, Mapping, TypeVar
 from runbook_lib.checks.base import Check, CheckReport
 from runbook_lib.core import paths as project
 from runbook_lib.core import secrets as redaction
-from runbook_lib.core.errors import RunbookError
+from runbook_lib.core.errors import NotConfirmed, RunbookError
 from runbook_lib.core.profiles import load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings
 from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
 from runbook_lib.records.outputs import StepOutput
-from runbook_lib.records.results import GateDecision, StepResults, check_step_name, now
+from runbook_lib.records.results import REFUSED, GateDecision, StepResults, check_step_name, now, refusal_status
 
 O = TypeVar("O", bound=StepOutput)
 
@@ -120,7 +125,8 @@ class StepContext:
     # -- confirmation -------------------------------------------------------------------------
     def confirm_plan(self, summary: str, plan: Any, *, interactive: bool | None = None) -> ConfirmationGate:
         """Show the plan behind a confirmation gate (see runbook_lib.notebook.gate). Headless without
-        `confirm`, records the refusal and raises NotConfirmed."""
+        `confirm`, records the refusal (status `not_confirmed`) and raises NotConfirmed; with
+        `confirm=False`, records `rejected` (the apply cell then raises)."""
         try:
             self.gate = ConfirmationGate.open(
                 self.name, summary, plan, self.confirm, interactive=interactive, on_decision=self._record_decision
@@ -134,25 +140,60 @@ class StepContext:
         return self.gate
 
     def require_approved(self, plan: Any = None) -> None:
-        """Before applying: raise NotConfirmed unless the gate approved (this very plan)."""
+        """Before applying: raise NotConfirmed unless the gate approved (this very plan). The refusal
+        is recorded: `rejected` when the plan was rejected, else `not_confirmed` (no plan shown, no
+        decision yet, or the plan changed since it was approved)."""
         if self.gate is None:
-            raise RunbookError(f"step {self.name!r}: no plan was shown for confirmation; call confirm_plan first")
-        self.gate.require_approved(plan)
+            exc = NotConfirmed(f"step {self.name!r}: no plan was shown for confirmation; call confirm_plan first "
+                               "(run the confirmation cell); nothing was applied")
+            self._refuse("not_confirmed", exc)
+            raise exc
+        try:
+            self.gate.require_approved(plan)
+        except NotConfirmed as exc:
+            decision = self.gate.decision
+            changed = decision.decision == "approved"  # approved, but another plan
+            self._refuse(("not_confirmed" if changed else refusal_status(decision)) or "not_confirmed", exc)
+            raise
+
+    def _refuse(self, status: str, exc: BaseException) -> None:
+        self.results.status = status  # type: ignore[assignment]
+        self.results.error = str(exc)
+        self.results.finished_at = now()
+        self.save()
 
     def _record_decision(self, decision: GateDecision) -> None:
+        """Every decision of the gate, as it is made: a refusal ends the step `rejected` /
+        `not_confirmed`; an approval after a refusal (Approve clicked after Reject) resumes it."""
         self.results.gate = decision
+        refused = refusal_status(decision)
+        if refused is not None:
+            self.results.status = refused  # type: ignore[assignment]
+            self.results.error = (f"step {self.name!r}: the plan was rejected ({decision.decided_by}); nothing was applied"
+                                  if refused == "rejected" else
+                                  f"step {self.name!r}: not confirmed ({decision.decided_by}): pass -p confirm true "
+                                  "to apply this plan; nothing was applied")
+            self.results.finished_at = decision.at
+        elif decision.decision == "approved" and self.results.status in REFUSED:
+            self.results.status, self.results.error, self.results.finished_at = "running", None, None
         self.save()
 
     # -- end ----------------------------------------------------------------------------------
     def fail(self, exc: BaseException) -> None:
-        self.results.status = "failed"
+        """Mark the step failed with `exc`'s message; a NotConfirmed marks it `not_confirmed`, or keeps
+        the refusal the gate already recorded (`rejected`)."""
+        if isinstance(exc, NotConfirmed):
+            if self.results.status not in REFUSED:
+                self.results.status = "not_confirmed"
+        else:
+            self.results.status = "failed"
         self.results.error = str(exc)
         self.results.finished_at = now()
         self.save()
 
     def finish(self) -> StepResults:
-        """Mark the step passed (unless it already failed) and show its summary."""
-        if self.results.status != "failed":
+        """Mark the step passed (unless it already failed or its change was refused) and show its summary."""
+        if self.results.status not in ("failed", *REFUSED):
             self.results.status = "passed"
         self.results.finished_at = now()
         self.save()

@@ -21,8 +21,10 @@ from runbook_lib.core.secrets import redact_obj
 
 MANIFEST = "manifest.json"
 
-StepStatus = Literal["passed", "failed", "not_run", "running", "killed", "interrupted"]
-RunStatus = Literal["running", "passed", "failed", "killed", "interrupted"]
+# `rejected` / `not_confirmed`: the step's confirmation gate refused its change (records.results);
+# the run then stops there and takes that status (its exit code is non-zero).
+StepStatus = Literal["passed", "failed", "rejected", "not_confirmed", "not_run", "running", "killed", "interrupted"]
+RunStatus = Literal["running", "passed", "failed", "rejected", "not_confirmed", "killed", "interrupted"]
 
 
 class StepRecord(BaseModel):

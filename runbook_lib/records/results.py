@@ -3,6 +3,10 @@
 `<run_dir>/<step>.json` holds one `StepResults` (status, checks, the confirmation gate's decision,
 values such as `deployment_id`). Later steps and the runner read earlier ones by step name.
 Everything written is redacted first.
+
+A step's status: `running`, then `passed` or `failed`; or, when its confirmation gate refused the
+change, `rejected` (a person clicked Reject, or `confirm=False`) or `not_confirmed` (headless
+without `confirm`, or the apply cell reached without an approval). Nothing was applied in either.
 """
 
 from __future__ import annotations
@@ -44,10 +48,23 @@ class GateDecision(BaseModel):
     summary: str = ""
 
 
+StepStatus = Literal["running", "passed", "failed", "rejected", "not_confirmed"]
+# The statuses of a step whose confirmation gate refused its change (nothing was applied).
+REFUSED: tuple[str, ...] = ("rejected", "not_confirmed")
+
+
+def refusal_status(decision: "GateDecision") -> str | None:
+    """The step status a gate decision imposes: `rejected` when a person or `confirm=False` refused
+    the plan, `not_confirmed` when nobody could (headless without `confirm`); None otherwise."""
+    if decision.decision != "rejected":
+        return None
+    return "not_confirmed" if decision.mode == "headless" else "rejected"
+
+
 class StepResults(BaseModel):
     step: str
     profile: str
-    status: Literal["running", "passed", "failed"] = "running"
+    status: StepStatus = "running"
     started_at: datetime = Field(default_factory=now)
     finished_at: datetime | None = None
     checks: list[Check] = Field(default_factory=list)
@@ -62,6 +79,11 @@ class StepResults(BaseModel):
     def add_checks(self, report: CheckReport) -> None:
         known = {c.id for c in self.checks}
         self.checks.extend(c for c in report.checks if c.id not in known)
+
+    @property
+    def refused(self) -> bool:
+        """The confirmation gate refused the step's change (rejected / not confirmed)."""
+        return self.status in REFUSED
 
     @property
     def report(self) -> CheckReport:

@@ -1,6 +1,7 @@
 """The run's pages: `index.html` (the run at a glance, linking every step's records) and each
 executed notebook rendered to HTML without papermill's injected-parameters cell. Drawn with the
-shared rendering (`core.render`), every value masked."""
+shared rendering (`core.render`), every value masked. A step whose change was refused (`rejected`,
+`not_confirmed`) is shown as such, with what it means and how to apply it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from runbook_lib.records.manifest import MANIFEST, RunManifest
 
 INDEX = "index.html"
 INJECTED_PARAMETERS_TAG = "injected-parameters"
+# What a refused step means, and what to do.
+REFUSAL_NOTES = {
+    "not_confirmed": "not confirmed: the step's change needs an approval and none was given (headless without "
+                     "--confirm); nothing was applied. Re-run with --confirm to apply it",
+    "rejected": "rejected: the step's plan was refused (Reject, or confirm=False); nothing was applied",
+}
 
 
 def render_notebook_html(notebook: Path, target: Path) -> Path:
@@ -26,6 +33,16 @@ def render_notebook_html(notebook: Path, target: Path) -> Path:
     body, _ = HTMLExporter(config=config).from_notebook_node(nbformat.read(notebook, as_version=4))
     target.write_text(redact(body))
     return target
+
+
+def _refusal_outcome(m: RunManifest) -> str:
+    """A run that stopped on a refused change: which step, what it means, how to apply it."""
+    step = next((s for s in m.steps if s.status in REFUSAL_NOTES), None)
+    if step is None or m.status not in REFUSAL_NOTES:
+        return ""
+    how = f" (resume: runbook run --from {step.step} --confirm)" if step.status == "not_confirmed" else ""
+    return (f"<p>{render.badge(step.status)} The run stopped at step {render.escape(step.step)}: "
+            f"{render.escape(REFUSAL_NOTES[step.status] + how)}.</p>")
 
 
 def render_index(manifest: RunManifest, run_dir: Path) -> Path:
@@ -51,7 +68,7 @@ def render_index(manifest: RunManifest, run_dir: Path) -> Path:
         links = tuple((label, href) for label, href in (("HTML", s.html), ("notebook", s.output)) if href)
         gate = f"{s.gate.get('decision')} ({s.gate.get('decided_by')})" if s.gate else ""
         error = f"{s.error_type}: {s.error}" if s.error_type or s.error else ""
-        notes = list(s.notes)
+        notes = ([REFUSAL_NOTES[s.status]] if s.status in REFUSAL_NOTES else []) + list(s.notes)
         if s.checks:
             failed = [c["id"] for c in s.checks if c.get("status") == "fail"]
             notes.append(f"{len(s.checks)} check(s)" + (f", failed: {', '.join(failed)}" if failed else ", none failed"))
@@ -62,8 +79,9 @@ def render_index(manifest: RunManifest, run_dir: Path) -> Path:
                      render.Cell("", details=s.results or None), render.Cell("", links=links)))
     steps = render.Table("Steps", ("#", "step", "status", "started", "duration", "gate", "error and notes", "results",
                                    "records"), rows)
+    outcome = _refusal_outcome(m)
     notes = "".join(f"<li>{render.escape(n)}</li>" for n in m.notes)
-    body = (f"<h1>Runbook run {render.escape(m.run_id)}: {render.badge(m.status)}</h1>{run._repr_html_()}"
+    body = (f"<h1>Runbook run {render.escape(m.run_id)}: {render.badge(m.status)}</h1>{outcome}{run._repr_html_()}"
             + (f"<ul>{notes}</ul>" if notes else "") + steps._repr_html_()
             + f'<p><a href="{MANIFEST}">manifest.json</a></p>')
     path = run_dir / INDEX

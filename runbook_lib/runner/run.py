@@ -10,7 +10,9 @@ papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_l
   unconfirmed gate fails closed). The verdict is the runner's own: papermill's exception, the
   process's exit, then the executed notebook (papermill returns normally after `sys.exit(0)`),
   then the step's StepResults. A cell timeout or a dead kernel is a failure, whatever the notebook
-  metadata says. The run stops at the first failure; later steps stay `not_run`.
+  metadata says. A step whose confirmation gate refused its change is `not_confirmed` (headless
+  without --confirm) or `rejected` (confirm=False, or Reject), as its StepResults say, and so is
+  the run. The run stops at the first step that did not pass; later steps stay `not_run`.
 - One run per profile at a time: `<outputs>/.locks/<profile>.lock` is held with flock and names
   the holder (pid, run id). A lock left by a runner that died is taken over with a note; the run
   it names is marked `interrupted` and its leftover step process is stopped.
@@ -20,8 +22,9 @@ papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_l
   run): the steps before it must have passed and are kept as "passed earlier".
 - Before the run ends, every file it wrote is scanned for the secrets it knows.
 
-Exit codes: 0 every selected step passed; 1 a step failed or a secret was found; 2 refused before
-running (bad option, lock held); 128+signal when killed.
+Exit codes: 0 every selected step passed; 1 a step failed, a required change was refused (not
+confirmed, rejected) or a secret was found; 2 refused before running (bad option, lock held);
+128+signal when killed.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from runbook_lib.core.profiles import available_profiles, load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord
-from runbook_lib.records.results import StepResults, list_results
+from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
 from runbook_lib.runner.index import render_index, render_notebook_html
 from runbook_lib.runner.lock import ProfileLock, _read_json, _same_process, kill_tree
@@ -72,7 +75,7 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 class RunOutcome:
     run_id: str
     run_dir: Path
-    status: str  # passed | failed | killed
+    status: str  # passed | failed | rejected | not_confirmed | killed
     exit_code: int
     manifest: RunManifest
 
@@ -424,7 +427,8 @@ class _Runner:
 
     def _collect_results(self, record: StepRecord, since: datetime | None) -> None:
         """The StepResults the notebook wrote during the step: values, gate, checks; a result that
-        says failed fails the step even when the notebook ran to the end."""
+        says failed fails the step even when the notebook ran to the end, and one whose gate refused
+        the change makes the step `rejected` / `not_confirmed` (unless it was killed)."""
         for res in list_results(self.run_dir):
             if since is None or res.started_at < since.replace(microsecond=0):
                 continue
@@ -433,7 +437,13 @@ class _Runner:
             if res.gate is not None:
                 record.gate = res.gate.model_dump(mode="json")
             record.checks += [{"step": res.step, "id": c.id, "title": c.title, "status": c.status.value} for c in res.checks]
-            if res.status == "failed" and record.status == "passed":
+            if res.status in REFUSED and record.status in ("passed", "failed"):
+                if record.error_type not in (None, "NotConfirmed"):  # it failed after the refusal
+                    record.notes.append(f"after the refusal, the notebook failed: {record.error_type}: {record.error}")
+                if record.error_type != "NotConfirmed":
+                    record.error_type, record.error = "NotConfirmed", res.error
+                record.status = res.status
+            elif res.status == "failed" and record.status == "passed":
                 record.status, record.error_type, record.error = "failed", "StepFailed", res.error
             elif res.status == "running" and record.status == "passed":
                 record.notes.append(f"results {res.step!r} were never finished (the notebook did not call ctx.finish())")
@@ -447,7 +457,11 @@ class _Runner:
             status = "killed"
             m.error = f"killed by {signal.Signals(self.killed_by).name}"
         else:
-            status = "passed" if all(s.status == "passed" for s in ran) else "failed"
+            stopped = next((s for s in ran if s.status != "passed"), None)  # the run stops at the first
+            if stopped is None:
+                status = "passed"
+            else:  # a refused change says so (rejected / not_confirmed); anything else is a failure
+                status = stopped.status if stopped.status in REFUSED else "failed"
         # The secret scan sees every file this run wrote, before the final records are saved
         # (those are written redacted).
         m.secret_scan = scan_for_secrets(self.run_dir, self.secrets)
@@ -463,7 +477,8 @@ class _Runner:
         m.attempts[-1].status, m.attempts[-1].ended_at = status, m.ended_at
         self.save()
         render_index(m, self.run_dir)
-        code = {"passed": EXIT_PASSED, "failed": EXIT_FAILED}.get(status, 128 + (self.killed_by or 0))
+        code = {"passed": EXIT_PASSED, "failed": EXIT_FAILED, "rejected": EXIT_FAILED,
+                "not_confirmed": EXIT_FAILED}.get(status, 128 + (self.killed_by or 0))
         for step in m.steps:
             timeline = step.results.get("timeline")
             if isinstance(timeline, dict) and timeline:

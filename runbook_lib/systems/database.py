@@ -286,6 +286,20 @@ class Database:
             (batch_id,),
         )
 
+    def quiet_seconds(self, batch_id: str, step_name: str) -> float | None:
+        """Seconds (on the database's clock) since any of the batch's states of one step last changed
+        (its last recorded transition or row update); None when it has no states."""
+        row = self.query(
+            """
+            SELECT extract(epoch FROM clock_timestamp() - greatest(
+                       (SELECT max(updated_at) FROM public.workflow_states WHERE batch_id = %(b)s AND step_name = %(s)s),
+                       (SELECT max(at) FROM runbook.workflow_state_transitions WHERE batch_id = %(b)s AND step_name = %(s)s)
+                   ))::float8 AS quiet
+            """,
+            {"b": batch_id, "s": step_name},
+        )[0]
+        return row["quiet"]
+
     def delete_batch(self, batch_id: str) -> bool:
         """Remove a (test) batch with its items, states and results; True if it existed."""
         with self.connect(autocommit=False) as conn:

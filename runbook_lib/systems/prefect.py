@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 from uuid import UUID
 
@@ -159,18 +161,35 @@ class PrefectApi:
 
     def flow_run_logs(self, flow_run_id: str | UUID, limit: int = 200) -> list[str]:
         """The flow run's log lines, oldest first, as `HH:MM:SS LEVEL message` (masked)."""
-        import logging
+        return [line.text for line in self.read_logs([flow_run_id], limit=limit)]
 
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    def read_logs(self, flow_run_ids: list[str | UUID], *, min_level: int | None = None, newest_first: bool = False,
+                  limit: int = 200) -> list["LogLine"]:
+        """The log lines of these flow runs (e.g. a run and its subflows), masked: oldest first, or
+        the newest `limit` first; only those at `min_level` (a `logging` level) or above if given."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
         from prefect.client.schemas.sorting import LogSort
 
-        flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(str(flow_run_id))]))
-        logs = self.call(f"reading the logs of flow run {flow_run_id}",
-                         lambda c: c.read_logs(log_filter=flt, sort=LogSort.TIMESTAMP_ASC, limit=limit))
-        return [redact(f"{log.timestamp:%H:%M:%S} {logging.getLevelName(log.level)} {log.message}") for log in logs]
+        ids = [UUID(str(i)) for i in flow_run_ids]
+        flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids),
+                        level=LogFilterLevel(ge_=min_level) if min_level is not None else None)
+        sort = LogSort.TIMESTAMP_DESC if newest_first else LogSort.TIMESTAMP_ASC
+        logs = self.call(f"reading the logs of flow run(s) {', '.join(map(str, ids))}",
+                         lambda c: c.read_logs(log_filter=flt, sort=sort, limit=limit))
+        return [LogLine(log.timestamp, log.level, str(log.flow_run_id) if log.flow_run_id else None,
+                        redact(log.message or "")) for log in logs]
+
+    def read_subflow_runs(self, flow_run_id: str | UUID) -> list[Any]:
+        """The flow runs started inside this one (its subflows), oldest first."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        flt = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(str(flow_run_id))]))
+        return self.call(f"reading the subflow runs of flow run {flow_run_id}",
+                         lambda c: c.read_flow_runs(flow_run_filter=flt, sort=FlowRunSort.START_TIME_ASC, limit=50))
 
     def read_flow_name(self, deployment: Any) -> str:
-        """The name of a deployment's flow (`<flow>/<deployment>` is a deployment's full name)."""
+        """The name of a deployment's (or a flow run's) flow (`<flow>/<deployment>` is a deployment's full name)."""
         return self.call("reading the deployment's flow", lambda c: c.read_flow(deployment.flow_id)).name
 
     def create_flow_run(self, deployment_id: str | UUID, parameters: dict[str, Any] | None = None) -> Any:
@@ -193,6 +212,27 @@ class PrefectApi:
                 state = run.state.name if run.state else "no state"
                 raise TimeoutError(f"flow run {flow_run_id} still {state} after {timeout:.0f}s")
             time.sleep(poll_interval)
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One log line of a flow run (its message masked)."""
+
+    timestamp: datetime
+    level: int
+    flow_run_id: str | None
+    message: str
+
+    @property
+    def level_name(self) -> str:
+        import logging
+
+        return logging.getLevelName(self.level)
+
+    @property
+    def text(self) -> str:
+        """`HH:MM:SS LEVEL message`, masked."""
+        return redact(f"{self.timestamp:%H:%M:%S} {self.level_name} {self.message}")
 
 
 async def _or_none(awaitable: Awaitable[T]) -> T | None:

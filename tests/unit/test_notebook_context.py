@@ -50,7 +50,9 @@ def test_failing_checks_fail_the_step_and_the_gate_decision_is_recorded(sandbox_
     with pytest.raises(NotConfirmed):
         ctx.confirm_plan("deploy orchestrator", {"pool": "managed-production"}, interactive=False)
     saved = StepResults.load(tmp_path, "deploy")
-    assert saved.status == "failed" and saved.gate.decision == "rejected" and saved.gate.mode == "headless"
+    # The headless refusal is a refusal, not a failure: `not_confirmed`, with the reason.
+    assert saved.status == "not_confirmed" and saved.gate.decision == "rejected" and saved.gate.mode == "headless"
+    assert saved.refused and "pass -p confirm true" in saved.error and saved.finished_at is not None
     ctx = start_step("preflight", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
     report = ctx.new_report()
     report.add(Check.failed("pool", "Work pool exists", "no pool", "create it"))
@@ -58,6 +60,87 @@ def test_failing_checks_fail_the_step_and_the_gate_decision_is_recorded(sandbox_
         ctx.record_checks(report)
     saved = StepResults.load(tmp_path, "preflight")
     assert saved.status == "failed" and [c.id for c in saved.checks] == ["pool"] and "pool" in saved.error
+
+PLAN = {"pool": "managed-production", "flow": "orchestrator_main"}
+
+
+def on_disk(run_dir: Path, step: str) -> dict:
+    return json.loads((run_dir / f"{step}.json").read_text())
+
+
+def test_confirm_false_ends_the_step_rejected_in_its_results_file(sandbox_environ, tmp_path):
+    from runbook_lib.notebook.context import start_step
+
+    ctx = start_step("deploy", confirm=False, run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    gate = ctx.confirm_plan("deploy orchestrator", PLAN, interactive=False)  # shown, refused, no exception yet
+    assert not gate.approved
+    saved = on_disk(tmp_path, "deploy")
+    assert saved["status"] == "rejected" and saved["gate"]["decision"] == "rejected"
+    assert saved["gate"]["mode"] == "parameter" and "confirm=False" in saved["gate"]["decided_by"]
+    assert "rejected" in saved["error"] and "nothing was applied" in saved["error"] and saved["finished_at"]
+    # The apply cell refuses; the record stays `rejected` (never `running`, never `failed`).
+    with pytest.raises(NotConfirmed, match="the plan was rejected"):
+        ctx.require_approved(PLAN)
+    assert on_disk(tmp_path, "deploy")["status"] == "rejected"
+    # A step that fails the apply cell through the step's own error handling keeps the refusal too.
+    ctx.fail(NotConfirmed("step 'deploy': not confirmed"))
+    assert on_disk(tmp_path, "deploy")["status"] == "rejected"
+    # And finishing the notebook does not turn a refused step into a pass.
+    assert ctx.finish().status == "rejected" and on_disk(tmp_path, "deploy")["status"] == "rejected"
+
+
+def test_headless_without_confirm_ends_the_step_not_confirmed(sandbox_environ, tmp_path):
+    from runbook_lib.notebook.context import start_step
+
+    ctx = start_step("deploy", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    with pytest.raises(NotConfirmed, match="pass -p confirm true"):
+        ctx.confirm_plan("deploy orchestrator", PLAN, interactive=False)
+    saved = on_disk(tmp_path, "deploy")
+    assert saved["status"] == "not_confirmed" and saved["gate"]["mode"] == "headless"
+    assert "pass -p confirm true" in saved["error"]
+    # The apply cell reached anyway (no gate was opened): refused, still `not_confirmed`.
+    with pytest.raises(NotConfirmed, match="no plan was shown for confirmation"):
+        ctx.require_approved(PLAN)
+    saved = on_disk(tmp_path, "deploy")
+    assert saved["status"] == "not_confirmed" and "nothing was applied" in saved["error"]
+    assert ctx.finish().status == "not_confirmed"
+
+
+def test_the_apply_cell_without_an_approval_is_not_confirmed_and_a_later_approval_resumes(sandbox_environ, tmp_path):
+    from runbook_lib.notebook.context import start_step
+
+    ctx = start_step("deploy", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    gate = ctx.confirm_plan("deploy orchestrator", PLAN, interactive=True)  # a notebook: Approve / Reject
+    assert on_disk(tmp_path, "deploy")["status"] == "running"  # waiting for a click is not a refusal
+    with pytest.raises(NotConfirmed, match="click Approve above"):
+        ctx.require_approved(PLAN)
+    saved = on_disk(tmp_path, "deploy")
+    assert saved["status"] == "not_confirmed" and saved["gate"]["decision"] == "pending"
+    gate.reject()
+    assert on_disk(tmp_path, "deploy")["status"] == "rejected"
+    gate.approve()  # changed their mind: the step goes on
+    saved = on_disk(tmp_path, "deploy")
+    assert saved["status"] == "running" and saved["error"] is None and saved["gate"]["decision"] == "approved"
+    # Approved, but not this plan: not confirmed.
+    with pytest.raises(NotConfirmed, match="plan changed"):
+        ctx.require_approved({**PLAN, "pool": "other"})
+    assert on_disk(tmp_path, "deploy")["status"] == "not_confirmed"
+    gate.approve()
+    ctx.require_approved(PLAN)
+    assert ctx.finish().status == "passed" and on_disk(tmp_path, "deploy")["status"] == "passed"
+
+
+def test_a_failure_that_is_not_a_refusal_still_fails_the_step(sandbox_environ, tmp_path):
+    from runbook_lib.core.errors import RunbookError
+    from runbook_lib.notebook.context import start_step
+
+    ctx = start_step("deploy", confirm=True, run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    ctx.confirm_plan("deploy orchestrator", PLAN, interactive=False)
+    ctx.require_approved(PLAN)
+    assert on_disk(tmp_path, "deploy")["status"] == "running"
+    ctx.fail(RunbookError("the deploy call failed"))
+    assert on_disk(tmp_path, "deploy")["status"] == "failed" and ctx.finish().status == "failed"
+
 
 def test_start_step_records_a_settings_failure(tmp_path):
     from runbook_lib.notebook.context import start_step

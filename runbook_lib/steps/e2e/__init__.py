@@ -8,8 +8,13 @@ in order, with its timing:
 4. it ran on the expected work pool: RUNNING, then a terminal state (its logs and state message
    when it failed; "never started" within the timeout when no worker takes it);
 5. every test item moved PENDING -> QUEUED -> IN_PROGRESS (-> COMPLETED when the profile expects
-   it), as recorded in `runbook.workflow_state_transitions`; items stuck at a status are listed
-   with the likely cause (the contract's failure modes).
+   it), as recorded in `runbook.workflow_state_transitions`. The verdict comes as soon as it is
+   certain: once the flow run is over and the items are left where nothing moves them, or have not
+   changed for `e2e.settle_seconds` (not the whole completion timeout). Stuck items are counted per
+   state and grouped by cause, from the evidence: their states' meta, the registry, and the flow
+   run's final state and logs (its subflows' too) read through the Prefect API, whose dispatch
+   error lines are quoted (masked) and decide the remediation (Modal credentials, app or function
+   not found, no sender mapped, Modal unreachable, Modal's own error).
 
 A failing link makes the later links SKIP, so the step fails naming the link that broke. The batch
 is launched the way the admin UI does (INITIALIZING, items and PENDING states, then the flip) for

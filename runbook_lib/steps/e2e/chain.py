@@ -7,17 +7,18 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from runbook_lib.checks.base import Check, CheckReport, Status
 from runbook_lib.core.errors import DatabaseError, PrefectApiError, RunbookError
 from runbook_lib.core.secrets import redact
 from runbook_lib.core.settings import RunbookSettings
+from runbook_lib.notebook.context import register_settings_secrets
 from runbook_lib.notebook.progress import Progress
 from runbook_lib.records.outputs import E2EOutput
 from runbook_lib.steps.e2e import timeline
-from runbook_lib.steps.e2e.diagnosis import pool_diagnosis, stuck_items
+from runbook_lib.steps.e2e.diagnosis import pool_diagnosis, read_run_evidence, stuck_items
 from runbook_lib.steps.e2e.links import (
     CLEANUP, DEPLOYMENT, LAUNCH, LINK_DEFS, LINK_EDGE_FUNCTION, LINK_FLOW_RUN, LINK_ITEMS, LINK_TRIGGER,
     LINK_WORK_POOL, LINKS, TIMELINE, as_json, count, follows, ms, reached, seconds, short,
@@ -101,7 +102,9 @@ class ChainTest:
         self._t0 = 0.0  # monotonic at the launch
         self._run: Any = None
         self._running_at: datetime | None = None
+        self._terminal_seen: float | None = None  # monotonic, when link 4 first saw the run terminal
         self._response: dict[str, Any] | None = None
+        register_settings_secrets(settings)  # whatever the flow run's logs quote is masked
 
     # -- the plan ------------------------------------------------------------------------------
     def gate_plan(self) -> dict[str, Any]:
@@ -355,6 +358,8 @@ class ChainTest:
             state = run.state.type.value if run and run.state else None
             if state == "RUNNING" and self._running_at is None:
                 self._running_at = run.state.timestamp
+            if state in FINAL_STATE_TYPES and self._terminal_seen is None:
+                self._terminal_seen = time.monotonic()
             return run if state in FINAL_STATE_TYPES else None
 
         def phase() -> str:
@@ -422,6 +427,10 @@ class ChainTest:
 
     # -- link 5 --------------------------------------------------------------------------------
     def _link_items(self, result: E2EResult) -> Check:
+        """Wait until every item reached the target, or the outcome is certain (the flow run is over
+        and the items are left where nothing moves them, or have not changed for settle_seconds),
+        or the completion timeout; then say which items are stuck where, and why, from the
+        evidence: the states' meta, the registry, the flow run's final state and its logs."""
         o = self.options
         target = o.target_status
         deadline = self._t0 + o.completion_timeout_seconds
@@ -429,12 +438,15 @@ class ChainTest:
             rows = self.db.item_states(result.batch_id, o.first_step)
             counts = count(rows)
             done = sum(1 for r in rows if reached(r["status"], target))
-            if done == len(result.item_ids) or self._settled(rows):
+            if done == len(result.item_ids):
+                ended = "all reached the target"
                 break
-            if time.monotonic() >= deadline:
+            ended = self._settled(rows) or self._quiet(result, rows)
+            if ended or time.monotonic() >= deadline:
                 break
             self.progress.update(f"link 5: items moving towards {target}", self._elapsed(), counts, done)
             time.sleep(max(0.05, min(o.poll_interval_seconds, deadline - time.monotonic())))
+        concluded_at = datetime.now(timezone.utc)
         self.progress.update(f"link 5: items moving towards {target}", self._elapsed(), counts, done)
         transitions = [t for t in self.db.transitions(result.batch_id) if t["step_name"] == o.first_step]
         paths: dict[str, list[str]] = {}
@@ -451,23 +463,65 @@ class ChainTest:
             return LINK_DEFS[LINK_ITEMS].passed(f"all {len(good)} item(s) recorded {wanted} for step {o.first_step}; the last "
                 f"reached {target} {seconds(facts['elapsed_ms'])} after the launch", **facts,
             )
+        evidence = read_run_evidence(self.api, result.flow_run_id) if result.flow_run_id else None
         result.stuck = stuck_items(o, rows, paths, good, registry=self.db.registry(o.workstream),
                                    run_state=result.flow_run_state,
-                                   batch_size=self.deployment.parameters.get("batch_size"))
-        lines = [f"{len(good)} of {len(result.item_ids)} item(s) recorded {wanted} for step {o.first_step} "
-                 f"(waited up to {o.completion_timeout_seconds:g}s from the launch); counts now {counts}. Stuck:"]
+                                   batch_size=self.deployment.parameters.get("batch_size"), evidence=evidence)
+        good_ids = {str(r["item_id"]) for r in good}
+        stuck_rows = [r for r in rows if str(r["item_id"]) not in good_ids]
+        stuck_ids = [str(r["item_id"]) for r in stuck_rows]
+        by_state = {status: n for status, n in count(stuck_rows).items() if n}  # stuck items per state
+        run = self._run
+        finished = (run.end_time or (run.state.timestamp if run.state else None)) if run is not None else None
+        after_end = ms(concluded_at, finished)
+        if ended:
+            when = (f"concluded {seconds(after_end)} after the flow run ended ({ended})" if after_end is not None
+                    else f"concluded: {ended}")
+        else:
+            when = f"waited the whole completion timeout ({o.completion_timeout_seconds:g}s from the launch)"
+        lines = [f"{len(good)} of {len(result.item_ids)} item(s) recorded {wanted} for step {o.first_step}; {when}; "
+                 f"counts now {counts}.",
+                 "Stuck: " + ", ".join(f"{n} {status}" for status, n in by_state.items()) + ":"]
         lines += [f"- {g['count']} at {g['status']}: {g['cause']} (e.g. {', '.join(g['examples'])})" for g in result.stuck]
+        if evidence is not None:
+            named = evidence.names_items(stuck_ids)
+            lines.append("Evidence: " + evidence.describe()
+                         + (f"\n  the dispatch errors name {named} of the {len(stuck_ids)} stuck test item(s)" if named else ""))
         fixes = list(dict.fromkeys(g["remediation"] for g in result.stuck))
-        return LINK_DEFS[LINK_ITEMS].failed("\n".join(lines), " ".join(fixes), stuck=result.stuck, **facts)
+        return LINK_DEFS[LINK_ITEMS].failed(
+            "\n".join(lines), " ".join(fixes), stuck=result.stuck, stuck_counts=by_state, concluded=ended or "timeout",
+            concluded_at=concluded_at.isoformat(), flow_run_ended_at=finished.isoformat() if finished else None,
+            after_flow_run_end_ms=after_end, flow_run_state=result.flow_run_state,
+            dispatch_errors=evidence.quoted() if evidence else [], evidence_unavailable=evidence.unavailable if evidence else None,
+            **facts)
 
-    def _settled(self, rows: list[dict[str, Any]]) -> bool:
+    def _settled(self, rows: list[dict[str, Any]]) -> str | None:
         """Nothing can move any more without another trigger: the flow run is over and every item is
-        PENDING (left for a later run), FAILED or at the target."""
-        state = self._run.state.type.value if self._run is not None and self._run.state else None
-        if state not in FINAL_STATE_TYPES:
-            return False
-        return all(r["status"] in ("PENDING", "FAILED") or reached(r["status"], self.options.target_status)
-                   for r in rows)
+        PENDING (left for a later run), FAILED or at the target. Says so, or None."""
+        if self._run_state() not in FINAL_STATE_TYPES:
+            return None
+        if all(r["status"] in ("PENDING", "FAILED") or reached(r["status"], self.options.target_status) for r in rows):
+            return "every item left PENDING, FAILED or at the target"
+        return None
+
+    def _quiet(self, result: E2EResult, rows: list[dict[str, Any]]) -> str | None:
+        """The flow run is over and no item changed for settle_seconds (on the database's clock, and
+        since the run was seen ending), none of them in the enrichment service's hands (IN_PROGRESS
+        towards COMPLETED): nothing is coming for them. Says so, or None."""
+        o = self.options
+        if self._run_state() not in FINAL_STATE_TYPES or self._terminal_seen is None:
+            return None
+        if any(r["status"] == "IN_PROGRESS" and not reached(r["status"], o.target_status) for r in rows):
+            return None
+        since_end = time.monotonic() - self._terminal_seen
+        unchanged = self.db.quiet_seconds(result.batch_id, o.first_step)
+        quiet = min(since_end, unchanged if unchanged is not None else since_end)
+        if quiet < o.settle_seconds:
+            return None
+        return f"the flow run is {self._run_state()} and no item changed for {quiet:.1f}s (settle_seconds {o.settle_seconds:g})"
+
+    def _run_state(self) -> str | None:
+        return self._run.state.type.value if self._run is not None and self._run.state else None
 
     # -- database reads and the timeline ---------------------------------------------------------
     def _counts_now(self) -> dict[str, int]:

@@ -23,8 +23,8 @@ from runbook_lib.systems.prefect import PrefectApi
 PARAMETERS = {
     "n_items": "item_count", "blueprint": "blueprint", "trigger_timeout": "trigger_timeout_seconds",
     "flow_run_timeout": "flow_run_timeout_seconds", "completion_timeout": "completion_timeout_seconds",
-    "poll_interval": "poll_interval_seconds", "expect_completed": "expect_completed", "launch_mode": "launch_mode",
-    "cleanup": "cleanup",
+    "poll_interval": "poll_interval_seconds", "settle": "settle_seconds", "expect_completed": "expect_completed",
+    "launch_mode": "launch_mode", "cleanup": "cleanup",
 }
 _SETTING_TO_PARAMETER = {v: k for k, v in PARAMETERS.items()}
 

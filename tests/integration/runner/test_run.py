@@ -33,6 +33,11 @@ CELLS = {
     "prepare": [START.format(name="prepare"), OUTPUT + "print('PREPARED-OUTPUT', note)\nctx.publish(Out(deployment_id='dep-123'))", "ctx.finish()"],
     "gate": [START.format(name="gate"), "ctx.confirm_plan('apply the plan', {'pool': 'managed-production'})",
              OUTPUT + "ctx.require_approved({'pool': 'managed-production'})\nctx.publish(Out(applied=True))\nctx.finish()"],
+    # The same gate, refused by the notebook's own confirm=False (a person's "no").
+    "reject": ['from runbook_lib.notebook.context import start_step\n'
+               'ctx = start_step("reject", profile=profile, confirm=False, run_dir=run_dir)',
+               "ctx.confirm_plan('apply the plan', {'pool': 'managed-production'})",
+               OUTPUT + "ctx.require_approved({'pool': 'managed-production'})\nctx.publish(Out(applied=True))\nctx.finish()"],
     "after": [START.format(name="after"), OUTPUT + "ctx.publish(Out(reused=ctx.output_of(Out).deployment_id))\nctx.finish()"],
     "check": [START.format(name="check"),
               "from runbook_lib.checks.base import Check\n"
@@ -130,11 +135,11 @@ def test_cli_stops_at_the_first_failure_records_everything_and_resumes_with_from
     args = ["--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "r1", "-p", "note=marker-7f3a"]
     first = cli(args, sbx)
     assert first.returncode == 1, first.stdout + first.stderr
-    assert "01_prepare: passed" in first.stdout and "02_gate: failed" in first.stdout  # plain lines, no TTY
+    assert "01_prepare: passed" in first.stdout and "02_gate: not_confirmed" in first.stdout  # plain lines, no TTY
     run_dir = out / "r1"
     m = manifest(run_dir)
     steps = steps_of(m)
-    assert m["run_id"] == "r1" and m["profile"] == "sandbox" and m["status"] == "failed"
+    assert m["run_id"] == "r1" and m["profile"] == "sandbox" and m["status"] == "not_confirmed"  # refused, not failed
     assert m["started_at"] and m["ended_at"] and m["confirm"] is False and m["params"] == {"note": "marker-7f3a"}
     head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert m["runbook"]["commit"] == head and isinstance(m["runbook"]["dirty"], bool)
@@ -143,7 +148,7 @@ def test_cli_stops_at_the_first_failure_records_everything_and_resumes_with_from
     assert steps["01_prepare"]["status"] == "passed" and steps["01_prepare"]["results"] == {"deployment_id": "dep-123"}
     assert steps["01_prepare"]["duration_seconds"] > 0 and steps["01_prepare"]["ended_at"]
     gate = steps["02_gate"]
-    assert gate["status"] == "failed" and gate["error_type"] == "NotConfirmed" and "pass -p confirm true" in gate["error"]
+    assert gate["status"] == "not_confirmed" and gate["error_type"] == "NotConfirmed" and "pass -p confirm true" in gate["error"]
     assert gate["gate"]["decision"] == "rejected" and gate["gate"]["mode"] == "headless"
     assert steps["03_after"]["status"] == "not_run" and steps["03_after"]["started_at"] is None
     assert not (run_dir / "03_after.ipynb").exists()
@@ -172,6 +177,51 @@ def test_cli_stops_at_the_first_failure_records_everything_and_resumes_with_from
     # The same run id without --from is refused (records are not overwritten).
     again = cli(["--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "r1"], sbx)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.timeout(150)
+def test_a_refused_change_is_recorded_as_such_in_the_results_the_manifest_and_the_exit_code(tmp_path, sbx):
+    """Headless without --confirm: the gate's step is `not_confirmed`; a notebook that rejects its own
+    plan (confirm=False): `rejected`. Either way the results file, the manifest's step record, the
+    run's status and index.html say so, the run stops there and exits non-zero."""
+    nbs = make_notebooks(tmp_path / "nb", ["prepare", "gate", "after"])
+    out = tmp_path / "out"
+    headless = cli(["--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "unconfirmed"], sbx)
+    assert headless.returncode == 1, headless.stdout + headless.stderr
+    run_dir = out / "unconfirmed"
+    results = json.loads((run_dir / "gate.json").read_text())
+    assert results["status"] == "not_confirmed" and results["gate"]["mode"] == "headless"
+    assert "pass -p confirm true" in results["error"] and results["finished_at"]
+    m = manifest(run_dir)
+    steps = steps_of(m)
+    assert m["status"] == "not_confirmed" and m["attempts"][-1]["status"] == "not_confirmed"
+    assert steps["02_gate"]["status"] == "not_confirmed" and steps["02_gate"]["error_type"] == "NotConfirmed"
+    assert steps["01_prepare"]["status"] == "passed" and steps["03_after"]["status"] == "not_run"
+    assert "step 02_gate not_confirmed" in m["error"] and "02_gate: not_confirmed" in headless.stdout
+    index = (run_dir / "index.html").read_text()
+    assert "NOT CONFIRMED" in index and "The run stopped at step 02_gate" in index and "--from 02_gate --confirm" in index
+
+    nbs = make_notebooks(tmp_path / "nb-reject", ["prepare", "reject", "after"])
+    outcome = run_runbook("sandbox", run_id="rejected", notebooks_dir=nbs, outputs_dir=out, environ=sbx,
+                          handle_signals=False)
+    assert (outcome.status, outcome.exit_code) == ("rejected", 1)
+    results = json.loads((outcome.run_dir / "reject.json").read_text())
+    assert results["status"] == "rejected" and results["gate"]["mode"] == "parameter"
+    assert "confirm=False" in results["gate"]["decided_by"] and "nothing was applied" in results["error"]
+    assert "applied" not in results["values"]
+    m = manifest(outcome.run_dir)
+    steps = steps_of(m)
+    assert m["status"] == "rejected" and steps["02_reject"]["status"] == "rejected"
+    assert steps["02_reject"]["error_type"] == "NotConfirmed" and "rejected" in steps["02_reject"]["error"]
+    assert steps["02_reject"]["gate"]["decision"] == "rejected" and steps["03_after"]["status"] == "not_run"
+    index = (outcome.run_dir / "index.html").read_text()
+    assert "REJECTED" in index and "The run stopped at step 02_reject" in index
+
+    # Confirmed, the same notebooks pass: the refusal was the only thing in the way.
+    confirmed = cli(["--confirm", "--notebooks-dir", str(tmp_path / "nb"), "--outputs-dir", str(out), "--run-id", "ok"], sbx)
+    assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+    assert manifest(out / "ok")["status"] == "passed"
+    assert json.loads((out / "ok" / "gate.json").read_text())["status"] == "passed"
 
 
 @pytest.mark.timeout(150)

@@ -163,7 +163,7 @@ def test_headless_without_confirm_shows_the_plan_and_applies_nothing(sandbox, tm
     run = run_notebook(STEP, sandbox.state, tmp_path / "run", env={"RUNBOOK_DEPLOYMENT__NAME": name})
     assert run.error is not None and run.error.ename == "NotConfirmed"
     assert "pass -p confirm true" in run.error.evalue
-    assert run.results["status"] == "failed"
+    assert run.results["status"] == "not_confirmed"
     assert run.results["gate"]["decision"] == "rejected" and run.results["gate"]["mode"] == "headless"
     assert {d["status"] for d in run.results["values"]["diff"]} == {"created"}
     assert "deployment_id" not in run.results["values"]

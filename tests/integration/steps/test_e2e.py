@@ -113,7 +113,7 @@ def test_headless_without_confirm_launches_nothing(sandbox, settings, deployed, 
     before = batches_of_client(database, settings.e2e.client_id)
     run = run_chain_notebook("05_end_to_end_test", sandbox, tmp_path, {"deployment_id": deployed[1], **FAST})
     assert run.error is not None and "confirm" in str(run.error)
-    assert run.results["status"] == "failed" and run.results["gate"]["decision"] == "rejected"
+    assert run.results["status"] == "not_confirmed" and run.results["gate"]["decision"] == "rejected"
     assert not any(c["id"] in LINK_IDS for c in run.results["checks"])
     assert batches_of_client(database, settings.e2e.client_id) == before
 

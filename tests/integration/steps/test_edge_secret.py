@@ -316,7 +316,7 @@ def test_without_an_id_or_without_confirm_nothing_is_written(sandbox, tmp_path, 
     assert not the_plan.no_change
     with pytest.raises(NotConfirmed):
         step.confirm(the_plan)
-    assert ctx.results.gate.decision == "rejected" and ctx.results.status == "failed"
+    assert ctx.results.gate.decision == "rejected" and ctx.results.status == "not_confirmed"
     assert secret_writes(requests_since(sandbox, "supabase", mark)) == []
     assert current_digest(sandbox) == before
 
