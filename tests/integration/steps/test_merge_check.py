@@ -343,6 +343,11 @@ def test_a_rebased_branch_counts_only_the_commit_main_lacks_and_a_change_outside
     recorded = ctx.results.values["before"]
     assert recorded["unique"] == [{"commit": f"{ci[:12]} Lint in CI", "files": [".ci/lint.sh"]}]
     assert recorded["already_on_target"] == 2
+    # The same through the notebook, headless without confirm: nothing to approve, the step passes.
+    run = run_notebook(sandbox, tmp_path / "nb", repo, feature_branch="feature/rebased")
+    assert run.error is None, run.error
+    assert run.results["status"] == "passed" and run.results["gate"] is None
+    assert run.check("merge.merged")["status"] == "warn" and "not needed" in run.check("merge.merged")["detail"]
     assert receive_pack_posts(sandbox, repo) == []
 
 
@@ -374,6 +379,10 @@ def test_a_squash_merged_branch_is_recognised_as_merged(sandbox, repo, tmp_path)
     assert ctx.results.values["action"] == "none: already merged"
     assert {c.id: c.status.value for c in report.checks} == {
         "merge.merged": "pass", "merge.entrypoint_loads_block": "pass", "merge.load_error_handled": "pass"}
+    run = run_notebook(sandbox, tmp_path / "nb", repo, feature_branch="feature/split")
+    assert run.error is None, run.error
+    assert run.results["status"] == "passed" and run.results["values"]["action"] == "none: already merged"
+    assert run.results["values"]["before"]["already_on_target"] == 2
     assert receive_pack_posts(sandbox, repo) == []
 
 
