@@ -23,26 +23,11 @@ from runbook_lib.core import processes
 from runbook_sandbox import git_seed, manager
 from runbook_sandbox.config import SandboxConfig
 from tests.conftest import make_state_dir
+from tests.integration.git_helpers import git
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def git(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(cwd),
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_AUTHOR_NAME": "Tester",
-        "GIT_AUTHOR_EMAIL": "tester@example.invalid",
-        "GIT_COMMITTER_NAME": "Tester",
-        "GIT_COMMITTER_EMAIL": "tester@example.invalid",
-    }
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=90)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-    return proc
 
 
 def commit(repo: Path, name: str, content: str, message: str) -> str:

@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ import pytest
 
 from runbook_sandbox import git_seed, manager
 from runbook_sandbox.config import SandboxConfig
+from tests.integration.git_helpers import git
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,22 +51,6 @@ def write_flows(root: Path, orchestrator: str = FEATURE_ORCHESTRATOR) -> Path:
     return root
 
 
-def git(*args: str, cwd: Path | None = None, check: bool = True, home: Path | None = None) -> subprocess.CompletedProcess:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home or cwd or Path.cwd()),
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_AUTHOR_NAME": "Tester",
-        "GIT_AUTHOR_EMAIL": "tester@example.invalid",
-        "GIT_COMMITTER_NAME": "Tester",
-        "GIT_COMMITTER_EMAIL": "tester@example.invalid",
-    }
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=90)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"git {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-    return proc
 
 
 def auth_header(token: str, user: str = "x-access-token") -> str:
