@@ -235,7 +235,8 @@ class MergeCheck(Step):
         if state.action is None:
             if state.target_has_change:
                 why = (f"{self.target} already loads {self.block!r} ({'; '.join(state.loads)})"
-                       + (f"; branch {self.feature} does not exist" if c is None else ""))
+                       + (f"; branch {self.feature} does not exist" if c is None else "")
+                       + (f"; {self.feature} is already merged into {self.target}" if c is not None and c.merged else ""))
                 action = "none: already merged" if c is not None and c.merged else "none: the change is on the target"
             elif c is None:
                 with self.failing():
