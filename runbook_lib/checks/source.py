@@ -11,8 +11,9 @@ from packaging.utils import canonicalize_name
 from runbook_lib.checks.base import Fail, Outcome, Skip, check, ok, warn
 from runbook_lib.checks.facts import Facts
 from runbook_lib.core.errors import FlowSourceError, RunbookError
+from runbook_lib.core.values import parse_requirement, validate_requirements
 from runbook_lib.source.flow import analyse_flow, local_top_level_names, parse, repository_imports
-from runbook_lib.source.packages import missing_imports, parse_requirement, redundant_packages, validate_requirements
+from runbook_lib.source.packages import missing_imports, redundant_packages
 
 
 @check("source.repo_url", "Repository URL ends in .git",

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runbook_lib.core.errors import ParameterError, RequirementError, SettingsError
-from runbook_lib.core.values import parse_uuid
+from runbook_lib.core.values import parse_uuid, validate_requirements
 
 # The settings a production user exports, and the setting each one fills.
 ENV_SETTINGS: dict[str, str] = {
@@ -206,8 +206,6 @@ class DeploymentSettings(_Section):
     @field_validator("pip_packages")
     @classmethod
     def _requirements(cls, value: list[str]) -> list[str]:
-        from runbook_lib.source.packages import validate_requirements
-
         try:
             validate_requirements(value)
         except RequirementError as exc:

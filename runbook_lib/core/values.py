@@ -1,13 +1,16 @@
 """Parsing of the values a person types: notebook parameters (papermill and the runner may pass
-text), deployment ids. One parser per kind, used everywhere; a bad value raises a RunbookError
+text), deployment ids, pip requirement strings. One parser per kind, used everywhere; a bad value raises a RunbookError
 subclass naming the parameter (nothing is changed)."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
-from runbook_lib.core.errors import ParameterError, RunbookError
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from runbook_lib.core.errors import ParameterError, RequirementError, RunbookError
 
 _TRUE = frozenset({"1", "true", "yes", "y", "on"})
 _FALSE = frozenset({"0", "false", "no", "n", "off"})
@@ -35,3 +38,35 @@ def parse_uuid(value: Any, what: str = "deployment_id") -> str:
         return str(uuid.UUID(str(value).strip()))
     except (ValueError, AttributeError, TypeError):
         raise ParameterError(f"{what} {str(value)[:80]!r} is not a UUID") from None
+
+
+def parse_requirement(text: str) -> Requirement:
+    """A pip requirement string (`name[extras] specifier ; marker`), or a clear RequirementError."""
+    if not isinstance(text, str) or not text.strip():
+        raise RequirementError(f"empty pip requirement {text!r}")
+    if text != text.strip():
+        raise RequirementError(f"pip requirement {text!r} has surrounding whitespace")
+    try:
+        return Requirement(text)
+    except InvalidRequirement as exc:
+        reason = str(exc).splitlines()[0]
+        raise RequirementError(f"invalid pip requirement {text!r}: {reason}") from None
+
+
+def validate_requirements(texts: Iterable[str]) -> list[Requirement]:
+    """Every requirement parsed; one error naming all the invalid ones and any duplicate."""
+    parsed, problems, seen = [], [], {}
+    for text in texts:
+        try:
+            req = parse_requirement(text)
+        except RequirementError as exc:
+            problems.append(str(exc))
+            continue
+        name = canonicalize_name(req.name)
+        if name in seen:
+            problems.append(f"{req.name!r} is listed twice ({seen[name]!r} and {text!r})")
+        seen[name] = text
+        parsed.append(req)
+    if problems:
+        raise RequirementError("; ".join(problems))
+    return parsed

@@ -15,10 +15,10 @@ from functools import lru_cache
 from typing import Iterable
 
 from packaging.markers import default_environment
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from runbook_lib.core.errors import RequirementError
+from runbook_lib.core.values import parse_requirement, validate_requirements
 
 RUNTIME_PYTHON = "3.12"
 
@@ -72,38 +72,6 @@ _REMOVED_IN_313 = {
     "aifc", "audioop", "cgi", "cgitb", "chunk", "crypt", "imghdr", "mailcap", "msilib", "nis", "nntplib",
     "ossaudiodev", "pipes", "sndhdr", "spwd", "sunau", "telnetlib", "uu", "xdrlib", "lib2to3",
 }
-
-
-def parse_requirement(text: str) -> Requirement:
-    """A pip requirement string (`name[extras] specifier ; marker`), or a clear RequirementError."""
-    if not isinstance(text, str) or not text.strip():
-        raise RequirementError(f"empty pip requirement {text!r}")
-    if text != text.strip():
-        raise RequirementError(f"pip requirement {text!r} has surrounding whitespace")
-    try:
-        return Requirement(text)
-    except InvalidRequirement as exc:
-        reason = str(exc).splitlines()[0]
-        raise RequirementError(f"invalid pip requirement {text!r}: {reason}") from None
-
-
-def validate_requirements(texts: Iterable[str]) -> list[Requirement]:
-    """Every requirement parsed; one error naming all the invalid ones and any duplicate."""
-    parsed, problems, seen = [], [], {}
-    for text in texts:
-        try:
-            req = parse_requirement(text)
-        except RequirementError as exc:
-            problems.append(str(exc))
-            continue
-        name = canonicalize_name(req.name)
-        if name in seen:
-            problems.append(f"{req.name!r} is listed twice ({seen[name]!r} and {text!r})")
-        seen[name] = text
-        parsed.append(req)
-    if problems:
-        raise RequirementError("; ".join(problems))
-    return parsed
 
 
 def top_level(module: str) -> str:

@@ -10,7 +10,7 @@ from runbook_lib.core.errors import (
 
 
 def test_requirement_strings_are_validated():
-    from runbook_lib.source.packages import parse_requirement, validate_requirements
+    from runbook_lib.core.values import parse_requirement, validate_requirements
 
     assert parse_requirement("psycopg2-binary>=2.9; python_version >= '3.9'").name == "psycopg2-binary"
     with pytest.raises(RequirementError, match="invalid pip requirement 'modal==='"):
