@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import Iterator
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from runbook_lib.core import processes as process
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
+from tests.conftest import partial_sandbox
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,14 +26,10 @@ def sha(value: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def sb(tmp_path_factory) -> SandboxConfig:
+def sb() -> Iterator[SandboxConfig]:
     """The Supabase stand-in alone, in its own state directory (these tests change its secrets)."""
-    state = tmp_path_factory.mktemp("supabase-mgmt")
-    try:
-        manager.up(state, only=["supabase"], echo=lambda s: None)
-        yield SandboxConfig.load_or_create(state)
-    finally:
-        manager.down(state, echo=lambda s: None)
+    with partial_sandbox("runbook-supabase-mgmt-", ["supabase"]) as cfg:
+        yield cfg
 
 
 @pytest.fixture

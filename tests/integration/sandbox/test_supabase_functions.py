@@ -10,14 +10,15 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
 
 import httpx
 import jwt
 import pytest
 
 from runbook_lib.core import processes as process
-from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
+from tests.conftest import partial_sandbox
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,13 +61,9 @@ class ScriptedUpstream:
 
 
 @pytest.fixture(scope="module")
-def sb(tmp_path_factory) -> SandboxConfig:
-    state = tmp_path_factory.mktemp("supabase-fn")
-    try:
-        manager.up(state, only=["supabase"], echo=lambda s: None)
-        yield SandboxConfig.load_or_create(state)
-    finally:
-        manager.down(state, echo=lambda s: None)
+def sb() -> Iterator[SandboxConfig]:
+    with partial_sandbox("runbook-supabase-fn-", ["supabase"]) as cfg:
+        yield cfg
 
 
 @pytest.fixture(scope="module")

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
-from runbook_lib.core.errors import (
-    DatabaseError,
-)
+from runbook_lib.core.errors import DatabaseError
+from runbook_sandbox.config import SandboxConfig
+from tests.conftest import partial_sandbox
 
 
 @pytest.fixture(scope="module")
-def postgres_sandbox(tmp_path_factory):
+def postgres_sandbox() -> Iterator[SandboxConfig]:
     """Only the sandbox's Postgres (schema, pg_net stand-in, trigger): no flow is triggered."""
-    from runbook_sandbox import manager
-    from runbook_sandbox.config import SandboxConfig
+    with partial_sandbox("runbook-pg-", ["postgres"]) as cfg:
+        yield cfg
 
-    state = tmp_path_factory.mktemp("pg-sandbox")
-    try:
-        manager.up(state, only=["postgres"], echo=lambda s: None)
-        yield SandboxConfig.load_or_create(state)
-    finally:
-        manager.down(state, echo=lambda s: None)
 
 def test_database_reads_trigger_pg_net_and_registry(postgres_sandbox):
     from runbook_lib.systems.database import Database
