@@ -9,7 +9,14 @@ started by the Supabase Edge Function with no parameters. Two phases, each a sub
    `FOR UPDATE SKIP LOCKED` statement (concurrent runs never claim the same state), spawns the Modal
    sender of each, and keeps going until nothing is PENDING or the time / item budget is spent.
 
-Nothing is stranded: a failed spawn puts the state back to PENDING (`meta.dispatch_attempts`,
+Nothing is stranded: each dispatcher run first puts back to PENDING every claim (QUEUED) older
+than the claim lease (`claim_lease_seconds`, default CLAIM_LEASE_SECONDS) that no sender took: its
+run died between claim and dispatch (killed, cancelled, crashed, a spawn that hung). The reason goes
+into `meta.requeue_reason` and into the audit (`runbook.workflow_state_transitions.reason`, through
+the `runbook.transition_reason` setting its trigger reads). Every spawn is bounded by
+`spawn_timeout_seconds`; a spawn that does not answer in time counts as a failed spawn. The lease
+must be longer than a run's dispatch of one chunk, so a live run's claims are never taken.
+A failed spawn puts the state back to PENDING (`meta.dispatch_attempts`,
 `meta.last_dispatch_error`, `meta.retry_after`; retried in the same run once due) and, after
 `max_dispatch_attempts`, to FAILED (`meta.error`); a step with no Modal sender mapped goes to FAILED
 with the reason in `meta.error`. When every spawn of a chunk fails (bad credentials, Modal down) the
@@ -25,14 +32,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import queue
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import Callable, Optional
 
@@ -44,7 +52,12 @@ from prefect.runtime import flow_run
 
 MODAL_APP = "data-enrichment-workers"
 DISPATCH_URL_ENV = "ENRICHMENT_DISPATCH_URL"
-SPAWN_TIMEOUT_SECONDS = 15.0
+SPAWN_TIMEOUT_SECONDS = 15.0  # default bound of one spawn (Modal or its HTTP stand-in), whole call
+# A QUEUED claim older than this that no sender took is put back to PENDING by the next run. The one
+# place the default lives: the runbook reads it from here (runbook_lib.source.lease) for its health
+# check. Longer than a run's whole time budget (600 s), let alone one chunk's dispatch.
+CLAIM_LEASE_SECONDS = 900.0
+TRANSITION_REASON_SETTING = "runbook.transition_reason"  # read by the audit trigger (reason column)
 LOCKED_PATIENCE_SECONDS = 5.0  # how long to wait for PENDING rows held by another transaction
 
 # spawn(function_name, item_id, workstream_slug) -> function call id; raises on failure.
@@ -227,11 +240,48 @@ WHERE status = 'PENDING' AND (%(batch_id)s::uuid IS NULL OR batch_id = %(batch_i
 """
 
 
+# Claims older than the lease that no sender took (still QUEUED): back to PENDING (claimable at once),
+# or FAILED when they already used their last dispatch attempt. QUEUED rows without `claimed_at`
+# (claimed by an older orchestrator) count from `updated_at`.
+REQUEUE_EXPIRED_SQL = """
+WITH expired AS (
+    SELECT ws.id
+    FROM public.workflow_states ws
+    WHERE ws.status = 'QUEUED'
+      AND (%(batch_id)s::uuid IS NULL OR ws.batch_id = %(batch_id)s::uuid)
+      AND coalesce((ws.meta ->> 'claimed_at')::timestamptz, ws.updated_at)
+          < now() - make_interval(secs => %(lease)s)
+    FOR UPDATE OF ws SKIP LOCKED
+), described AS (
+    SELECT ws.id,
+        coalesce((ws.meta ->> 'dispatch_attempts')::int, 0) >= %(max_attempts)s AS exhausted,
+        format('claim expired: QUEUED since %%s by %%s, longer than the claim lease of %%s s, and no sender took '
+               'it (the claiming run died, was cancelled, or its spawn hung)',
+               coalesce(ws.meta ->> 'claimed_at', ws.updated_at::text),
+               coalesce(ws.meta ->> 'claimed_by', 'an unknown run'), %(lease)s) AS reason
+    FROM public.workflow_states ws JOIN expired e ON e.id = ws.id
+)
+UPDATE public.workflow_states ws SET
+    status = (CASE WHEN d.exhausted THEN 'FAILED' ELSE 'PENDING' END)::workflowstatus,
+    updated_at = now(),
+    meta = (coalesce(ws.meta, '{}'::jsonb) - 'retry_after') || jsonb_build_object(
+            'requeue_reason', d.reason, 'requeued_at', now(), 'requeued_by', %(requeued_by)s::text)
+        || CASE WHEN d.exhausted THEN jsonb_build_object(
+            'failed_at', now(),
+            'error', format('dispatch failed %%s time(s); last: %%s', ws.meta ->> 'dispatch_attempts', d.reason))
+           ELSE '{}'::jsonb END
+FROM described d
+WHERE ws.id = d.id AND ws.status = 'QUEUED'
+RETURNING ws.id, ws.status::text
+"""
+
+
 # -- dispatch backends -------------------------------------------------------------------------------
 
 
-def http_spawner(base_url: str, token_id: str, token_secret: str) -> Spawn:
-    """Spawn through Modal's HTTP shape (the sandbox stand-in): POST .../functions/{fn}/spawn."""
+def http_spawner(base_url: str, token_id: str, token_secret: str, timeout: float = SPAWN_TIMEOUT_SECONDS) -> Spawn:
+    """Spawn through Modal's HTTP shape (the sandbox stand-in): POST .../functions/{fn}/spawn. `timeout`
+    bounds each socket operation; the dispatcher bounds the whole call (`spawn_timeout_seconds`)."""
     base = base_url.rstrip("/")
     headers = {
         "content-type": "application/json",
@@ -244,7 +294,7 @@ def http_spawner(base_url: str, token_id: str, token_secret: str) -> Spawn:
         body = json.dumps({"args": [item_id, workstream_slug], "kwargs": {}}).encode()
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=SPAWN_TIMEOUT_SECONDS) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read())["function_call_id"]
         except urllib.error.HTTPError as exc:
             try:
@@ -283,7 +333,7 @@ def modal_spawner() -> Spawn:
     return spawn
 
 
-def spawner_from_env() -> Spawn:
+def spawner_from_env(timeout: float = SPAWN_TIMEOUT_SECONDS) -> Spawn:
     """The stand-in when ENRICHMENT_DISPATCH_URL is set, else real Modal. Raises before any claim."""
     url = os.environ.get(DISPATCH_URL_ENV)
     if not url:
@@ -294,7 +344,7 @@ def spawner_from_env() -> Spawn:
             f"{DISPATCH_URL_ENV} is set but MODAL_TOKEN_ID / MODAL_TOKEN_SECRET are not; nothing was claimed"
         )
     _logger().info("Dispatch backend: Modal HTTP endpoint %s", url)
-    return http_spawner(url, token_id, token_secret)
+    return http_spawner(url, token_id, token_secret, timeout)
 
 
 # -- the two phases, as plain functions (the flows below, the tests and the benchmark use them) -------
@@ -328,70 +378,108 @@ def advance_completed(conn, *, batch_size: int = 50, batch_id: str | None = None
     return counts
 
 
+def requeue_expired_claims(conn, *, claim_lease_seconds: float = CLAIM_LEASE_SECONDS, batch_id: str | None = None,
+                           max_dispatch_attempts: int = 3, requeued_by: str = "local") -> dict:
+    """Put back every claim older than the lease that no sender took (see REQUEUE_EXPIRED_SQL), in one
+    transaction whose `runbook.transition_reason` setting gives the audit trigger the reason.
+    Returns {"reclaimed": back to PENDING, "failed": FAILED (no attempt left)}."""
+    reason = (f"claim expired: still QUEUED after the claim lease of {claim_lease_seconds:g} s, no sender took it; "
+              f"requeued by {requeued_by}")
+    with conn.cursor() as cur:
+        cur.execute("BEGIN")
+        try:
+            cur.execute("SELECT set_config(%s, %s, true)", (TRANSITION_REASON_SETTING, reason))
+            cur.execute(REQUEUE_EXPIRED_SQL, {"batch_id": batch_id, "lease": claim_lease_seconds,
+                                              "max_attempts": max_dispatch_attempts, "requeued_by": requeued_by})
+            statuses = Counter(status for _, status in cur.fetchall())
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+    counts = {"reclaimed": statuses["PENDING"], "failed": statuses["FAILED"]}
+    if statuses:
+        _logger().warning(
+            "Requeued %d expired claim(s) (QUEUED for longer than the claim lease of %g s, no sender took them): "
+            "%d back to PENDING, %d FAILED (no dispatch attempt left)",
+            sum(statuses.values()), claim_lease_seconds, counts["reclaimed"], counts["failed"])
+    return counts
+
+
 def drain_pending(conn, spawn: Spawn, *, batch_size: int = 50, batch_id: str | None = None,
                   time_budget_seconds: float = 600.0, max_items: int | None = None,
                   max_dispatch_attempts: int = 3, retry_delay_seconds: float = 5.0,
-                  dispatch_concurrency: int = 16, claimed_by: str = "local") -> dict:
-    """Claim and spawn PENDING states chunk by chunk until none is left or the budget is spent.
+                  dispatch_concurrency: int = 16, claimed_by: str = "local",
+                  claim_lease_seconds: float | None = CLAIM_LEASE_SECONDS,
+                  spawn_timeout_seconds: float = SPAWN_TIMEOUT_SECONDS) -> dict:
+    """Requeue expired claims, then claim and spawn PENDING states chunk by chunk until none is left
+    or the budget is spent. `claim_lease_seconds=None` skips the requeue.
 
-    Counts: processed (claims), queued, dispatched, skipped (no sender: FAILED), dispatch_errors
-    (failed spawns), failed (FAILED after the last attempt), requeued (PENDING again, retry due),
-    pending_remaining (PENDING in scope when the run stopped early: budget spent, or every spawn of
-    a chunk failed).
+    Counts: reclaimed (expired claims put back to PENDING first), processed (claims), queued,
+    dispatched, skipped (no sender: FAILED), dispatch_errors (failed or timed-out spawns), failed
+    (FAILED after the last attempt), requeued (PENDING again, retry due), pending_remaining (PENDING
+    in scope when the run stopped early: budget spent, or every spawn of a chunk failed).
     """
     log = _logger()
     counts = dict.fromkeys(
-        ["processed", "queued", "dispatched", "skipped", "dispatch_errors", "failed", "requeued", "pending_remaining"], 0)
+        ["reclaimed", "processed", "queued", "dispatched", "skipped", "dispatch_errors", "failed", "requeued",
+         "pending_remaining"], 0)
+    if claim_lease_seconds is not None:
+        expired = requeue_expired_claims(conn, claim_lease_seconds=claim_lease_seconds, batch_id=batch_id,
+                                         max_dispatch_attempts=max_dispatch_attempts, requeued_by=claimed_by)
+        counts["reclaimed"], counts["failed"] = expired["reclaimed"], expired["failed"]
     requeued: set[str] = set()
     deadline = time.monotonic() + time_budget_seconds
     locked_since = None
     stopped_early = False
-    with ThreadPoolExecutor(max_workers=dispatch_concurrency) as pool, conn.cursor() as cur:
-        while True:
-            room = batch_size if max_items is None else min(batch_size, max_items - counts["processed"])
-            if room <= 0 or time.monotonic() >= deadline:
-                stopped_early = True
-                break
-            cur.execute(CLAIM_SQL, {"batch_id": batch_id, "limit": room, "claimed_by": claimed_by})
-            rows = cur.fetchall()
-            if rows:
-                locked_since = None
-                if _dispatch_chunk(cur, pool, dispatch_concurrency, spawn, rows, counts, requeued,
-                                   max_dispatch_attempts, retry_delay_seconds):
-                    continue
-                log.error("Every spawn of the last chunk failed; stopping this run so that the other "
-                          "PENDING items keep their dispatch attempts")
-                stopped_early = True
-                break
-            cur.execute(PENDING_PROBE_SQL, {"batch_id": batch_id})
-            ready, next_retry, _ = cur.fetchone()
-            if ready:  # PENDING rows another transaction holds: they move on in a moment, or we give up
-                locked_since = locked_since or time.monotonic()
-                if time.monotonic() - locked_since > LOCKED_PATIENCE_SECONDS:
+    workers = _SpawnWorkers(spawn, dispatch_concurrency, spawn_timeout_seconds)
+    try:
+        with conn.cursor() as cur:
+            while True:
+                room = batch_size if max_items is None else min(batch_size, max_items - counts["processed"])
+                if room <= 0 or time.monotonic() >= deadline:
                     stopped_early = True
                     break
-                wait = 0.1
-            elif next_retry is None:
-                break  # nothing PENDING in scope
-            else:
-                wait = float(next_retry) + 0.01
-            if time.monotonic() + wait >= deadline:
-                stopped_early = True
-                break
-            time.sleep(wait)
-        if requeued:
-            cur.execute("SELECT count(*) FROM public.workflow_states WHERE id = ANY(%s::uuid[]) AND status = 'PENDING'",
-                        (list(requeued),))
-            counts["requeued"] = cur.fetchone()[0]
-        if stopped_early:
-            cur.execute(PENDING_PROBE_SQL, {"batch_id": batch_id})
-            counts["pending_remaining"] = cur.fetchone()[2]
+                cur.execute(CLAIM_SQL, {"batch_id": batch_id, "limit": room, "claimed_by": claimed_by})
+                rows = cur.fetchall()
+                if rows:
+                    locked_since = None
+                    if _dispatch_chunk(cur, workers, rows, counts, requeued, max_dispatch_attempts,
+                                       retry_delay_seconds):
+                        continue
+                    log.error("Every spawn of the last chunk failed; stopping this run so that the other "
+                              "PENDING items keep their dispatch attempts")
+                    stopped_early = True
+                    break
+                cur.execute(PENDING_PROBE_SQL, {"batch_id": batch_id})
+                ready, next_retry, _ = cur.fetchone()
+                if ready:  # PENDING rows another transaction holds: they move on in a moment, or we give up
+                    locked_since = locked_since or time.monotonic()
+                    if time.monotonic() - locked_since > LOCKED_PATIENCE_SECONDS:
+                        stopped_early = True
+                        break
+                    wait = 0.1
+                elif next_retry is None:
+                    break  # nothing PENDING in scope
+                else:
+                    wait = float(next_retry) + 0.01
+                if time.monotonic() + wait >= deadline:
+                    stopped_early = True
+                    break
+                time.sleep(wait)
+            if requeued:
+                cur.execute("SELECT count(*) FROM public.workflow_states WHERE id = ANY(%s::uuid[]) AND status = 'PENDING'",
+                            (list(requeued),))
+                counts["requeued"] = cur.fetchone()[0]
+            if stopped_early:
+                cur.execute(PENDING_PROBE_SQL, {"batch_id": batch_id})
+                counts["pending_remaining"] = cur.fetchone()[2]
+    finally:
+        workers.close()
     log.info("Dispatcher: %s", counts)
     return counts
 
 
-def _dispatch_chunk(cur, pool, workers: int, spawn: Spawn, rows, counts, requeued, max_attempts,
-                    retry_delay) -> bool:
+def _dispatch_chunk(cur, workers: _SpawnWorkers, rows, counts, requeued, max_attempts, retry_delay) -> bool:
     """Spawn the claimed states concurrently; failed spawns go back to PENDING or to FAILED.
     Returns False when every spawn of the chunk failed (a systemic failure: bad credentials, Modal
     down), so the run stops instead of spending the attempts of every remaining item."""
@@ -407,9 +495,7 @@ def _dispatch_chunk(cur, pool, workers: int, spawn: Spawn, rows, counts, requeue
     for reason, n in unmapped.items():
         log.warning("%d state(s) set FAILED: %s", n, reason)
     counts["queued"] += len(mapped)
-    # One task per worker thread, each spawning a share of the chunk (not one future per item).
-    shares = [mapped[i::workers] for i in range(min(workers, len(mapped)))]
-    errors = dict(e for share in pool.map(lambda share: _spawn_share(spawn, share), shares) for e in share)
+    errors = workers.run(mapped)
     counts["dispatched"] += len(mapped) - len(errors)
     if not errors:
         return True
@@ -430,15 +516,81 @@ def _dispatch_chunk(cur, pool, workers: int, spawn: Spawn, rows, counts, requeue
     return len(errors) < len(mapped)
 
 
-def _spawn_share(spawn: Spawn, share) -> list[tuple[str, str]]:
-    """Spawn each (state, item, workstream, sender); return (state id, error) of those that failed."""
-    errors = []
-    for state_id, item_id, workstream, sender in share:
-        try:
-            spawn(sender, item_id, workstream)
-        except Exception as exc:  # any spawn failure is recorded on the state, never lost
-            errors.append((state_id, (str(exc) or type(exc).__name__)[:500]))
-    return errors
+class _SpawnWorkers:
+    """`concurrency` daemon threads that take (state, item, workstream, sender) from a queue and spawn.
+    A spawn still running after `timeout` seconds is reported as failed at once; its thread is
+    abandoned (a daemon: it never holds up the end of the run) and replaced."""
+
+    def __init__(self, spawn: Spawn, concurrency: int, timeout: float):
+        self.spawn, self.concurrency, self.timeout = spawn, concurrency, timeout
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.busy: dict[int, tuple[str, str, float]] = {}  # worker -> (state id, sender, started)
+        self.started = self.alive = 0
+
+    def _start(self) -> None:
+        self.started += 1
+        self.alive += 1
+        threading.Thread(target=self._work, args=(self.started,), name=f"spawn-{self.started}", daemon=True).start()
+
+    def _work(self, me: int) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            state_id, item_id, workstream, sender = task
+            with self.lock:
+                self.busy[me] = (state_id, sender, time.monotonic())
+            try:
+                self.spawn(sender, item_id, workstream)
+                error = None
+            except Exception as exc:  # any spawn failure is recorded on the state, never lost
+                error = (str(exc) or type(exc).__name__)[:500]
+            with self.lock:
+                abandoned = self.busy.pop(me, None) is None
+            if abandoned:  # reported as timed out already; a replacement took this thread's place
+                return
+            self.results.put((state_id, error))
+
+    def run(self, mapped: list) -> dict[str, str]:
+        """Spawn every (state, item, workstream, sender); return {state id: error} of those that failed."""
+        while self.alive < min(self.concurrency, len(mapped)):
+            self._start()
+        for task in mapped:
+            self.tasks.put(task)
+        errors: dict[str, str] = {}
+        left = len(mapped)
+        tick = min(0.5, self.timeout / 4)
+        next_check = time.monotonic() + tick
+        while left:
+            try:
+                state_id, error = self.results.get(timeout=tick)
+                left -= 1
+                if error:
+                    errors[state_id] = error
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if now < next_check:
+                continue
+            next_check = now + tick
+            with self.lock:
+                overdue = [(w, task) for w, task in self.busy.items() if now - task[2] > self.timeout]
+                for w, _ in overdue:
+                    del self.busy[w]
+            for _, (state_id, sender, _) in overdue:
+                errors[state_id] = (f"spawn {MODAL_APP}.{sender} did not answer within the spawn timeout of "
+                                    f"{self.timeout:g}s")
+                left -= 1
+                self.alive -= 1
+                self._start()
+        return errors
+
+    def close(self) -> None:
+        for _ in range(self.alive):
+            self.tasks.put(None)
+        self.alive = 0
 
 
 def incomplete_reason(counts: dict) -> str | None:
@@ -456,8 +608,12 @@ def incomplete_reason(counts: dict) -> str | None:
 
 
 def _validate(batch_size: int, batch_id: str | None, time_budget_seconds: float, max_items: int | None = None,
-              max_dispatch_attempts: int = 1, retry_delay_seconds: float = 0.0, dispatch_concurrency: int = 1) -> None:
-    """Refuse bad parameters before anything is read or written."""
+              max_dispatch_attempts: int = 1, retry_delay_seconds: float = 0.0, dispatch_concurrency: int = 1,
+              claim_lease_seconds: float = CLAIM_LEASE_SECONDS, spawn_timeout_seconds: float = SPAWN_TIMEOUT_SECONDS
+              ) -> None:
+    """Refuse bad parameters before anything is read or written. The claim lease must be longer than
+    the longest dispatch of one chunk (its spawns, `dispatch_concurrency` at a time, each bounded by
+    `spawn_timeout_seconds`), or a live run's claims could be taken from it."""
     try:
         batch_ok = batch_id is None or bool(uuid.UUID(batch_id))
     except (ValueError, TypeError, AttributeError):
@@ -470,7 +626,19 @@ def _validate(batch_size: int, batch_id: str | None, time_budget_seconds: float,
         (max_dispatch_attempts < 1, f"max_dispatch_attempts must be >= 1 (got {max_dispatch_attempts})"),
         (retry_delay_seconds < 0, f"retry_delay_seconds must be >= 0 (got {retry_delay_seconds})"),
         (dispatch_concurrency < 1, f"dispatch_concurrency must be >= 1 (got {dispatch_concurrency})"),
+        (not 0 < spawn_timeout_seconds < math.inf,
+         f"spawn_timeout_seconds must be a finite number > 0 (got {spawn_timeout_seconds})"),
+        (not 0 < claim_lease_seconds < math.inf,
+         f"claim_lease_seconds must be a finite number > 0 (got {claim_lease_seconds})"),
     ) if bad]
+    if not problems and batch_size >= 1 and dispatch_concurrency >= 1:
+        longest = spawn_timeout_seconds * math.ceil(batch_size / dispatch_concurrency)
+        if claim_lease_seconds <= longest:
+            problems.append(
+                f"claim_lease_seconds ({claim_lease_seconds:g}) must be longer than the longest dispatch of one chunk "
+                f"({longest:g} s: spawn_timeout_seconds {spawn_timeout_seconds:g} x ceil(batch_size {batch_size} / "
+                f"dispatch_concurrency {dispatch_concurrency})), or the claims of a run still dispatching would be "
+                "taken from it")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -489,17 +657,20 @@ def advance_completed_items(batch_size: int = 50, batch_id: Optional[str] = None
 def dispatch_pending_items(batch_size: int = 50, batch_id: Optional[str] = None,
                            time_budget_seconds: float = 600.0, max_items: Optional[int] = None,
                            max_dispatch_attempts: int = 3, retry_delay_seconds: float = 5.0,
-                           dispatch_concurrency: int = 16) -> dict:
-    """Dispatcher: drain PENDING states to their Modal senders; FAILED run if anything was left behind."""
+                           dispatch_concurrency: int = 16, claim_lease_seconds: float = CLAIM_LEASE_SECONDS,
+                           spawn_timeout_seconds: float = SPAWN_TIMEOUT_SECONDS) -> dict:
+    """Dispatcher: requeue expired claims, then drain PENDING states to their Modal senders; FAILED run
+    if anything was left behind."""
     _validate(batch_size, batch_id, time_budget_seconds, max_items, max_dispatch_attempts, retry_delay_seconds,
-              dispatch_concurrency)
-    spawn = spawner_from_env()
+              dispatch_concurrency, claim_lease_seconds, spawn_timeout_seconds)
+    spawn = spawner_from_env(spawn_timeout_seconds)
     with closing(connect()) as conn:
         counts = drain_pending(
             conn, spawn, batch_size=batch_size, batch_id=batch_id, time_budget_seconds=time_budget_seconds,
             max_items=max_items, max_dispatch_attempts=max_dispatch_attempts,
             retry_delay_seconds=retry_delay_seconds, dispatch_concurrency=dispatch_concurrency,
             claimed_by=f"flow-run/{flow_run.id}" if flow_run.id else "local",
+            claim_lease_seconds=claim_lease_seconds, spawn_timeout_seconds=spawn_timeout_seconds,
         )
     reason = incomplete_reason(counts)
     if reason:
@@ -511,12 +682,14 @@ def dispatch_pending_items(batch_size: int = 50, batch_id: Optional[str] = None,
 def orchestrator_main(batch_size: int = 50, batch_id: Optional[str] = None,
                       time_budget_seconds: float = 600.0, max_items: Optional[int] = None,
                       max_dispatch_attempts: int = 3, retry_delay_seconds: float = 5.0,
-                      dispatch_concurrency: int = 16) -> dict:
+                      dispatch_concurrency: int = 16, claim_lease_seconds: float = CLAIM_LEASE_SECONDS,
+                      spawn_timeout_seconds: float = SPAWN_TIMEOUT_SECONDS) -> dict:
     """Sequencer, then dispatcher. Returns both phases' counts; raises OrchestratorIncomplete (the run
     ends FAILED) when an item failed, was skipped or is still PENDING. `batch_id` limits the run to
-    one batch (None, the production call, means all)."""
+    one batch (None, the production call, means all). Expired claims (QUEUED longer than
+    `claim_lease_seconds`) are put back first; each spawn is bounded by `spawn_timeout_seconds`."""
     _validate(batch_size, batch_id, time_budget_seconds, max_items, max_dispatch_attempts, retry_delay_seconds,
-              dispatch_concurrency)
+              dispatch_concurrency, claim_lease_seconds, spawn_timeout_seconds)
     started = time.monotonic()
     sequencer = advance_completed_items(batch_size=batch_size, batch_id=batch_id,
                                         time_budget_seconds=time_budget_seconds)
@@ -524,7 +697,8 @@ def orchestrator_main(batch_size: int = 50, batch_id: Optional[str] = None,
     state = dispatch_pending_items(
         batch_size=batch_size, batch_id=batch_id, time_budget_seconds=remaining, max_items=max_items,
         max_dispatch_attempts=max_dispatch_attempts, retry_delay_seconds=retry_delay_seconds,
-        dispatch_concurrency=dispatch_concurrency, return_state=True,
+        dispatch_concurrency=dispatch_concurrency, claim_lease_seconds=claim_lease_seconds,
+        spawn_timeout_seconds=spawn_timeout_seconds, return_state=True,
     )
     if state.is_completed():
         return {"sequencer": sequencer, "dispatcher": state.result()}
