@@ -516,76 +516,89 @@ def _dispatch_chunk(cur, workers: _SpawnWorkers, rows, counts, requeued, max_att
     return len(errors) < len(mapped)
 
 
+class _Share:
+    """One worker's part of a chunk: its tasks, how far it got, the spawn in flight."""
+
+    def __init__(self, tasks: list):
+        self.tasks, self.done = tasks, 0
+        self.current: tuple[str, str, float] | None = None  # (state id, sender, started)
+        self.abandoned = False
+
+
 class _SpawnWorkers:
-    """`concurrency` daemon threads that take (state, item, workstream, sender) from a queue and spawn.
-    A spawn still running after `timeout` seconds is reported as failed at once; its thread is
-    abandoned (a daemon: it never holds up the end of the run) and replaced."""
+    """`concurrency` daemon threads spawning a chunk's states, each thread a share of it (no per-item
+    hand-off, so the dispatch path stays as fast as the database's). A spawn still running after
+    `timeout` seconds is reported as failed at once; its thread is abandoned (a daemon: it never
+    holds up the end of the run) and the rest of its share goes to a new thread."""
 
     def __init__(self, spawn: Spawn, concurrency: int, timeout: float):
         self.spawn, self.concurrency, self.timeout = spawn, concurrency, timeout
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.finished: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
-        self.busy: dict[int, tuple[str, str, float]] = {}  # worker -> (state id, sender, started)
-        self.started = self.alive = 0
+        self.alive = 0
 
     def _start(self) -> None:
-        self.started += 1
         self.alive += 1
-        threading.Thread(target=self._work, args=(self.started,), name=f"spawn-{self.started}", daemon=True).start()
+        threading.Thread(target=self._work, name="spawn", daemon=True).start()
 
-    def _work(self, me: int) -> None:
+    def _work(self) -> None:
         while True:
-            task = self.tasks.get()
-            if task is None:
+            share = self.tasks.get()
+            if share is None:
                 return
-            state_id, item_id, workstream, sender = task
-            with self.lock:
-                self.busy[me] = (state_id, sender, time.monotonic())
-            try:
-                self.spawn(sender, item_id, workstream)
-                error = None
-            except Exception as exc:  # any spawn failure is recorded on the state, never lost
-                error = (str(exc) or type(exc).__name__)[:500]
-            with self.lock:
-                abandoned = self.busy.pop(me, None) is None
-            if abandoned:  # reported as timed out already; a replacement took this thread's place
-                return
-            self.results.put((state_id, error))
+            errors = self._errors
+            for state_id, item_id, workstream, sender in share.tasks:
+                with self.lock:
+                    share.current = (state_id, sender, time.monotonic())
+                try:
+                    self.spawn(sender, item_id, workstream)
+                    error = None
+                except Exception as exc:  # any spawn failure is recorded on the state, never lost
+                    error = (str(exc) or type(exc).__name__)[:500]
+                with self.lock:
+                    if share.abandoned:  # reported as timed out; the rest of the share went elsewhere
+                        return
+                    share.current = None
+                    share.done += 1
+                    if error:
+                        errors[state_id] = error
+            self.finished.put(share)
 
     def run(self, mapped: list) -> dict[str, str]:
         """Spawn every (state, item, workstream, sender); return {state id: error} of those that failed."""
-        while self.alive < min(self.concurrency, len(mapped)):
+        self._errors: dict[str, str] = {}
+        n = min(self.concurrency, len(mapped))
+        while self.alive < n:
             self._start()
-        for task in mapped:
-            self.tasks.put(task)
-        errors: dict[str, str] = {}
-        left = len(mapped)
+        active = {id(share): share for share in (_Share(mapped[i::n]) for i in range(n))}
+        for share in active.values():
+            self.tasks.put(share)
         tick = min(0.5, self.timeout / 4)
-        next_check = time.monotonic() + tick
-        while left:
+        while active:
             try:
-                state_id, error = self.results.get(timeout=tick)
-                left -= 1
-                if error:
-                    errors[state_id] = error
+                share = self.finished.get(timeout=tick)
+                active.pop(id(share), None)
             except queue.Empty:
                 pass
             now = time.monotonic()
-            if now < next_check:
-                continue
-            next_check = now + tick
             with self.lock:
-                overdue = [(w, task) for w, task in self.busy.items() if now - task[2] > self.timeout]
-                for w, _ in overdue:
-                    del self.busy[w]
-            for _, (state_id, sender, _) in overdue:
-                errors[state_id] = (f"spawn {MODAL_APP}.{sender} did not answer within the spawn timeout of "
-                                    f"{self.timeout:g}s")
-                left -= 1
+                overdue = [s for s in active.values() if s.current and now - s.current[2] > self.timeout]
+                for share in overdue:
+                    share.abandoned = True
+                    state_id, sender, _ = share.current
+                    self._errors[state_id] = (f"spawn {MODAL_APP}.{sender} did not answer within the spawn timeout "
+                                              f"of {self.timeout:g}s")
+            for share in overdue:
+                del active[id(share)]
                 self.alive -= 1
-                self._start()
-        return errors
+                rest = share.tasks[share.done + 1:]
+                if rest:
+                    successor = _Share(rest)
+                    active[id(successor)] = successor
+                    self._start()
+                    self.tasks.put(successor)
+        return self._errors
 
     def close(self) -> None:
         for _ in range(self.alive):

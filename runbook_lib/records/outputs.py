@@ -97,6 +97,7 @@ class E2EOutput(StepOutput):
     failed_link: str | None = None
     stuck_items: list[dict[str, Any]] | None = None
     cleaned_up: bool | None = None
+    orphans_deleted: list[str] | None = None  # test batches earlier runs left behind, deleted before the launch
     timeline_figure: str | None = None
 
     _id = field_validator("deployment_id", mode="before")(_uuid_or_none)

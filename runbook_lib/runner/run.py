@@ -16,8 +16,12 @@ papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_l
 - One run per profile at a time: `<outputs>/.locks/<profile>.lock` is held with flock and names
   the holder (pid, run id). A lock left by a runner that died is taken over with a note; the run
   it names is marked `interrupted` and its leftover step process is stopped.
-- SIGTERM/SIGINT kill the step's kernel and mark the step and the run `killed`. After a SIGKILL the
-  manifest still says `running` (it is written at every step start and end).
+- SIGTERM/SIGINT stop the step gracefully and mark the step and the run `killed`: the runner forwards
+  the signal to the step's process, which interrupts the kernel (KeyboardInterrupt in the running
+  cell: its cleanup runs, e.g. step 05 deletes its test batch) and kills it only after a grace period
+  (`interrupt_grace`); a second signal kills at once. After a SIGKILL of the runner the manifest
+  still says `running` (it is written at every step start and end); its step process notices and
+  interrupts its kernel the same way.
 - `--from STEP` resumes a run (the same run directory: `--run-id`, default the profile's latest
   run): the steps before it must have passed and are kept as "passed earlier".
 - Before the run ends, every file it wrote is scanned for the secrets it knows.
@@ -64,6 +68,7 @@ from runbook_lib.runner.index import render_index, render_notebook_html
 from runbook_lib.runner.lock import ProfileLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
+from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
 
 DEFAULT_CELL_TIMEOUT = 3600.0
 EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
@@ -154,7 +159,8 @@ class _Runner:
 
     def __init__(self, *, profile: str, confirm: bool, from_step: str | None, only: str | None,
                  run_id: str | None, params: Mapping[str, Any], notebooks_dir: Path, outputs_dir: Path,
-                 cell_timeout: float | None, kernel_name: str | None, environ: Mapping[str, str], stream: Any):
+                 cell_timeout: float | None, kernel_name: str | None, environ: Mapping[str, str], stream: Any,
+                 interrupt_grace: float = DEFAULT_INTERRUPT_GRACE):
         self.profile, self.confirm, self.from_step, self.only = profile, confirm, from_step, only
         self.params = dict(params)
         self.notebooks_dir, self.outputs_dir = notebooks_dir, outputs_dir
@@ -163,6 +169,8 @@ class _Runner:
         self.requested_run_id = run_id
         self.stream = stream
         self.killed_by: int | None = None
+        self.interrupt_grace = interrupt_grace
+        self.kill_now = False  # a second SIGTERM/SIGINT: no grace
         self.worker: psutil.Process | None = None
         self.notes: list[str] = []
 
@@ -355,7 +363,7 @@ class _Runner:
             parameters["confirm"] = True
         spec = {"input": str(step.notebook), "output": str(output), "cwd": str(step.notebook.parent),
                 "parameters": parameters, "kernel_name": self.kernel_name, "execution_timeout": self.cell_timeout,
-                "result": str(result_path)}
+                "result": str(result_path), "interrupt_grace": self.interrupt_grace}
         env = dict(self.environ)
         env[HEADLESS_ENV] = "1"
         root = str(project.project_root())
@@ -377,8 +385,12 @@ class _Runner:
         stderr_lines: deque[str] = deque(maxlen=20)
         reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
         reader.start()
+        forwarded: float | None = None
         while proc.poll() is None:
-            if self.killed_by is not None:
+            if self.killed_by is not None and forwarded is None:
+                forwarded = time.monotonic()  # the step process interrupts its kernel, then kills it after the grace
+                proc.send_signal(self.killed_by)
+            if self.kill_now or (forwarded is not None and time.monotonic() - forwarded > self.interrupt_grace + 15):
                 kill_tree(self.worker)
                 break
             time.sleep(0.2)
@@ -407,7 +419,9 @@ class _Runner:
         """The step's verdict: killed by us, papermill's exception, the process's exit, the executed notebook."""
         if self.killed_by is not None:
             record.status, record.error_type = "killed", "Killed"
-            record.error = f"the runner received {signal.Signals(self.killed_by).name}: the step's kernel was stopped"
+            how = ("killed at once (a second signal)" if self.kill_now else
+                   f"interrupted (KeyboardInterrupt in the running cell, {self.interrupt_grace:g}s grace), then stopped")
+            record.error = f"the runner received {signal.Signals(self.killed_by).name}: the step's kernel was {how}"
             return
         result = _read_json(result_path)
         if result.get("error_type"):
@@ -488,7 +502,10 @@ class _Runner:
         return RunOutcome(self.run_id, self.run_dir, status, code, m)
 
     def on_signal(self, signum: int, _frame: Any) -> None:
-        """SIGTERM/SIGINT: the step loop stops the step's process and kernel, and records the kill."""
+        """SIGTERM/SIGINT: the step loop forwards it to the step's process (a graceful interrupt of the
+        kernel) and records the kill; a second one kills the step at once."""
+        if self.killed_by is not None:
+            self.kill_now = True
         self.killed_by = signum
 
 
@@ -540,6 +557,7 @@ def run_runbook(
     environ: Mapping[str, str] | None = None,
     stream: Any = None,
     handle_signals: bool = True,
+    interrupt_grace: float = DEFAULT_INTERRUPT_GRACE,
 ) -> RunOutcome:
     """Run the runbook's notebooks (see the module doc). Raises RunRefused, before writing anything,
     when the run cannot start. `environ` adds environment variables for the notebooks and the
@@ -550,6 +568,7 @@ def run_runbook(
         notebooks_dir=Path(notebooks_dir or root / "notebooks").resolve(),
         outputs_dir=Path(outputs_dir or root / "outputs").resolve(),
         cell_timeout=cell_timeout, kernel_name=kernel_name, environ=dict(os.environ, **(environ or {})), stream=stream,
+        interrupt_grace=interrupt_grace,
     )
     runner.prepare()
     previous: dict[int, Any] = {}

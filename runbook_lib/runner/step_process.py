@@ -1,11 +1,16 @@
 """One step's process: papermill runs the notebook in its own kernel and writes the verdict the
-runner reads (`python -m runbook_lib.runner.step_process SPEC`). It dies with its kernel when the
-runner disappears."""
+runner reads (`python -m runbook_lib.runner.step_process SPEC`).
+
+Stopping it is graceful: on SIGTERM or SIGINT (the runner forwards its own), or when the runner
+disappears (killed, even with SIGKILL), the kernel is interrupted first (SIGINT: a KeyboardInterrupt
+in the running cell, so its `finally` blocks run, e.g. step 05's cleanup of its test batch), given
+`interrupt_grace` seconds (spec, default DEFAULT_INTERRUPT_GRACE) to finish, and only then killed."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -16,24 +21,65 @@ import psutil
 
 from runbook_lib.core import secrets as redaction
 
+DEFAULT_INTERRUPT_GRACE = 30.0  # seconds a kernel gets, after its KeyboardInterrupt, before it is killed
+
+
+def _kill_children() -> None:
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+class _Stopper:
+    """Interrupts the kernel once (SIGINT to this process's direct children: the kernel), then kills
+    every child when the notebook has not ended within the grace period."""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self.finished = threading.Event()  # papermill returned (the notebook ended, however)
+        self._once = threading.Lock()
+        self.why: str | None = None
+
+    def stop(self, why: str) -> None:
+        if not self._once.acquire(blocking=False):
+            return
+        self.why = why
+        print(f"step process: {why}: interrupting the kernel (KeyboardInterrupt), {self.grace:g}s before it is killed",
+              file=sys.stderr, flush=True)
+        for child in psutil.Process().children():
+            try:
+                child.send_signal(signal.SIGINT)
+            except psutil.NoSuchProcess:
+                pass
+        if not self.finished.wait(self.grace):
+            print(f"step process: the kernel did not stop within {self.grace:g}s: killed", file=sys.stderr, flush=True)
+            _kill_children()
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        threading.Thread(target=self.stop, args=(f"received {signal.Signals(signum).name}",), daemon=True).start()
+
 
 def execute_step(spec: dict[str, Any]) -> int:
     """Run one notebook with papermill; write {"error_type", "error"} (empty on success) to the
-    result file. Dies with its kernel when the runner disappears."""
+    result file. Interrupted gracefully on SIGTERM/SIGINT or when the runner disappears (module doc)."""
     import papermill
 
     runner_pid = os.getppid()
+    stopper = _Stopper(float(spec.get("interrupt_grace") or DEFAULT_INTERRUPT_GRACE))
 
     def watch_runner() -> None:
         while os.getppid() == runner_pid:
             time.sleep(0.3)
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stopper.stop("the runner disappeared")
+        stopper.finished.wait(10)  # the record of an interrupted notebook is written, nobody reads the verdict
+        _kill_children()
         os._exit(3)
 
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stopper.on_signal)
     threading.Thread(target=watch_runner, daemon=True).start()
     result: dict[str, Any] = {"ok": True}
     try:
@@ -47,6 +93,10 @@ def execute_step(spec: dict[str, Any]) -> int:
     except BaseException as exc:  # CellTimeoutError, DeadKernelError, NoSuchKernel...: all failures
         message = str(exc).strip().split("\n")
         result = {"ok": False, "error_type": type(exc).__name__, "error": " ".join(m.strip() for m in message[:3])[:1000]}
+    finally:
+        stopper.finished.set()
+    if stopper.why is not None:
+        result["interrupted"] = stopper.why
     result = redaction.redact_obj(result)
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(result))

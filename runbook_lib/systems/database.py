@@ -300,6 +300,24 @@ class Database:
         )[0]
         return row["quiet"]
 
+    def e2e_test_batches(self, client_id: str) -> list[dict[str, Any]]:
+        """The batches of the end-to-end test's client whose items carry the test marker
+        (`original_data.runbook_e2e`), oldest first: batch_id, status, created_at, age_seconds (the
+        database's clock), items, launched_by (who launched it, as step 05 recorded; None from older
+        runbooks)."""
+        return self.query(
+            """
+            SELECT b.id::text AS batch_id, b.status::text AS status, b.created_at,
+                   extract(epoch FROM now() - b.created_at)::float8 AS age_seconds, count(*) AS items,
+                   (array_agg(i.original_data -> 'launched_by' ORDER BY i.id))[1] AS launched_by
+              FROM public.batches b JOIN public.batch_items i ON i.batch_id = b.id
+             WHERE b.client_id = %s AND i.original_data @> '{"runbook_e2e": true}'::jsonb
+             GROUP BY b.id
+             ORDER BY b.created_at
+            """,
+            (client_id,),
+        )
+
     def delete_batch(self, batch_id: str) -> bool:
         """Remove a (test) batch with its items, states and results; True if it existed."""
         with self.connect(autocommit=False) as conn:

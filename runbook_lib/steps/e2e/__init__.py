@@ -20,7 +20,11 @@ A failing link makes the later links SKIP, so the step fails naming the link tha
 is launched the way the admin UI does (INITIALIZING, items and PENDING states, then the flip) for
 the profile's dedicated test client, or inserted directly as PENDING (`launch_mode="direct_pending"`)
 to reproduce that failure mode on purpose. Only the test batch's own rows are touched, and they are
-deleted at the end (`cleanup=True`), also after a failure. The timeline (ms offsets from the launch,
+deleted at the end (`cleanup=True`), also after a failure or an interrupt (Ctrl-C, the runner's
+SIGTERM: a KeyboardInterrupt). The batch id is recorded as soon as it is launched, and its items
+carry a marker (`original_data.runbook_e2e`, `launched_by`: host, pid, deadline) by which a later
+run of this step finds a test batch whose test was killed before its cleanup (its process gone, or
+past its deadline) and deletes it first, naming it (check `orphans`). The timeline (ms offsets from the launch,
 on the database's and Prefect's clocks) feeds a figure and a table.
 
 Modules: `options` (what to launch, against which deployment), `links` (the checks), `chain` (the
@@ -82,14 +86,31 @@ class EndToEndTest(Step):
 
     def run(self) -> E2EResult:
         """Once approved: launch and prove each link; the checks and values are recorded in the step's
-        results without ending the cell (`verdict` does that)."""
+        results without ending the cell (`verdict` does that). The batch id is recorded the moment
+        the batch is launched. Interrupted (KeyboardInterrupt: Ctrl-C, or the runner's SIGTERM), the
+        test batch is still deleted, and the record says what was done before the interrupt goes on."""
         with self.failing():
             self.ctx.require_approved(self.chain.gate_plan())
-        result = self.chain.run()
+        self.chain.on_launch = lambda launched: self.publish(batch_id=launched.batch_id, cleaned_up=False)
+        try:
+            result = self.chain.run()
+        except KeyboardInterrupt:
+            partial = self.chain.result
+            if partial is not None:
+                self._record(partial)
+            batch = partial.batch_id if partial is not None else None
+            outcome = ("no test batch had been launched" if batch is None else
+                       f"test batch {batch} was deleted" if partial.cleaned_up else
+                       f"test batch {batch} was NOT deleted: the next run of this step deletes it")
+            self.ctx.fail(E2EError(f"the end-to-end test was interrupted (KeyboardInterrupt); {outcome}"))
+            raise
+        self._record(result)
+        return result
+
+    def _record(self, result: E2EResult) -> None:
         self.publish(**result.values())
         self.ctx.results.add_checks(result.report)
         self.ctx.save()
-        return result
 
     def show_timeline(self, result: E2EResult) -> None:
         """The timeline figure (also saved as `<run_dir>/<step>.timeline.png`) and the tables of links,

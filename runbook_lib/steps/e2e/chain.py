@@ -4,11 +4,15 @@ timing, then clean up. See `runbook_lib.steps.e2e` for what each link proves."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
+
+import psutil
 
 from runbook_lib.checks.base import Check, CheckReport, Status
 from runbook_lib.core.errors import DatabaseError, PrefectApiError, RunbookError
@@ -20,7 +24,7 @@ from runbook_lib.records.outputs import E2EOutput
 from runbook_lib.steps.e2e import timeline
 from runbook_lib.steps.e2e.diagnosis import pool_diagnosis, read_run_evidence, stuck_items
 from runbook_lib.steps.e2e.links import (
-    CLEANUP, DEPLOYMENT, LAUNCH, LINK_DEFS, LINK_EDGE_FUNCTION, LINK_FLOW_RUN, LINK_ITEMS, LINK_TRIGGER,
+    CLEANUP, DEPLOYMENT, LAUNCH, LINK_DEFS, ORPHANS, LINK_EDGE_FUNCTION, LINK_FLOW_RUN, LINK_ITEMS, LINK_TRIGGER,
     LINK_WORK_POOL, LINKS, TIMELINE, as_json, count, follows, ms, reached, seconds, short,
 )
 from runbook_lib.steps.e2e.options import E2EOptions, ExpectedDeployment, batch_items_for_test
@@ -31,6 +35,9 @@ from runbook_lib.systems.prefect import FINAL_STATE_TYPES, PrefectApi
 # allowed for) was not started by this batch.
 CLOCK_SKEW_TOLERANCE = timedelta(seconds=5)
 LOG_LINES = 30
+# A test batch whose launching process cannot be seen (another host) is orphaned once it is older
+# than its test could take (the timeouts of every link) plus this margin (the cleanup itself).
+ORPHAN_MARGIN_SECONDS = 300.0
 
 
 @dataclass
@@ -50,6 +57,7 @@ class E2EResult:
     count_series: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     stuck: list[dict[str, Any]] = field(default_factory=list)
     cleaned_up: bool = False
+    orphans_deleted: list[str] = field(default_factory=list)  # test batches of earlier runs, deleted first
 
     @property
     def ok(self) -> bool:
@@ -78,6 +86,7 @@ class E2EResult:
             "failed_link": self.failed_link,
             "stuck_items": self.stuck,
             "cleaned_up": self.cleaned_up,
+            "orphans_deleted": self.orphans_deleted,
         }
 
 
@@ -88,7 +97,7 @@ class ChainTest:
 
     def __init__(self, settings: RunbookSettings, options: E2EOptions, deployment: ExpectedDeployment, *, step: str = E2EOutput.STEP,
                  db: Database | None = None, api: PrefectApi | None = None, progress: Progress | None = None,
-                 out: Callable[[str], None] = print):
+                 out: Callable[[str], None] = print, on_launch: Callable[[LaunchedBatch], None] | None = None):
         self.settings = settings
         self.options = options
         self.deployment = deployment
@@ -99,6 +108,8 @@ class ChainTest:
         self.out = out
         self.expected_pool = settings.deployment.work_pool
         self._launched: LaunchedBatch | None = None
+        self.on_launch = on_launch  # called right after the launch (the step records the batch id at once)
+        self.result: E2EResult | None = None  # the run's result so far (also when it was interrupted)
         self._t0 = 0.0  # monotonic at the launch
         self._run: Any = None
         self._running_at: datetime | None = None
@@ -119,6 +130,8 @@ class ChainTest:
                       "database (not only the test batch's)",
             "cleanup": "the test batch, its items, states, results and audit rows are deleted at the end" if o.cleanup
                        else "the test rows are kept (cleanup=False)",
+            "orphans": f"first, test batches of client {o.client_id} left by an earlier end-to-end test that never "
+                       "cleaned up (its process is gone, or it is past its deadline) are deleted",
             "timeouts_s": {"trigger": o.trigger_timeout_seconds, "flow_run": o.flow_run_timeout_seconds, "completion": o.completion_timeout_seconds},
         }
 
@@ -132,11 +145,12 @@ class ChainTest:
     def run(self) -> E2EResult:
         """Launch, prove each link in order (later links SKIP after a failure), collect the timeline,
         then delete the test rows (when cleanup is on), also after an error."""
-        result = E2EResult(self.options, self.deployment, CheckReport(step=self.step))
+        result = self.result = E2EResult(self.options, self.deployment, CheckReport(step=self.step))
         result.report.add(DEPLOYMENT.passed(
             f"{self.deployment.name} ({self.deployment.id}) on "
             f"pool {self.deployment.work_pool}, from {self.deployment.source}", deployment_id=self.deployment.id,
         ))
+        result.report.add(self._delete_orphans(result))
         try:
             broken: str | None = None
             try:
@@ -178,12 +192,16 @@ class ChainTest:
     def _launch(self, result: E2EResult) -> None:
         o = self.options
         tag = uuid.uuid4().hex[:8]
+        launched_by = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time(),
+                       "step": self.step, "max_seconds": self._max_seconds(), "keep": not o.cleanup}
         self._launched = launched = self.db.launch_batch(
-            o.client_id, o.workstream, o.blueprint, batch_items_for_test(tag, o.item_count),
+            o.client_id, o.workstream, o.blueprint, batch_items_for_test(tag, o.item_count, launched_by),
             direct_pending=o.launch_mode == "direct_pending",
         )
         self._t0 = time.monotonic()
         result.batch_id, result.item_ids = launched.batch_id, list(launched.item_ids)
+        if self.on_launch is not None:
+            self.on_launch(launched)
         how = ("inserted INITIALIZING with its items and PENDING states, then flipped to PENDING (the UI's way)"
                if o.launch_mode == "ui" else "inserted directly as PENDING (the UI path that never fires the trigger)")
         result.report.add(LAUNCH.passed(
@@ -543,6 +561,59 @@ class ChainTest:
                          observed_until_ms=round(self._elapsed() * 1000, 1),
                          rows=[] if result.state_counts else self.db.item_states(result.batch_id, first))
 
+    # -- orphaned test batches of earlier runs ---------------------------------------------------
+    def _max_seconds(self) -> float:
+        o = self.options
+        return o.trigger_timeout_seconds + o.flow_run_timeout_seconds + o.completion_timeout_seconds + ORPHAN_MARGIN_SECONDS
+
+    def _orphaned(self, batch: dict[str, Any]) -> tuple[bool, str]:
+        """(orphaned?, why) for a test batch: its launching process is gone (same host), or it is older
+        than its test could take; a batch kept on purpose (cleanup=False) never is."""
+        by = batch.get("launched_by") or {}
+        age = float(batch["age_seconds"] or 0)
+        if by.get("keep"):
+            return False, "kept on purpose (cleanup=False)"
+        if by.get("host") == socket.gethostname() and by.get("pid"):
+            alive = _process_alive(by["pid"], by.get("pid_started"))
+            who = f"launched by process {by['pid']} on this host"
+            return (False, f"{who}, still running") if alive else (True, f"{who}, which is gone")
+        limit = float(by.get("max_seconds") or self._max_seconds())
+        where = f"launched on {by['host']}" if by.get("host") else "launched by an older runbook"
+        if age > limit:
+            return True, f"{where} {age:.0f}s ago, past its test's deadline ({limit:g}s)"
+        return False, f"{where} {age:.0f}s ago, within its test's deadline ({limit:g}s)"
+
+    def _delete_orphans(self, result: E2EResult) -> Check:
+        """Delete the test batches earlier end-to-end tests left behind (killed before their cleanup),
+        with the step's normal cleanup, and say which; a batch whose test may still run is left alone."""
+        try:
+            batches = self.db.e2e_test_batches(self.options.client_id)
+        except DatabaseError as exc:
+            return ORPHANS.warned(f"could not look for orphaned test batches: {exc}")
+        deleted, kept, failed = [], [], []
+        for batch in batches:
+            orphaned, why = self._orphaned(batch)
+            line = f"{batch['batch_id']} ({batch['status']}, {batch['items']} item(s), created {batch['created_at']:%Y-%m-%d %H:%M:%S %Z}: {why})"
+            if not orphaned:
+                kept.append(line)
+                continue
+            try:
+                self.db.delete_batch(batch["batch_id"])
+            except DatabaseError as exc:
+                failed.append(f"{line}: {exc}")
+                continue
+            deleted.append(line)
+            result.orphans_deleted.append(batch["batch_id"])
+            self.out(f"deleted orphaned test batch {line}")
+        lines = ([f"deleted {len(deleted)} orphaned test batch(es) of earlier runs:"] + [f"- {d}" for d in deleted]
+                 if deleted else ["no orphaned test batch of an earlier run"])
+        if kept:
+            lines += [f"left alone {len(kept)} test batch(es) that are not orphaned:"] + [f"- {k}" for k in kept]
+        facts = {"deleted": list(result.orphans_deleted), "kept": len(kept)}
+        if failed:
+            return ORPHANS.warned("\n".join(lines + ["could not delete:"] + [f"- {f}" for f in failed]), **facts)
+        return ORPHANS.passed("\n".join(lines), **facts)
+
     def _cleanup(self, result: E2EResult) -> Check:
         try:
             existed = self.db.delete_batch(result.batch_id)
@@ -553,3 +624,12 @@ class ChainTest:
         result.cleaned_up = True
         return CLEANUP.passed(f"test batch {result.batch_id} with its items, states, results and audit "
                             f"rows {'deleted' if existed else 'was already gone'}")
+
+
+def _process_alive(pid: Any, started: Any) -> bool:
+    """The process `pid` runs, and is the one that started at `started` (not a reused pid)."""
+    try:
+        process = psutil.Process(int(pid))
+        return started is None or abs(process.create_time() - float(started)) < 1.0
+    except (psutil.Error, ValueError, TypeError):
+        return False

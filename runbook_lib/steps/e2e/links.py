@@ -49,6 +49,11 @@ LAUNCH = define("launch", "Test batch launched",
 TIMELINE = define("timeline", "Timeline collected", proves="the timeline of the test was read back",
                   remediation="the checks above stand; the timeline is incomplete")
 CLEANUP = define("cleanup", "Test rows deleted", proves="the test batch's rows were deleted (cleanup=True)")
+ORPHANS = define("orphans", "Orphaned test batches of earlier runs deleted",
+                 proves="no test batch left by an earlier end-to-end test that never cleaned up (its process is gone, "
+                        "or it is past its deadline) stays in the database; each one found is deleted and named",
+                 remediation="delete it by hand: DELETE FROM public.batches WHERE id = '<batch id>' (items, states and "
+                             "results cascade)")
 
 
 def ms(at: datetime | None, origin: datetime | None) -> float | None:

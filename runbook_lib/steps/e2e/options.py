@@ -83,8 +83,14 @@ def _explain(err: Any) -> str:
     return f"{name}: {err['msg']} (got {given!r})"
 
 
-def batch_items_for_test(batch_tag: str, count: int) -> list[dict[str, Any]]:
-    """The test batch's items: recognisable, fake companies and people (no real data)."""
+def batch_items_for_test(batch_tag: str, count: int, launched_by: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The test batch's items: recognisable, fake companies and people (no real data). Their
+    `original_data` carries the marker a later step 05 finds orphaned test batches by
+    (`runbook_e2e: true`) and who launched the batch (`launched_by`: host, pid, how long the test
+    may take, whether its rows are kept on purpose)."""
+    marker: dict[str, Any] = {"runbook_e2e": True, "tag": batch_tag}
+    if launched_by:
+        marker["launched_by"] = launched_by
     return [
         {
             "company_name": f"Runbook E2E {batch_tag} #{i}",
@@ -92,7 +98,7 @@ def batch_items_for_test(batch_tag: str, count: int) -> list[dict[str, Any]]:
             "person_first_name": "Test",
             "person_last_name": f"Item{i}",
             "person_title": "End-to-end test item",
-            "original_data": {"runbook_e2e": True, "tag": batch_tag, "index": i},
+            "original_data": {**marker, "index": i},
         }
         for i in range(1, count + 1)
     ]

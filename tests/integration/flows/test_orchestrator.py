@@ -536,3 +536,184 @@ def test_env_only_main_version_from_the_git_seeder_still_works(world, dispatch_e
     finally:
         conn.close()
     assert counts["dispatched"] == 2
+
+
+# -- claims whose run died: the lease, and the spawn timeout -------------------------------------------
+
+
+class Blackhole:
+    """A Modal endpoint that accepts connections and never answers (a hung spawn: a network path that
+    drops replies, a stuck load balancer). Counts the connections it holds."""
+
+    def __init__(self):
+        import socket
+
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.held: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def blackhole():
+    hole = Blackhole()
+    yield hole
+    hole.close()
+
+
+def wait_until(probe, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def claim_age(db, batch_id: str) -> float:
+    """Seconds (database clock) since the youngest QUEUED claim of the batch."""
+    return db.execute("SELECT coalesce(extract(epoch FROM now() - max((meta ->> 'claimed_at')::timestamptz)), 0)"
+                      " FROM public.workflow_states WHERE batch_id = %s AND status = 'QUEUED'",
+                      (batch_id,)).fetchone()[0]
+
+
+def test_a_flow_run_killed_between_claim_and_dispatch_is_requeued_and_dispatched_by_the_next_run(
+        orch, world, dispatch_env, secret_block, modal, blackhole, db):
+    """A real flow run (its own process) claims the items, hangs in its spawn and is SIGKILLed. A run
+    within the lease leaves the claims alone; the first run after the lease puts them back (reason in
+    meta and in the audit) and dispatches them; none is left QUEUED."""
+    import os
+    import signal
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    batch = world.batch(5)
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('orchestrator', {str(ORCHESTRATOR_PATH)!r})\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['orchestrator'] = m; spec.loader.exec_module(m)\n"
+        f"m.orchestrator_main(batch_id={batch!r}, spawn_timeout_seconds=120, claim_lease_seconds=600)\n"
+    )
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), ENRICHMENT_DISPATCH_URL=blackhole.url)
+    doomed = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: all(s["status"] == "QUEUED" for s in world.states(batch)) and blackhole.held, 90,
+                   "the doomed run to claim every item and hang in its spawn")
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    states = world.states(batch)
+    dead_run = states[0]["meta"]["claimed_by"]
+    assert dead_run.startswith("flow-run/") and all(s["status"] == "QUEUED" for s in states)
+    assert spawn_calls(modal, world.sender_a) == []
+
+    # Within the lease: the claims stay with the run that made them, dead or not.
+    within = orch.orchestrator_main(batch_id=batch, claim_lease_seconds=60, spawn_timeout_seconds=5)
+    assert within["dispatcher"]["reclaimed"] == within["dispatcher"]["processed"] == 0
+    assert all(s["status"] == "QUEUED" and s["meta"]["claimed_by"] == dead_run for s in world.states(batch))
+
+    wait_until(lambda: claim_age(db, batch) > 3.5, 30, "the claims to be older than the lease")
+    with captured_run_logs() as logs:
+        after = orch.orchestrator_main(batch_id=batch, claim_lease_seconds=3, spawn_timeout_seconds=0.5)
+    dispatcher = after["dispatcher"]
+    assert dispatcher["reclaimed"] == dispatcher["processed"] == dispatcher["dispatched"] == 5
+    assert dispatcher["failed"] == dispatcher["pending_remaining"] == 0
+    assert any("Requeued 5 expired claim(s)" in r.getMessage() for r in logs)
+    assert not [s for s in world.states(batch) if s["status"] in ("QUEUED", "PENDING")]
+    assert sorted(c["args"][0] for c in spawn_calls(modal, world.sender_a)) == sorted(s["item_id"] for s in states)
+    for s in world.wait_for(batch, world.step_a, "COMPLETED"):
+        assert s["meta"]["dispatch_attempts"] == 2
+        assert f"by {dead_run}, longer than the claim lease of 3 s" in s["meta"]["requeue_reason"]
+    for statuses in world.transitions(batch).values():
+        assert statuses == ["PENDING", "QUEUED", "PENDING", "QUEUED", "IN_PROGRESS", "COMPLETED"]
+    reasons = db.execute("SELECT reason FROM runbook.workflow_state_transitions WHERE batch_id = %s"
+                         " AND from_status = 'QUEUED' AND to_status = 'PENDING'", (batch,)).fetchall()
+    assert len(reasons) == 5
+    assert all(r[0].startswith("claim expired: still QUEUED after the claim lease of 3 s") for r in reasons)
+
+
+def test_a_live_runs_claims_are_not_taken_and_its_hung_spawns_time_out(orch, world, dispatch_env, sandbox, modal,
+                                                                      blackhole):
+    """Run A hangs in its spawns (Modal does not answer): a run within the lease does not take its claims;
+    A's spawn timeout puts them back to PENDING with the reason, and the next run dispatches them."""
+    import psycopg2
+
+    batch = world.batch(3)
+    hanging = orch.http_spawner(blackhole.url, dispatch_env["MODAL_TOKEN_ID"], dispatch_env["MODAL_TOKEN_SECRET"], 60)
+    outcome: dict = {}
+
+    def live_run() -> None:
+        conn = psycopg2.connect(sandbox.database_url)
+        conn.autocommit = True
+        started = time.monotonic()
+        try:
+            outcome["counts"] = orch.drain_pending(conn, hanging, batch_id=batch, claimed_by="live-run",
+                                                   spawn_timeout_seconds=6, retry_delay_seconds=0,
+                                                   time_budget_seconds=120)
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+        finally:
+            outcome["seconds"] = time.monotonic() - started
+            conn.close()
+
+    thread = threading.Thread(target=live_run)
+    thread.start()
+    conn = psycopg2.connect(sandbox.database_url)
+    conn.autocommit = True
+    try:
+        wait_until(lambda: len(blackhole.held) >= 3, 30, "the live run's three spawns to hang")
+        other = orch.drain_pending(conn, orch.spawner_from_env(), batch_id=batch, claimed_by="other-run",
+                                   claim_lease_seconds=30, spawn_timeout_seconds=5)
+        assert other["reclaimed"] == other["processed"] == 0
+        assert all(s["status"] == "QUEUED" and s["meta"]["claimed_by"] == "live-run" for s in world.states(batch))
+
+        thread.join(timeout=60)
+        assert not thread.is_alive() and "error" not in outcome, outcome
+        counts = outcome["counts"]
+        assert counts["dispatch_errors"] == counts["requeued"] == 3 and counts["dispatched"] == 0
+        assert outcome["seconds"] < 20, f"the hung spawns held the run {outcome['seconds']:.1f}s"
+        for s in world.states(batch):
+            assert s["status"] == "PENDING" and s["meta"]["claimed_by"] == "live-run"
+            assert "did not answer within the spawn timeout of 6s" in s["meta"]["last_dispatch_error"]
+
+        after = orch.drain_pending(conn, orch.spawner_from_env(), batch_id=batch, claimed_by="other-run",
+                                   claim_lease_seconds=30, spawn_timeout_seconds=5)
+        assert after["dispatched"] == 3 and after["reclaimed"] == 0
+    finally:
+        conn.close()
+        thread.join(timeout=60)
+    world.wait_for(batch, world.step_a, "COMPLETED")
+
+
+def test_a_lease_shorter_than_one_chunks_dispatch_is_refused(orch, world, dispatch_env, secret_block):
+    batch = world.batch(2)
+    schema = orch.orchestrator_main.parameters.model_dump()["properties"]
+    assert schema["claim_lease_seconds"]["default"] == orch.CLAIM_LEASE_SECONDS == 900
+    assert schema["spawn_timeout_seconds"]["default"] == orch.SPAWN_TIMEOUT_SECONDS
+    with pytest.raises(ValueError, match=r"claim_lease_seconds \(60\) must be longer than the longest dispatch of one "
+                                         r"chunk \(60 s: spawn_timeout_seconds 15 x ceil\(batch_size 50"):
+        orch.orchestrator_main(batch_id=batch, claim_lease_seconds=60)
+    with pytest.raises(ValueError, match="spawn_timeout_seconds must be a finite number > 0"):
+        orch.orchestrator_main(batch_id=batch, spawn_timeout_seconds=float("inf"))
+    assert all(s["status"] == "PENDING" and s["meta"] is None for s in world.states(batch))
