@@ -258,7 +258,7 @@ WITH expired AS (
         format('claim expired: QUEUED since %%s by %%s, longer than the claim lease of %%s s, and no sender took '
                'it (the claiming run died, was cancelled, or its spawn hung)',
                coalesce(ws.meta ->> 'claimed_at', ws.updated_at::text),
-               coalesce(ws.meta ->> 'claimed_by', 'an unknown run'), %(lease)s) AS reason
+               coalesce(ws.meta ->> 'claimed_by', 'an unknown run'), %(lease_text)s::text) AS reason
     FROM public.workflow_states ws JOIN expired e ON e.id = ws.id
 )
 UPDATE public.workflow_states ws SET
@@ -390,6 +390,7 @@ def requeue_expired_claims(conn, *, claim_lease_seconds: float = CLAIM_LEASE_SEC
         try:
             cur.execute("SELECT set_config(%s, %s, true)", (TRANSITION_REASON_SETTING, reason))
             cur.execute(REQUEUE_EXPIRED_SQL, {"batch_id": batch_id, "lease": claim_lease_seconds,
+                                              "lease_text": f"{claim_lease_seconds:g}",
                                               "max_attempts": max_dispatch_attempts, "requeued_by": requeued_by})
             statuses = Counter(status for _, status in cur.fetchall())
             cur.execute("COMMIT")
