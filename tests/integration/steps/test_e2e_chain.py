@@ -155,3 +155,58 @@ def test_recorded_paths_must_follow_the_pipeline_in_order():
     assert not e2e.follows(["PENDING", "IN_PROGRESS", "COMPLETED"], expected)  # QUEUED not recorded
     assert not e2e.follows(["QUEUED", "IN_PROGRESS", "COMPLETED"], expected)  # not inserted PENDING
     assert not e2e.follows(["PENDING", "QUEUED", "IN_PROGRESS"], expected)
+
+
+@pytest.mark.timeout(180)
+def test_orphaned_test_batches_are_found_by_their_marker_and_only_they_are_deleted(settings, managed, database):
+    """What a killed step 05 leaves is found in the database (the items' marker), whoever launched it:
+    a batch whose process on this host is gone, or launched elsewhere and past its deadline, is
+    deleted and named; a live test's, one kept on purpose (cleanup=False), one still within its
+    deadline and a batch of the test client without the marker are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import psutil
+
+    from runbook_lib.checks.base import CheckReport
+    from runbook_lib.steps.e2e.options import batch_items_for_test
+
+    test = new_test(settings, managed)
+    o = test.options
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    gone_started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    here = socket.gethostname()
+
+    def launch(launched_by, items=None) -> str:
+        items = items or batch_items_for_test("orphan-test", 1, launched_by)
+        return database.launch_batch(o.client_id, o.workstream, o.blueprint, items, direct_pending=True).batch_id
+
+    batches = {
+        "dead": launch({"host": here, "pid": gone.pid, "pid_started": gone_started, "max_seconds": 3600}),
+        "live": launch({"host": here, "pid": os.getpid(), "pid_started": psutil.Process().create_time(),
+                        "max_seconds": 0.001}),
+        "kept": launch({"host": "elsewhere", "pid": 1, "max_seconds": 0.001, "keep": True}),
+        "late": launch({"host": "elsewhere", "pid": 1, "max_seconds": 0.001}),
+        "recent": launch({"host": "elsewhere", "pid": 1, "max_seconds": 3600}),
+        "older_runbook": launch(None),  # no launcher recorded: orphaned only past this test's own deadline
+        "unmarked": launch(None, [{"company_name": "Not a test item", "original_data": {"runbook_e2e": False}}]),
+    }
+    try:
+        result = e2e.E2EResult(o, test.deployment, CheckReport(step="05_end_to_end_test"))
+        check = test._delete_orphans(result)
+        assert check.status.value == "pass", check.detail
+        assert sorted(result.orphans_deleted) == sorted([batches["dead"], batches["late"]])
+        assert f"process {gone.pid} on this host, which is gone" in check.detail
+        assert "launched on elsewhere" in check.detail and "past its test's deadline" in check.detail
+        remaining = batches_of_client(database, o.client_id)
+        assert batches["dead"] not in remaining and batches["late"] not in remaining
+        for name in ("live", "kept", "recent", "older_runbook", "unmarked"):
+            assert batches[name] in remaining, name
+        assert "kept on purpose (cleanup=False)" in check.detail and "still running" in check.detail
+        assert batches["unmarked"] not in check.detail
+    finally:
+        for batch_id in batches.values():
+            database.delete_batch(batch_id)
