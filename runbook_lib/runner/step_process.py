@@ -24,6 +24,14 @@ from runbook_lib.core import secrets as redaction
 DEFAULT_INTERRUPT_GRACE = 30.0  # seconds a kernel gets, after its KeyboardInterrupt, before it is killed
 
 
+def _say(message: str) -> None:
+    """A line for the runner's log; the runner may be gone (its end of the pipe closed)."""
+    try:
+        print(f"step process: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _kill_children() -> None:
     for child in psutil.Process().children(recursive=True):
         try:
@@ -46,15 +54,14 @@ class _Stopper:
         if not self._once.acquire(blocking=False):
             return
         self.why = why
-        print(f"step process: {why}: interrupting the kernel (KeyboardInterrupt), {self.grace:g}s before it is killed",
-              file=sys.stderr, flush=True)
+        _say(f"{why}: interrupting the kernel (KeyboardInterrupt), {self.grace:g}s before it is killed")
         for child in psutil.Process().children():
             try:
                 child.send_signal(signal.SIGINT)
             except psutil.NoSuchProcess:
                 pass
         if not self.finished.wait(self.grace):
-            print(f"step process: the kernel did not stop within {self.grace:g}s: killed", file=sys.stderr, flush=True)
+            _say(f"the kernel did not stop within {self.grace:g}s: killed")
             _kill_children()
 
     def on_signal(self, signum: int, _frame: Any) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ast
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from runbook_lib.core import paths as project
 from runbook_lib.core.errors import FlowSourceError

@@ -108,7 +108,7 @@ def test_sigkill_of_the_runner_alone_still_cleans_up_through_the_step_process(sa
         if run.poll() is None:
             run.kill()
     wait_for(lambda: not batch_exists(database, batch_id), 60, "the orphaned step process's cleanup", interval=0.5)
-    gone, alive = psutil.wait_procs(family, timeout=30)
+    _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive, "the step process or its kernel outlived the runner"
     rec = record(outputs / "runner-killed")
     assert rec["values"]["batch_id"] == batch_id and rec["values"]["cleaned_up"] is True
