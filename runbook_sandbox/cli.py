@@ -28,6 +28,9 @@ def up(
         help="Read the Postgres DSN from this file (keep it 0600).",
     ),
     seed_merged: Optional[bool] = typer.Option(None, "--seed-merged/--seed-unmerged", help="Seed the repository with feature/secret-blocks already merged into main."),
+    only: Optional[list[str]] = typer.Option(
+        None, "--only", metavar="SERVICE", help="Start only this service (repeatable), e.g. postgres.",
+    ),
     repo: Optional[str] = typer.Option(
         None, "--repo", metavar="PATH_OR_URL",
         help="Seed the sandbox's GitHub repository with every branch of this git repository (a path: its "
@@ -44,7 +47,8 @@ def up(
             raise typer.Exit(2)
         database_url = database_url_file.read_text().strip()
     try:
-        manager.up(state_dir, database_url=database_url, seed_merged=seed_merged, repo=repo, echo=typer.echo)
+        manager.up(state_dir, database_url=database_url, seed_merged=seed_merged, repo=repo, only=only or None,
+                   echo=typer.echo)
     except manager.SandboxError as exc:
         typer.secho(f"sandbox up failed: {exc}", fg="red", err=True)
         raise typer.Exit(1)
