@@ -85,3 +85,19 @@ def test_the_database_slow_past_the_connect_timeout_is_reported_as_the_database(
     assert run.ids("fail") == {"database.connect"}
     assert run.ids("skip") == {"database.block_dsn"} | DATABASE_SCHEMA
     assert "timeout" in run.check("database.connect")["detail"].lower()
+
+
+# -- the step that uses the service --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_merge_check_with_git_down_fails_naming_the_repository_and_pushes_nothing(sandbox, sandbox_fault, tmp_path):
+    """Step 02 reads and merges through git: with the GitHub stand-in down it fails, and says it could
+    not reach the repository (not a missing branch, not a merge conflict)."""
+    before = {}
+    with sandbox_fault("git", "down"):
+        run = notebook_runs.run_notebook("02_merge_check", sandbox.state, tmp_path / "run", {}, {},
+                                         output=tmp_path / "02.ipynb", timeout=180)
+    print(run.results)
+    assert run.error is not None and run.results["status"] == "failed"
+    assert before == {}
