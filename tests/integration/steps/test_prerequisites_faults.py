@@ -94,10 +94,12 @@ def test_the_database_slow_past_the_connect_timeout_is_reported_as_the_database(
 def test_merge_check_with_git_down_fails_naming_the_repository_and_pushes_nothing(sandbox, sandbox_fault, tmp_path):
     """Step 02 reads and merges through git: with the GitHub stand-in down it fails, and says it could
     not reach the repository (not a missing branch, not a merge conflict)."""
-    before = {}
     with sandbox_fault("git", "down"):
         run = notebook_runs.run_notebook("02_merge_check", sandbox.state, tmp_path / "run", {}, {},
                                          output=tmp_path / "02.ipynb", timeout=180)
-    print(run.results)
     assert run.error is not None and run.results["status"] == "failed"
-    assert before == {}
+    error = run.results["error"]
+    assert error.startswith("git: ") and "unable to access" in error and sandbox.repo_url.removesuffix(".git") in error
+    assert "conflict" not in error.lower() and "does not exist" not in error
+    assert run.results["gate"] is None  # stopped before any plan was offered: nothing could be merged or pushed
+    assert run.results["values"] == {}
