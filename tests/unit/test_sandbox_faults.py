@@ -46,7 +46,10 @@ def test_proxy_faults_are_parsed_strictly():
 def test_service_faults_match_by_prefix_and_count_down():
     sf = ServiceFaults({"api": ("/v1/",), "fn": ("/functions/v1/",)}, {"api": (503, {"message": "down"}), "fn": (503, {})})
     sf.table["api"] = sf.parse("api", {"mode": "error", "status": 500, "count": 2})
-    take = lambda path: asyncio.run(sf.take(path))  # noqa: E731
+    
+    def take(path):
+        return asyncio.run(sf.take(path))
+
     assert take("/functions/v1/x") is None
     assert take("/v1/projects/x/secrets").status_code == 500
     assert take("/v1/projects/x/secrets").status_code == 500

@@ -139,9 +139,8 @@ def test_reset_accepts_then_resets_and_drops_open_connections(sandbox, sandbox_f
 def test_down_drops_open_connections_too(sandbox, sandbox_fault):
     conn = psycopg.connect(sandbox.database_url, autocommit=True)
     try:
-        with sandbox_fault("database", "down"):
-            with pytest.raises(psycopg.OperationalError):
-                conn.execute("SELECT 1")
+        with sandbox_fault("database", "down"), pytest.raises(psycopg.OperationalError):
+            conn.execute("SELECT 1")
     finally:
         conn.close()
 
@@ -152,9 +151,9 @@ def test_slow_delays_every_exchange_and_clear_restores_speed(sandbox, sandbox_fa
         started = time.monotonic()
         assert prefect_status(sandbox) == 200  # slow, yet answered
         assert time.monotonic() - started >= 0.7 * 2  # the new connection, then the answer
-        with sandbox_fault("database", "slow", delay_ms=3000):  # a client's connect timeout expires
-            with pytest.raises(psycopg.OperationalError):
-                psycopg.connect(sandbox.database_url, connect_timeout=2).close()
+        # A client's connect timeout expires.
+        with sandbox_fault("database", "slow", delay_ms=3000), pytest.raises(psycopg.OperationalError):
+            psycopg.connect(sandbox.database_url, connect_timeout=2).close()
     assert faults.active(state_dir=sandbox.state) == {}
     assert prefect_status(sandbox) == 200
     assert db_error(sandbox) is None
@@ -187,7 +186,7 @@ def test_the_command_line_switch(sandbox):
     def cli(*args: str) -> subprocess.CompletedProcess:
         env = dict(os.environ, RUNBOOK_SANDBOX_DIR=str(sandbox.state))
         return subprocess.run([sys.executable, "-m", "runbook_lib", "sandbox", *args], capture_output=True, text=True,
-                              env=env, timeout=120)
+                              env=env, timeout=120, check=False)
 
     try:
         out = cli("fault", "git", "down")

@@ -67,7 +67,7 @@ def test_one_service_down_fails_exactly_its_checks(service, sandbox, sandbox_env
     for check_id in failed:
         assert check_id in run.error.evalue
         assert run.check(check_id)["remediation"].strip()
-    first = run.check(sorted(failed)[0])
+    first = run.check(min(failed))
     for word in words:
         assert word in first["detail"], f"{service}: {word!r} not in {first['detail']!r}"
     # Each skip names what it needed and the failed check that could not establish it.
