@@ -103,9 +103,24 @@ class GitConfig(BaseModel):
     seed_source: str | None = None
 
 
+class ProxyConfig(BaseModel):
+    """The fault proxy (`fault_proxy`): one loopback port per proxied service, and its control API.
+    A port of 0 means the proxy is not part of this sandbox: clients then connect directly."""
+
+    control_port: int = 0
+    database_port: int = 0
+    prefect_port: int = 0
+    git_port: int = 0
+    modal_port: int = 0
+
+
 class SandboxConfig(BaseModel):
     state_dir: str
     instance_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    # Guards the stand-ins' `/_sandbox/*` fault and rate-limit endpoints and the fault proxy's control
+    # API (header `X-Sandbox-Token`): tests and the CLI use them, the runbook never does.
+    admin_token: str = Field(default_factory=lambda: "sbx_" + secrets.token_hex(20))
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
     supabase: SupabaseConfig = Field(default_factory=SupabaseConfig)
     modal: ModalConfig = Field(default_factory=ModalConfig)
@@ -136,7 +151,20 @@ class SandboxConfig(BaseModel):
     # -- derived URLs ----------------------------------------------------------------------------
     @property
     def database_url(self) -> str:
-        return self.postgres.url()
+        """The pipeline's database as its clients reach it: through the fault proxy when the sandbox
+        runs one (`postgres.url()` is the server itself, for the sandbox's own set-up and Prefect)."""
+        direct = self.postgres.url()
+        if not self.proxy.database_port:
+            return direct
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(direct)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (userinfo + "@" if userinfo else "") + f"127.0.0.1:{self.proxy.database_port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def _public_port(self, direct: int, proxied: int) -> int:
+        return proxied or direct
 
     @property
     def supabase_api_url(self) -> str:
@@ -152,7 +180,7 @@ class SandboxConfig(BaseModel):
 
     @property
     def modal_url(self) -> str:
-        return f"http://127.0.0.1:{self.modal.port}"
+        return f"http://127.0.0.1:{self._public_port(self.modal.port, self.proxy.modal_port)}"
 
     @property
     def prefect_server_api_url(self) -> str:
@@ -162,7 +190,7 @@ class SandboxConfig(BaseModel):
     def prefect_api_url(self) -> str:
         p = self.prefect
         return (
-            f"http://127.0.0.1:{p.gateway_port}/api/accounts/{p.account_id}"
+            f"http://127.0.0.1:{self.prefect_public_port}/api/accounts/{p.account_id}"
             f"/workspaces/{p.workspace_id}"
         )
 
@@ -172,12 +200,17 @@ class SandboxConfig(BaseModel):
         return {
             "PREFECT_API_URL": self.prefect_api_url,
             "PREFECT_API_KEY": self.prefect.api_key,
-            "PREFECT_CLOUD_API_URL": f"http://127.0.0.1:{self.prefect.gateway_port}/api",
+            "PREFECT_CLOUD_API_URL": f"http://127.0.0.1:{self.prefect_public_port}/api",
         }
 
     @property
+    def prefect_public_port(self) -> int:
+        """The gateway's port as clients reach it (through the fault proxy when there is one)."""
+        return self._public_port(self.prefect.gateway_port, self.proxy.prefect_port)
+
+    @property
     def git_base_url(self) -> str:
-        return f"http://127.0.0.1:{self.git.port}"
+        return f"http://127.0.0.1:{self._public_port(self.git.port, self.proxy.git_port)}"
 
     @property
     def repo_url(self) -> str:

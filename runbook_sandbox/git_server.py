@@ -111,7 +111,7 @@ class GitHandler(BaseHTTPRequestHandler):
             return False
         try:
             user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):  # not base64, not ASCII (ValueError), not UTF-8
             return False
         if not hmac.compare_digest(password.encode(), self.server.cfg.git.token.encode()):
             return False
@@ -303,7 +303,7 @@ class GitServer(ThreadingHTTPServer):
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return processes.http_health(f"{cfg.git_base_url}/_sandbox/health")
+    return processes.http_health(f"http://127.0.0.1:{cfg.git.port}/_sandbox/health")  # itself, not via the proxy
 
 
 def after_start(cfg: SandboxConfig) -> None:
@@ -331,7 +331,7 @@ def main() -> None:
     cfg = config_from_argv()
     server = GitServer(cfg)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    print(f"git server on {cfg.git_base_url}, repositories under {cfg.state / 'git'}", flush=True)
+    print(f"git server on 127.0.0.1:{cfg.git.port}, repositories under {cfg.state / 'git'}", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -19,6 +19,16 @@ Faults (`/_sandbox/faults`), one table per stand-in, in one of two kinds:
   service's (a function's mode and delay), read by the app with `get(name)`; `GET` lists them (an
   object name -> fault), `DELETE` clears them.
 
+Service faults (`ServiceFaults`, `/_sandbox/service-faults`): several services behind one port (the
+Supabase Management API and the Edge Function) are cut one at a time by path prefix: `PUT
+/_sandbox/service-faults/{name} {"mode": "down" | "reset" | "slow" | "error" | "clear", "delay_ms"?,
+"status"?, "count"?}`. down: the service's own "unavailable" answer (503); reset: the headers, then
+the connection is dropped before the body; slow: answered after `delay_ms`; error: `status`, for
+`count` requests (null: until cleared). `GET` lists, `DELETE` clears them all.
+
+Admin token (`AdminTokenMiddleware`): every `/_sandbox/*` path but `/_sandbox/health` needs the header
+`X-Sandbox-Token: <cfg.admin_token>` (401 otherwise). The runbook never calls these endpoints.
+
 Rate limit (`RateLimiter`, `/_sandbox/rate-limit`): a fixed window of `limit` requests per
 `window_seconds`, counted per token; `GET|POST /_sandbox/rate-limit {"limit", "window_seconds"}`
 reads or sets it (and resets the counters).
@@ -26,7 +36,9 @@ reads or sets it (and resets the counters).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -41,6 +53,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 SANDBOX_PREFIX = "/_sandbox/"
+HEALTH_PATH = "/_sandbox/health"
+ADMIN_HEADER = "x-sandbox-token"
+SERVICE_FAULTS_PATH = "/_sandbox/service-faults"
+SERVICE_FAULT_MODES = ("down", "reset", "slow", "error", "clear")
+DEFAULT_SLOW_MS = 3000
 FAULTS_PATH = "/_sandbox/faults"
 RATE_LIMIT_PATH = "/_sandbox/rate-limit"
 DEFAULT_RATE_LIMIT = 120
@@ -81,6 +98,41 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def bearer_token(headers) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None. A header that is not ASCII
+    (no real token is) counts as no token, so it is answered 401 like any bad credential."""
+    auth = headers.get("authorization", "")
+    if not auth.isascii():
+        return None
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented credential (any text) with the expected one."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+class AdminTokenMiddleware:
+    """ASGI middleware: `/_sandbox/*` (but the health probe) needs `X-Sandbox-Token: <token>`."""
+
+    def __init__(self, app, token: str, error_key: str = "message"):
+        self.app, self.token, self.error_key = app, token.encode(), error_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith(SANDBOX_PREFIX) and scope["path"] != HEALTH_PATH:
+            given = b""
+            for key, value in scope.get("headers") or []:
+                if key.lower() == ADMIN_HEADER.encode():
+                    given = value
+            if not given or not hmac.compare_digest(given, self.token):
+                response = JSONResponse({self.error_key: f"sandbox admin token required ({ADMIN_HEADER})"}, 401)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 # -- request log -----------------------------------------------------------------------------------
 
 
@@ -113,8 +165,9 @@ class RequestLogMiddleware:
     """ASGI middleware: answers injected faults (when given `answers`), and logs every HTTP request
     as one line, written before the message that completes the response is passed on."""
 
-    def __init__(self, app, log: RequestLog, answers: "ScriptedAnswers | None" = None):
-        self.app, self.log, self.answers = app, log, answers
+    def __init__(self, app, log: RequestLog, answers: "ScriptedAnswers | None" = None,
+                 service_faults: "ServiceFaults | None" = None):
+        self.app, self.log, self.answers, self.service_faults = app, log, answers, service_faults
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -122,6 +175,8 @@ class RequestLogMiddleware:
         started = time.monotonic()
         method, path = scope["method"], scope["path"]
         fault = None if self.answers is None or path.startswith(SANDBOX_PREFIX) else self.answers.take(method, path)
+        if fault is None and self.service_faults is not None and not path.startswith(SANDBOX_PREFIX):
+            fault = await self.service_faults.take(path)
         fields = {"fault": True} if fault else {}
         seen: dict = {"status": 500, "logged": False, "length": None, "sent": 0}
 
@@ -330,3 +385,88 @@ class NamedFaults(Faults):
             return JSONResponse({self.name_field: name, **self.table[name]})
 
         return [Route(FAULTS_PATH + "/{name}", put, methods=["PUT"])]
+
+
+class _DroppedAnswer:
+    """An ASGI app that starts an answer and drops the connection before its body (a reset as an
+    HTTP client sees it: the server raises once the headers are out, and uvicorn closes the socket)."""
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1024")]})
+        await send({"type": "http.response.body", "body": b'{"partial": ', "more_body": True})
+        raise ConnectionResetError("injected fault: connection reset")
+
+
+class ServiceFaults:
+    """Faults of the services behind one port, each known by its path prefixes (see the module doc).
+    `down_answers` gives each service its own "unavailable" answer (status, JSON body)."""
+
+    def __init__(self, prefixes: dict[str, tuple[str, ...]], down_answers: dict[str, tuple[int, dict]]):
+        self.prefixes, self.down_answers = prefixes, down_answers
+        self.table: dict[str, dict] = {}
+
+    def parse(self, name: str, spec: object) -> dict | None:
+        if name not in self.prefixes:
+            raise HTTPProblem(f"unknown service {name!r}; known: {sorted(self.prefixes)}", 404)
+        if not isinstance(spec, dict):
+            raise BadRequest("Body must be a JSON object")
+        mode = spec.get("mode")
+        if mode not in SERVICE_FAULT_MODES:
+            raise BadRequest(f'"mode" must be one of {list(SERVICE_FAULT_MODES)}')
+        delay, status, count = spec.get("delay_ms"), spec.get("status"), spec.get("count")
+        if delay is not None and (not _is_int(delay) or delay < 0):
+            raise BadRequest('"delay_ms" must be a non-negative integer')
+        if mode == "error" and (not _is_int(status) or not 400 <= status <= 599):
+            raise BadRequest('"status" must be an HTTP error status (400-599) for mode "error"')
+        if count is not None and (not _is_int(count) or count < 1):
+            raise BadRequest('"count" must be a positive integer, or null for "until cleared"')
+        if mode == "clear":
+            return None
+        return {"mode": mode, "delay_ms": DEFAULT_SLOW_MS if delay is None and mode == "slow" else delay,
+                "status": status if mode == "error" else None, "count": count}
+
+    async def take(self, path: str):
+        """The ASGI app answering this request when a fault of its service is set (None: no fault);
+        a slow fault waits here and lets the request through."""
+        for name, fault in list(self.table.items()):
+            if not any(path.startswith(p) for p in self.prefixes[name]):
+                continue
+            if fault["count"] is not None:
+                fault["count"] -= 1
+                if fault["count"] <= 0:
+                    self.table.pop(name, None)
+            if fault["delay_ms"]:
+                await asyncio.sleep(fault["delay_ms"] / 1000)
+            mode = fault["mode"]
+            if mode == "down":
+                status, body = self.down_answers[name]
+                return JSONResponse(body, status_code=status)
+            if mode == "reset":
+                return _DroppedAnswer()
+            if mode == "error":
+                return JSONResponse({"message": f"Injected fault: status {fault['status']}"}, status_code=fault["status"])
+            return None  # slow: answered by the app, late
+        return None
+
+    def routes(self) -> list[Route]:
+        async def list_or_clear(request: Request) -> Response:
+            if request.method == "DELETE":
+                cleared, self.table = len(self.table), {}
+                return JSONResponse({"cleared": cleared})
+            return JSONResponse(self.table)
+
+        async def put(request: Request) -> Response:
+            name = request.path_params["name"]
+            try:
+                fault = self.parse(name, await json_body(request))
+            except HTTPProblem as exc:
+                return JSONResponse({"message": str(exc)}, status_code=exc.status)
+            if fault is None:
+                self.table.pop(name, None)
+            else:
+                self.table[name] = fault
+            return JSONResponse({"service": name, "fault": fault})
+
+        return [Route(SERVICE_FAULTS_PATH, list_or_clear, methods=["GET", "DELETE"]),
+                Route(SERVICE_FAULTS_PATH + "/{name}", put, methods=["PUT"])]

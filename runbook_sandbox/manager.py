@@ -25,6 +25,7 @@ from .service import ServiceDef, read_state, write_state
 
 # The services, in start order (stopped in reverse). One module each, exposing SERVICE.
 SERVICE_MODULES: list[str] = [
+    "fault_proxy",  # TCP fault proxy in front of the database, Prefect API, git and Modal (`runbook sandbox fault`)
     "postgres",  # embedded Postgres (or an existing server), schema, net schema, trigger
     "modal_standin",  # the Modal app data-enrichment-workers
     "prefect_server",  # the real Prefect server, backed by the sandbox Postgres

@@ -12,7 +12,8 @@ of that sender and workstream) goes IN_PROGRESS with meta.sent_at/service/payloa
 completion delay, its receiver runs (a call of its own): an enrichment_results row and COMPLETED.
 Fault injection per function (`http_common.NamedFaults`): `PUT /_sandbox/faults/{function}`
 `{"mode": "ok" | "spawn_error" | "fail" | "hang", "delay_ms"?}`, `GET|DELETE /_sandbox/faults`;
-`PUT /_sandbox/settings {"complete_delay_ms"}`, `GET /_sandbox/calls`, `GET /_sandbox/health`.
+`PUT /_sandbox/settings {"complete_delay_ms"}`, `GET /_sandbox/calls`, `GET /_sandbox/health`; all but
+the health probe need the header `X-Sandbox-Token: <cfg.admin_token>` (`http_common.AdminTokenMiddleware`).
 Every request is one JSON line in `cfg.request_log_path("modal")` (`http_common`): time, method,
 path, status, duration; never the token headers or bodies.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import secrets
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +39,16 @@ from starlette.routing import Route
 from runbook_lib.core import processes
 
 from .config import SandboxConfig, config_from_argv
-from .http_common import BadRequest, HTTPProblem, NamedFaults, RequestLog, RequestLogMiddleware, json_body
+from .http_common import (
+    AdminTokenMiddleware,
+    BadRequest,
+    HTTPProblem,
+    NamedFaults,
+    RequestLog,
+    RequestLogMiddleware,
+    json_body,
+    same_secret,
+)
 from .service import ServiceDef
 
 SERVICE_NAME = "sandbox-enrichment"  # meta.service of every state a sender hands off
@@ -123,9 +132,10 @@ class ModalStandin:
     def _authorized(self, request: Request) -> bool:
         token_id = request.headers.get("x-modal-token-id", "")
         token_secret = request.headers.get("x-modal-token-secret", "")
-        return secrets.compare_digest(token_id, self.cfg.modal.token_id) and secrets.compare_digest(
-            token_secret, self.cfg.modal.token_secret
-        )
+        # Both compared (constant time), whatever the headers hold: non-ASCII text is a bad token, not a 500.
+        ok_id = same_secret(token_id, self.cfg.modal.token_id)
+        ok_secret = same_secret(token_secret, self.cfg.modal.token_secret)
+        return ok_id and ok_secret
 
     async def _functions(self) -> dict[str, str]:
         """The app's functions, from enrichment_registry: name -> 'sender' | 'receiver'."""
@@ -342,11 +352,12 @@ class ModalStandin:
             Route("/_sandbox/settings", self.put_settings, methods=["PUT"]),
             Route("/_sandbox/calls", self.list_calls, methods=["GET"]),
         ]
-        return RequestLogMiddleware(Starlette(routes=routes), RequestLog(self.cfg.request_log_path("modal")))
+        guarded = AdminTokenMiddleware(Starlette(routes=routes), self.cfg.admin_token, error_key="error")
+        return RequestLogMiddleware(guarded, RequestLog(self.cfg.request_log_path("modal")))
 
 
 def health(cfg: SandboxConfig) -> str | None:
-    return processes.http_health(f"{cfg.modal_url}/_sandbox/health")
+    return processes.http_health(f"http://127.0.0.1:{cfg.modal.port}/_sandbox/health")  # itself, not via the proxy
 
 
 def main(argv: list[str] | None = None) -> None:

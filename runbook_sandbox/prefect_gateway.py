@@ -52,7 +52,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from runbook_lib.core import processes
 
 from .config import SandboxConfig, config_from_argv
-from .http_common import RequestLog, RequestLogMiddleware
+from .http_common import RequestLog, RequestLogMiddleware, bearer_token
 from .service import ServiceDef
 
 WORKSPACE_PATH = "/api/accounts/{account_id}/workspaces/{workspace_id}/{path:path}"
@@ -120,8 +120,7 @@ class Gateway:
 
     def check_header(self, headers) -> int | None:
         """None when the bearer header carries the API key, else the status to answer (401)."""
-        scheme, _, token = (headers.get("authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not self.valid_key(token.strip()):
+        if not self.valid_key(bearer_token(headers)):  # None for a missing, malformed or non-ASCII header
             return 401
         return None
 

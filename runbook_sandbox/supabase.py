@@ -25,8 +25,11 @@ visible without a redeploy, yet warm instances may keep the old ones for a while
 the next request always sees the new values; a runbook that verifies by behaviour must still allow
 for the production delay.
 
-Sandbox-only endpoints (`http_common`'s scripted answers and rate limit):
+Sandbox-only endpoints (`http_common`'s scripted answers, service faults and rate limit); all but the
+health probe need the header `X-Sandbox-Token: <cfg.admin_token>` (401 otherwise):
   GET  /_sandbox/health
+  GET|PUT|DELETE /_sandbox/service-faults[/{supabase_api|edge_function}]  cut one of the two services
+                                         (`http_common.ServiceFaults`; `runbook sandbox fault`)
   GET|POST|DELETE /_sandbox/faults       list / add / clear injected answers: POST {"path", "status",
                                          "count" (null: until cleared), "method"?, "body"?, "headers"?}
                                          makes the next `count` requests to that exact path answer
@@ -42,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -63,7 +65,19 @@ from starlette.routing import Route
 from runbook_lib.core import processes
 
 from .config import PROJECT_ROOT, SandboxConfig, config_from_argv
-from .http_common import BadRequest, RateLimiter, RequestLog, RequestLogMiddleware, ScriptedAnswers, json_body, now_iso
+from .http_common import (
+    AdminTokenMiddleware,
+    BadRequest,
+    RateLimiter,
+    RequestLog,
+    RequestLogMiddleware,
+    ScriptedAnswers,
+    ServiceFaults,
+    bearer_token,
+    json_body,
+    now_iso,
+    same_secret,
+)
 from .service import ServiceDef
 
 FUNCTIONS_DIR = PROJECT_ROOT / "supabase" / "functions"
@@ -306,19 +320,28 @@ class EdgeRuntime:
 
 
 def _bearer(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return bearer_token(request.headers)
 
 
 def _tokens_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    return same_secret(a, b)
+
+
+# The two services behind this port, cut one at a time (`http_common.ServiceFaults`), with the answer
+# each gives when it is down: the Management API's edge, and the functions gateway of a function
+# that cannot boot.
+SERVICE_PREFIXES = {"supabase_api": ("/v1/",), "edge_function": ("/functions/v1/",)}
+DOWN_ANSWERS = {
+    "supabase_api": (503, {"message": "Service Unavailable"}),
+    "edge_function": (503, {"code": "BOOT_ERROR", "message": "Worker failed to boot (please check logs)"}),
+}
 
 
 def build_app(cfg: SandboxConfig) -> Starlette:
     store = SecretStore(cfg.path("supabase", "secrets.json"), default_secrets(cfg))
     limiter = RateLimiter()
     answers = ScriptedAnswers(limiter)
+    service_faults = ServiceFaults(SERVICE_PREFIXES, DOWN_ANSWERS)
     runtime = EdgeRuntime(cfg, store)
     background: set[asyncio.Task] = set()
     client: dict[str, httpx.AsyncClient] = {}
@@ -369,11 +392,11 @@ def build_app(cfg: SandboxConfig) -> Starlette:
             return JSONResponse({"code": "NOT_FOUND", "message": "Requested function was not found"}, 404)
         if request.method != "OPTIONS":
             token = _bearer(request)
-            if token is None:
+            if token is None and not request.headers.get("authorization"):
                 return JSONResponse({"code": 401, "message": "Missing authorization header"}, 401)
             try:
-                claims = jwt.decode(token, cfg.supabase.jwt_secret, algorithms=["HS256"])
-            except jwt.PyJWTError:
+                claims = jwt.decode(token or "", cfg.supabase.jwt_secret, algorithms=["HS256"])
+            except (jwt.PyJWTError, ValueError):
                 claims = {}
             if claims.get("role") not in JWT_ROLES:
                 return JSONResponse({"code": 401, "message": "Invalid JWT"}, 401)
@@ -414,11 +437,16 @@ def build_app(cfg: SandboxConfig) -> Starlette:
         routes=[
             Route("/_sandbox/health", health, methods=["GET"]),
             *answers.routes(),
+            *service_faults.routes(),
             *limiter.routes(),
             Route("/v1/projects/{ref}/secrets", secrets, methods=["GET", "POST", "DELETE"]),
             Route("/functions/v1/{name}{rest:path}", functions, methods=FUNCTION_METHODS),
         ],
-        middleware=[Middleware(RequestLogMiddleware, log=RequestLog(cfg.request_log_path("supabase")), answers=answers)],
+        middleware=[
+            Middleware(RequestLogMiddleware, log=RequestLog(cfg.request_log_path("supabase")), answers=answers,
+                       service_faults=service_faults),
+            Middleware(AdminTokenMiddleware, token=cfg.admin_token),
+        ],
         lifespan=lifespan,
     )
 

@@ -59,6 +59,22 @@ def sandbox_env(sandbox) -> dict[str, str]:
 
 
 @pytest.fixture
+def sandbox_fault(sandbox) -> Iterator[Callable[..., Any]]:
+    """The sandbox's fault switch on the session sandbox: `with sandbox_fault(service, mode, **kw):`
+    cuts one service alone for the block and always undoes it (`runbook_sandbox.faults.fault`).
+    service: database, prefect_api, git, modal, supabase_api, edge_function; mode: down, reset, slow
+    (delay_ms=...), clear, and error (status=..., count=...) for supabase_api / edge_function. Any
+    fault still set when the test ends is cleared too."""
+    from runbook_sandbox import faults
+
+    def cut(service: str, mode: str, **kw: Any):
+        return faults.fault(service, mode, state_dir=sandbox.state, **kw)
+
+    yield cut
+    faults.clear_all(state_dir=sandbox.state)
+
+
+@pytest.fixture
 def db(sandbox):
     """An autocommit connection to the sandbox database."""
     with psycopg.connect(sandbox.database_url, autocommit=True) as conn:

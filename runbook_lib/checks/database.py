@@ -1,7 +1,8 @@
-"""Checks of the pipeline's database: the Secret block's DSN connects; the schema contract (tables,
-columns, enum values, the unique key the sequencer needs); pg_net; the trigger, its target and no
-secrets in clear in its function. The schema checks fall back to DATABASE_URL when the block's DSN
-is unusable, so one broken block does not hide the schema's state."""
+"""Checks of the pipeline's database: it connects (with DATABASE_URL, needing nothing else); the
+Secret block's DSN reaches the same database; the schema contract (tables, columns, enum values, the
+unique key the sequencer needs); pg_net; the trigger, its target and no secrets in clear in its
+function. The schema checks read database.connect's connection, so neither a Prefect outage nor a
+broken block hides the schema's state."""
 
 from __future__ import annotations
 
@@ -40,21 +41,53 @@ TRIGGER_SQL = (
 _URL_IN_SQL = re.compile(r"'(https?://[^'\s]+)'")
 
 
-@check("database.connect", "The Secret block's DSN connects",
-       proves="the DSN in the Secret block the orchestrator loads connects to the database")
+@check("database.connect", "The pipeline's database connects",
+       proves="the database connects with DATABASE_URL (needing nothing else); without DATABASE_URL, with the "
+              "Secret block's DSN")
 def connect(facts: Facts) -> Outcome:
-    block = facts.settings.blocks.database_url
     try:
-        db = facts.block_database()
+        db, via = facts.database()
+    except (Skip, Fail):
+        raise
+    except RunbookError as exc:
+        via = "DATABASE_URL" if facts.settings.value("database.url") else \
+            f"the DSN of Secret block {facts.settings.blocks.database_url!r}"
+        raise Fail(
+            f"the database does not connect with {via}: {exc}",
+            "check that the database is up and reachable from here, and that "
+            + (f"DATABASE_URL is right ({facts.where('database.url')})" if via == "DATABASE_URL" else
+               f"Secret block {facts.settings.blocks.database_url!r} holds a DSN that connects")
+            + " (Supabase: Project Settings, Database, Connection string; the session pooler URL where IPv6 is "
+            "not available)",
+        ) from None
+    return ok(f"connected to {db.where} with {via} (PostgreSQL {db.server_version()})")
+
+
+@check("database.block_dsn", "The Secret block's DSN reaches the same database",
+       proves="the DSN in the Secret block the orchestrator loads connects, to the database DATABASE_URL names "
+              "(needs both the block and the database)")
+def block_dsn(facts: Facts) -> Outcome:
+    block = facts.settings.blocks.database_url
+    env_db, via = facts.database_for()
+    if via != "DATABASE_URL":
+        return ok(f"DATABASE_URL is not set: database.connect connected with the DSN of Secret block {block!r}")
+    fix = (f"update Secret block {block!r} with the DSN of the pipeline's database (Supabase: Project Settings, "
+           "Database, Connection string; the session pooler URL where IPv6 is not available)")
+    try:
+        block_db = facts.block_database()
     except Skip:
         raise
     except RunbookError as exc:
+        raise Fail(f"the DSN of Secret block {block!r} does not connect: {exc}", fix) from None
+    ours, theirs = env_db.identity(), block_db.identity()
+    if ours != theirs:
         raise Fail(
-            f"the DSN of Secret block {block!r} does not connect: {exc}",
-            f"update Secret block {block!r} with a DSN that connects (Supabase: Project Settings, Database, "
-            "Connection string; the session pooler URL where IPv6 is not available)",
-        ) from None
-    return ok(f"connected to {db.where} (PostgreSQL {db.server_version()})")
+            f"the DSN of Secret block {block!r} reaches database {theirs[0]!r} at {block_db.where}, not the one of "
+            f"DATABASE_URL ({ours[0]!r} at {env_db.where}): the orchestrator would work on another database than "
+            "the one the runbook checks",
+            fix + ", or correct DATABASE_URL",
+        )
+    return ok(f"connects to {block_db.where}, the database of DATABASE_URL ({ours[0]!r})")
 
 
 @check("database.tables", "Contract tables and columns",
@@ -192,4 +225,4 @@ def trigger_secrets(facts: Facts) -> Outcome:
     return ok(f"no credential found in {info.function}{public}")
 
 
-DATABASE = [connect, tables, enums, unique_constraint, pg_net, trigger, trigger_target, trigger_secrets]
+DATABASE = [connect, block_dsn, tables, enums, unique_constraint, pg_net, trigger, trigger_target, trigger_secrets]

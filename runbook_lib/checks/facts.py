@@ -3,7 +3,9 @@
 Each fact is computed on first use and memoised, its value or the exception it raised. A check
 that needs a fact another check owns calls `facts.need(...)`: when that fact failed, the calling
 check becomes a skip naming the owner ("needs the Prefect API, which check prefect.api could not
-establish"), so one failure is reported once, where it happens.
+establish"), so one failure is reported once, where it happens. A fact needs only what it truly
+reads: the database is reached with DATABASE_URL, without the Prefect API; only the comparison
+of the Secret block's DSN with it (database.block_dsn) needs both.
 """
 
 from __future__ import annotations
@@ -132,32 +134,28 @@ class Facts:
         return self.fact("block_dsn", read)
 
     # -- database ---------------------------------------------------------------------------------
+    def database(self) -> tuple[Database, str]:
+        """(the pipeline's database, how it was reached), owned by check database.connect: with
+        DATABASE_URL when it is set, which needs nothing else (not the Prefect API); without it,
+        with the Secret block's DSN (which needs blocks.database_url)."""
+        if self.settings.value("database.url"):
+            return self.fact("database", lambda: _connected(Database.from_settings(self.settings))), "DATABASE_URL"
+        name = self.settings.blocks.database_url
+        dsn = self.need(self.block_dsn, "blocks.database_url", f"the DSN of Secret block {name!r} (DATABASE_URL is not set)")
+        return self.fact("database", lambda: _connected(Database(dsn))), f"the DSN of Secret block {name!r}"
+
+    def database_for(self) -> tuple[Database, str]:
+        return self.need(self.database, "database.connect", "a connection to the database")
+
     def block_database(self) -> Database:
-        """A connection with the Secret block's DSN (owned by check database.connect)."""
+        """A connection with the Secret block's DSN (owned by check database.block_dsn)."""
         dsn = self.need(self.block_dsn, "blocks.database_url",
                         f"the DSN of Secret block {self.settings.blocks.database_url!r}")
-
-        def connect() -> Database:
-            db = Database(dsn)
-            db.server_version()
-            return db
-        return self.fact("block_database", connect)
+        return self.fact("block_database", lambda: _connected(Database(dsn)))
 
     def schema_database(self) -> tuple[Database, str]:
-        """The block's database when it connects, else DATABASE_URL's: the schema checks still run."""
-        try:
-            return self.block_database(), f"the DSN of Secret block {self.settings.blocks.database_url!r}"
-        except Exception:
-            pass
-        if not self.settings.value("database.url"):
-            raise Skip("no usable database connection: the Secret block's DSN is unusable (database.connect) and "
-                       "DATABASE_URL is not set")
-
-        def connect() -> Database:
-            db = Database.from_settings(self.settings)
-            db.server_version()
-            return db
-        return self.need(lambda: self.fact("env_database", connect), "database.connect", "a database connection"), "DATABASE_URL"
+        """The database the schema checks read: database.connect's."""
+        return self.database_for()
 
     def trigger(self) -> Any:
         """The trigger as the catalog reads it (None when it does not exist; owned by database.trigger)."""
@@ -239,6 +237,11 @@ class Facts:
             with SupabaseManagementApi.from_settings(self.settings, max_attempts=3, max_wait=10) as api:
                 return {s.name for s in api.list_secrets()}
         return self.fact("supabase_secrets", read)
+
+
+def _connected(db: Database) -> Database:
+    db.server_version()
+    return db
 
 
 # -- plaintext secrets in what is deployed ------------------------------------------------------------

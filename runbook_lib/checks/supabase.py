@@ -1,11 +1,13 @@
 """Checks of the Supabase side: the Management API answers with the token; the Edge Function's
-secrets exist (names only: the API lists digests, never values)."""
+secrets exist (names only: the API lists digests, never values); the Edge Function answers (a CORS
+preflight, which starts nothing)."""
 
 from __future__ import annotations
 
 from runbook_lib.checks.base import Fail, Outcome, check, ok
 from runbook_lib.checks.facts import Facts
 from runbook_lib.core.errors import SupabaseApiError
+from runbook_lib.systems.supabase import preflight_function
 
 
 @check("supabase.api", "Supabase Management API reachable with the token",
@@ -40,4 +42,27 @@ def function_secrets(facts: Facts) -> Outcome:
     return ok(f"{', '.join(s.function_secrets)} are set (names checked; values are digests only)")
 
 
-EDGE_FUNCTION = [api, function_secrets]
+@check("supabase.edge_function", "The Edge Function answers",
+       proves="the Edge Function is deployed and boots: it answers a CORS preflight (OPTIONS, which starts no flow run)")
+def edge_function(facts: Facts) -> Outcome:
+    s = facts.settings.supabase
+    url = s.edge_function_url
+    if not url:
+        raise Fail("the Edge Function's URL is not set", f"set SUPABASE_EDGE_FUNCTION_URL ({facts.where('supabase.edge_function_url')})")
+    fix_logs = (f"read the function's logs (Supabase: Edge Functions, {s.function_name}, Logs), fix it and redeploy: "
+                f"`supabase functions deploy {s.function_name}`; until then no batch starts a flow run")
+    try:
+        answer = preflight_function(url)
+    except SupabaseApiError as exc:
+        raise Fail(str(exc), f"check SUPABASE_EDGE_FUNCTION_URL ({facts.where('supabase.edge_function_url')}) and "
+                   "that Supabase's functions gateway is reachable from here") from None
+    if answer.status == 404:
+        raise Fail(f"{url} answered 404 ({answer.message}): the function {s.function_name} is not deployed",
+                   f"deploy it: `supabase functions deploy {s.function_name}`, or correct SUPABASE_EDGE_FUNCTION_URL")
+    if not 200 <= answer.status < 300:
+        raise Fail(f"{url} answered {answer.status} ({answer.message}) to a preflight: the function does not serve "
+                   "requests", fix_logs)
+    return ok(f"{url} answered {answer.status} to a CORS preflight (no flow run started)")
+
+
+EDGE_FUNCTION = [api, function_secrets, edge_function]

@@ -69,7 +69,8 @@ class Prerequisites(Step):
         return self._group("packages")
 
     def edge_function(self) -> CheckReport:
-        """The Management API answers with the token; the function's PREFECT_* secrets exist (names only)."""
+        """The Management API answers with the token; the function's PREFECT_* secrets exist (names only); the
+        function answers a CORS preflight (which starts no flow run)."""
         return self._group("edge_function")
 
     def run_all(self) -> CheckReport:

@@ -89,6 +89,13 @@ class Database:
     def server_version(self) -> str:
         return self.query("SHOW server_version")[0]["server_version"]
 
+    def identity(self) -> tuple[str, str, int]:
+        """Which database this DSN reaches, whatever the route (a pooler, a proxy, another host name):
+        (database name, the server's start time, the database's oid)."""
+        row = self.query("SELECT current_database() AS name, pg_postmaster_start_time()::text AS started, "
+                         "(SELECT oid FROM pg_database WHERE datname = current_database())::bigint AS oid")[0]
+        return row["name"], row["started"], int(row["oid"])
+
     def has_relation(self, name: str) -> bool:
         """A table or view named `schema.name` exists."""
         return bool(self.query("SELECT to_regclass(%s) IS NOT NULL AS ok", (name,))[0]["ok"])

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import httpx
 
 from runbook_lib.core.errors import SupabaseApiError
-from runbook_lib.core.secrets import register_secret
+from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.core.settings import RunbookSettings
 
 MAX_NAME_LENGTH = 256
@@ -210,6 +210,31 @@ class SupabaseManagementApi:
         for name in names:
             check_secret_name(name)
         self._request("DELETE", self._secrets_path, json=names)
+
+
+@dataclass(frozen=True)
+class FunctionAnswer:
+    status: int
+    message: str  # the answer's `message` / `code` (or the start of its text), masked
+
+
+def preflight_function(url: str, *, timeout: float = 20.0) -> FunctionAnswer:
+    """A CORS preflight (`OPTIONS`) to an Edge Function: it starts no work, yet only a deployed
+    function that boots answers it (Supabase's gateway passes preflights to the function unchecked).
+    SupabaseApiError when the function's URL cannot be reached at all."""
+    headers = {"Origin": "https://runbook.invalid", "Access-Control-Request-Method": "POST"}
+    try:
+        response = httpx.options(url, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise SupabaseApiError(f"OPTIONS {url}: cannot reach the Edge Function: {type(exc).__name__}: {exc}") from None
+    message = _message(response, 200)
+    try:
+        body = response.json()
+        if isinstance(body, dict) and body.get("code") and not isinstance(body["code"], int):
+            message = f"{body['code']}: {message}"
+    except ValueError:
+        pass
+    return FunctionAnswer(response.status_code, redact(message))
 
 
 def _cap(seconds: float, limit: float) -> float:

@@ -54,7 +54,9 @@ def function_deployment_digest(settings) -> str:
 
 def modal_fault(sandbox, function: str | None, mode: str | None = None) -> None:
     """Inject a fault on one Modal stand-in function, or clear every fault (function None)."""
-    with httpx.Client(base_url=sandbox.modal_url, timeout=10) as http:
+    from runbook_sandbox.faults import admin_headers
+
+    with httpx.Client(base_url=sandbox.modal_url, headers=admin_headers(sandbox), timeout=10) as http:
         if function is None:
             http.delete("/_sandbox/faults").raise_for_status()
         else:

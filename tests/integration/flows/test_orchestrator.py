@@ -68,7 +68,9 @@ def dispatch_env(monkeypatch, sandbox_env):
 
 @pytest.fixture
 def modal(sandbox):
-    with httpx.Client(base_url=sandbox.modal_url, timeout=10) as client:
+    from runbook_sandbox.faults import admin_headers
+
+    with httpx.Client(base_url=sandbox.modal_url, headers=admin_headers(sandbox), timeout=10) as client:
         yield client
 
 

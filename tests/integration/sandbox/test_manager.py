@@ -121,3 +121,42 @@ def test_an_existing_server_given_by_url_gets_the_schema_and_is_not_stopped(sand
     finally:
         manager.down(state, purge=True, echo=lambda s: None)
         db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_database_url_never_reaches_a_command_line(sandbox, db, unique, tmp_path):
+    """`sandbox up --database-url-file` (or RUNBOOK_SANDBOX_DATABASE_URL): the DSN reaches the sandbox's
+    processes through their 0600 config file, never their command lines (`ps` shows those to everyone)."""
+    name = f"external_{unique}"
+    db.execute(f'CREATE DATABASE "{name}"')
+    state = make_state_dir()
+    url = sandbox.postgres.url(name)
+    password = sandbox.postgres.password
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(url + "\n")
+    dsn_file.chmod(0o600)
+    try:
+        # Not the whole stack: a second Prefect server would share the session sandbox's Prefect database.
+        cli(state, "up", "--database-url-file", str(dsn_file), "--only", "fault_proxy", "--only", "postgres",
+            "--only", "modal_standin")
+        cfg = SandboxConfig.load_or_create(state)
+        assert cfg.postgres.external_url == url
+        assert oct(cfg.config_path.stat().st_mode & 0o777) == "0o600"
+        pids = [p.pid for p in process.processes_of(cfg.instance_id)]
+        assert len(pids) >= 2  # the proxy and the Modal stand-in (an external server is not started)
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace")
+            assert password not in argv and url not in argv, (pid, argv)
+        with psycopg.connect(dotenv_values(state / "sandbox.env")["DATABASE_URL"]) as conn:  # through the proxy
+            assert conn.execute("select current_database()").fetchone() == (name,)
+        env_run = subprocess.run(
+            [sys.executable, "-m", "runbook_lib", "sandbox", "up", "--only", "postgres"],
+            capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, RUNBOOK_SANDBOX_DIR=str(state), RUNBOOK_SANDBOX_DATABASE_URL=url),
+        )
+        assert env_run.returncode == 0, env_run.stderr
+        both = cli(state, "up", "--database-url", url, "--database-url-file", str(dsn_file), check=False)
+        assert both.returncode == 2 and "not both" in both.stderr
+    finally:
+        manager.down(state, purge=True, echo=lambda s: None)
+        db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

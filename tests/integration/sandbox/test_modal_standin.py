@@ -13,6 +13,7 @@ import pytest
 from dotenv import dotenv_values
 
 from runbook_sandbox.config import SandboxConfig
+from runbook_sandbox.faults import admin_headers
 from tests import conftest
 from tests.conftest import insert_batch, partial_sandbox
 
@@ -35,7 +36,8 @@ def stack() -> SandboxConfig:
 @pytest.fixture
 def modal(stack):
     """An HTTP client with the Modal token; faults and the completion delay reset after each test."""
-    headers = {"x-modal-token-id": stack.modal.token_id, "x-modal-token-secret": stack.modal.token_secret}
+    headers = {"x-modal-token-id": stack.modal.token_id, "x-modal-token-secret": stack.modal.token_secret,
+               **admin_headers(stack)}  # the /_sandbox/* endpoints need the admin token
     with httpx.Client(base_url=stack.modal_url, headers=headers, timeout=10) as client:
         yield client
         client.delete("/_sandbox/faults").raise_for_status()

@@ -15,6 +15,7 @@ from dotenv import dotenv_values
 from runbook_lib.core import processes as process
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
+from runbook_sandbox.faults import admin_headers
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from tests.conftest import partial_sandbox
 
@@ -44,7 +45,7 @@ def api(sb):
 @pytest.fixture(autouse=True)
 def _clean_admin_state(sb):
     """Every test starts and ends without injected faults and with the default rate limit."""
-    admin = httpx.Client(base_url=sb.supabase_api_url, timeout=10, trust_env=False)
+    admin = httpx.Client(base_url=sb.supabase_api_url, headers=admin_headers(sb), timeout=10, trust_env=False)
     admin.delete("/_sandbox/faults")
     admin.post("/_sandbox/rate-limit", json={"limit": 120, "window_seconds": 60})
     yield
@@ -185,7 +186,7 @@ def test_invalid_delete_is_400_and_changes_nothing(sb, api, body):
 
 
 def test_rate_limit_answers_429_with_headers_then_recovers(sb, api):
-    admin = httpx.Client(base_url=sb.supabase_api_url, timeout=10, trust_env=False)
+    admin = httpx.Client(base_url=sb.supabase_api_url, headers=admin_headers(sb), timeout=10, trust_env=False)
     assert admin.post("/_sandbox/rate-limit", json={"limit": 3, "window_seconds": 1.5}).json() == {
         "limit": 3, "window_seconds": 1.5,
     }
@@ -205,7 +206,7 @@ def test_rate_limit_answers_429_with_headers_then_recovers(sb, api):
 
 
 def test_faults_script_429_then_success_and_persisting_500(sb, api):
-    admin = httpx.Client(base_url=sb.supabase_api_url, timeout=10, trust_env=False)
+    admin = httpx.Client(base_url=sb.supabase_api_url, headers=admin_headers(sb), timeout=10, trust_env=False)
     path = secrets_path(sb)
     r = admin.post("/_sandbox/faults", json={"path": path, "status": 429, "count": 1})
     assert r.status_code == 201

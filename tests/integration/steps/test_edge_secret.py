@@ -62,12 +62,14 @@ def set_secret(sandbox, value: str) -> None:
 @contextlib.contextmanager
 def fault(sandbox, **spec: Any) -> Iterator[None]:
     """An injected answer of the Management API stand-in, cleared at the end whatever happens."""
+    from runbook_sandbox.faults import admin_headers
+
     with management(sandbox) as client:
-        client.post("/_sandbox/faults", json=spec).raise_for_status()
+        client.post("/_sandbox/faults", json=spec, headers=admin_headers(sandbox)).raise_for_status()
         try:
             yield
         finally:
-            client.delete("/_sandbox/faults").raise_for_status()
+            client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
 
 
 def secret_writes(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -37,12 +37,12 @@ ALL_CHECKS = {
     "local.python", "local.prefect", "local.git",
     "prefect.api", "prefect.work_pool", "prefect.work_pool_type", "prefect.work_pool_active", "prefect.work_pool_pip_packages",
     "blocks.database_url", "blocks.referenced",
-    "database.connect", "database.tables", "database.enums", "database.unique_constraint", "database.pg_net",
+    "database.connect", "database.block_dsn", "database.tables", "database.enums", "database.unique_constraint", "database.pg_net",
     "database.trigger", "database.trigger_target", "database.trigger_secrets",
     "source.repo_url", "source.reachable", "source.branch", "source.entrypoint_file", "source.flow_function",
     "source.flow_parameters", "packages.requirements", "packages.imports",
     "job_variables.secrets", "job_variables.schema",
-    "supabase.api", "supabase.function_secrets",
+    "supabase.api", "supabase.function_secrets", "supabase.edge_function",
 }
 
 
@@ -166,6 +166,19 @@ def dsn_block_with_wrong_password(sandbox, tmp: Path) -> Iterator[dict[str, str]
 
 
 @contextlib.contextmanager
+def dsn_block_on_another_database(sandbox, tmp: Path) -> Iterator[dict[str, str]]:
+    """The block's DSN connects, but to another database of the same server than DATABASE_URL's."""
+    other = sandbox.database_url.rsplit("/", 1)[0] + "/" + postgres.PREFECT_DATABASE
+    with prefect_gateway.api(sandbox) as client:
+        doc = block_document(client, "postgres-connection-string")
+        client.patch(f"block_documents/{doc['id']}", json={"data": {"value": other}, "merge_existing_data": False}).raise_for_status()
+    try:
+        yield {}
+    finally:
+        prefect_gateway.ensure_secret_blocks(sandbox)
+
+
+@contextlib.contextmanager
 def renamed_column(sandbox, tmp: Path) -> Iterator[dict[str, str]]:
     with sql_change(sandbox, ["ALTER TABLE public.client_workflow_configs RENAME COLUMN config TO settings"],
                     ["ALTER TABLE public.client_workflow_configs RENAME COLUMN settings TO config"]):
@@ -233,7 +246,7 @@ def unreachable_repository(sandbox, tmp: Path) -> Iterator[dict[str, str]]:
 
 
 DEPENDENTS_OF_PREFECT = {"prefect.work_pool", "prefect.work_pool_type", "prefect.work_pool_active",
-                         "prefect.work_pool_pip_packages", "blocks.database_url", "blocks.referenced", "database.connect",
+                         "prefect.work_pool_pip_packages", "blocks.database_url", "blocks.referenced", "database.block_dsn",
                          "job_variables.schema"}
 # case: (breaker, the one failing check, checks skipped because they depend on it, words the detail holds)
 BREAKAGES: dict[str, tuple[Callable[..., Any], str, set[str], tuple[str, ...]]] = {
@@ -246,11 +259,13 @@ BREAKAGES: dict[str, tuple[Callable[..., Any], str, set[str], tuple[str, ...]]] 
     "paused_pool": (paused_pool, "prefect.work_pool_active", set(), ("paused",)),
     "pool_without_pip_packages": (pool_without_pip_packages, "prefect.work_pool_pip_packages", {"job_variables.schema"},
                                   ("pip_packages",)),
-    "missing_dsn_block": (deleted_block("postgres-connection-string"), "blocks.database_url", {"database.connect"},
+    "missing_dsn_block": (deleted_block("postgres-connection-string"), "blocks.database_url", {"database.block_dsn"},
                           ("does not exist",)),
     "missing_referenced_block": (deleted_block("modal-token-secret"), "blocks.referenced", set(),
                                  ("modal-token-secret", "CRASH")),
-    "dsn_block_does_not_connect": (dsn_block_with_wrong_password, "database.connect", set(), ("does not connect",)),
+    "dsn_block_does_not_connect": (dsn_block_with_wrong_password, "database.block_dsn", set(), ("does not connect",)),
+    "dsn_block_on_another_database": (dsn_block_on_another_database, "database.block_dsn", set(),
+                                      ("'prefect'", "not the one of DATABASE_URL")),
     "missing_column": (renamed_column, "database.tables", set(), ("client_workflow_configs", "config")),
     "missing_enum_value": (renamed_enum_value, "database.enums", set(), ("enrichmenttype lacks ASYNC",)),
     "no_unique_constraint": (dropped_unique_constraint, "database.unique_constraint", set(), ("ON CONFLICT",)),

@@ -27,19 +27,22 @@ def test_supabase_api_upserts_lists_and_deletes_secrets(sandbox_settings):
         bad.list_secrets()
 
 @pytest.mark.timeout(120)
-def test_supabase_api_retries_rate_limits_and_server_errors(sandbox_settings):
+def test_supabase_api_retries_rate_limits_and_server_errors(sandbox_settings, sandbox):
     from runbook_lib.systems.supabase import SupabaseManagementApi
+    from runbook_sandbox.faults import admin_headers
+
+    admin = admin_headers(sandbox)
 
     base = sandbox_settings.supabase.api_url
     path = f"/v1/projects/{sandbox_settings.supabase.project_ref}/secrets"
     waits: list[float] = []
     try:
-        httpx.post(f"{base}/_sandbox/faults", json={"path": path, "status": 429, "count": 2}, timeout=10, trust_env=False).raise_for_status()
+        httpx.post(f"{base}/_sandbox/faults", json={"path": path, "status": 429, "count": 2}, headers=admin, timeout=10, trust_env=False).raise_for_status()
         with SupabaseManagementApi.from_settings(sandbox_settings, sleep=waits.append, max_wait=30) as api:
             assert any(s.name == "SUPABASE_URL" for s in api.list_secrets())
             assert len(waits) == 2 and all(0 < w <= 30 for w in waits)  # waited what the headers said, capped
-            httpx.post(f"{base}/_sandbox/faults", json={"path": path, "status": 503, "count": None}, timeout=10, trust_env=False).raise_for_status()
+            httpx.post(f"{base}/_sandbox/faults", json={"path": path, "status": 503, "count": None}, headers=admin, timeout=10, trust_env=False).raise_for_status()
             with pytest.raises(SupabaseApiError, match=r"server error 503 after 6 attempts"):
                 api.list_secrets()
     finally:
-        httpx.delete(f"{base}/_sandbox/faults", timeout=10, trust_env=False)
+        httpx.delete(f"{base}/_sandbox/faults", headers=admin, timeout=10, trust_env=False)
