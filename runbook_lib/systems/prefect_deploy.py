@@ -52,12 +52,15 @@ class DesiredDeployment:
     def ref(self) -> str:
         return f"commit {self.commit_sha[:12]}" if self.pinned else f"branch {self.branch}"
 
-    def storage(self) -> Any:
-        """Prefect's git storage for the source: the branch, or the pinned commit."""
+    def storage(self, *, checked: bool = False) -> Any:
+        """Prefect's git storage for the source: the branch, or the pinned commit. `checked`: a
+        clone of the branch refuses (DeployError) unless it got exactly the planned commit."""
         from prefect.runner.storage import GitRepository
 
         if self.pinned:
             return GitRepository(url=self.repository, commit_sha=self.commit_sha)
+        if checked:
+            return _checked_branch_storage(self)
         return GitRepository(url=self.repository, branch=self.branch)
 
     def pull_steps(self) -> list[dict[str, Any]]:
@@ -75,6 +78,30 @@ class DesiredDeployment:
             "description": self.description,
             "version": self.version,
         }
+
+
+def _checked_branch_storage(desired: "DesiredDeployment") -> Any:
+    """The branch's git storage (its pull step names the branch, as planned) whose clone must be at
+    the planned commit: the flow deployed is exactly the commit the plan showed and recorded."""
+    from prefect.runner.storage import GitRepository
+    from prefect.utilities.processutils import run_process
+
+    class PlannedCommitRepository(GitRepository):
+        async def pull_code(self) -> None:
+            await super().pull_code()
+            try:
+                head = (await run_process(["git", "rev-parse", "HEAD"], cwd=self.destination)).stdout.decode().strip()
+            except Exception:  # the clone has no readable HEAD: refused below like a moved branch
+                head = ""
+            if head != desired.commit_sha:
+                raise DeployError(
+                    f"the live state changed since the plan was shown: branch {desired.branch} of "
+                    f"{desired.repository} is at {head[:12] or 'an unreadable commit'}, the plan was made at "
+                    f"{desired.commit_sha[:12]}; nothing was deployed",
+                    "re-run this step to see and confirm the new plan",
+                )
+
+    return PlannedCommitRepository(url=desired.repository, branch=desired.branch)
 
 
 def live_fields(deployment: Any) -> dict[str, Any]:
@@ -208,12 +235,13 @@ def _http_status(exc: BaseException) -> int | None:
 
 def deploy_flow(settings: RunbookSettings, desired: DesiredDeployment, timeout: float = DEPLOY_TIMEOUT) -> str:
     """`flow.from_source(...).deploy(...)` with the profile's Prefect URL and key; the deployment id.
+    The flow is loaded from exactly the planned commit (a branch that moved refuses: DeployError).
     Works inside a kernel (the coroutines run on a fresh loop) and in plain Python."""
     from prefect import Flow
     from prefect._internal.versioning import VersionType
 
     async def deploy() -> Any:
-        flow = await Flow.afrom_source(desired.storage(), desired.entrypoint)
+        flow = await Flow.afrom_source(desired.storage(checked=True), desired.entrypoint)
         return await flow.adeploy(
             name=desired.name, work_pool_name=desired.work_pool_name, job_variables=desired.job_variables,
             parameters=desired.parameters, tags=desired.tags, description=desired.description,
