@@ -12,8 +12,6 @@ back and compares it with the plan; `smoke_run()` optionally starts one flow run
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +27,9 @@ from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show
 from runbook_lib.records.outputs import DeployOutput
 from runbook_lib.steps.base import Step
-from runbook_lib.systems.git import GitRepo
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import (
-    DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, diff_table, live_fields,
+    DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
 
 SMOKE_LOG_LINES = 40
@@ -59,9 +56,6 @@ def describe_deployment(settings: RunbookSettings, repository: str, branch: str)
 
 
 # -- plan --------------------------------------------------------------------------------------------
-
-
-STALE = "the live state changed since the plan was shown"
 
 
 @dataclass
@@ -112,16 +106,6 @@ class DeployPlan:
         }
 
 
-def live_digest(deployment: Any) -> str | None:
-    """A digest of the live deployment as stored (id, last update, every compared field): any write
-    to it since the plan changes the digest. Only the digest is kept, never the values."""
-    if deployment is None:
-        return None
-    state = {"id": str(deployment.id), "updated": str(getattr(deployment, "updated", "")),
-             "fields": live_fields(deployment)}
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def build_plan(settings: RunbookSettings, *, pin_commit: bool = False,
                smoke_run: bool = False) -> tuple[DeployPlan, CheckReport]:
     """Everything the plan needs, read-only: checks, the desired deployment, the live one (masked:
@@ -153,21 +137,7 @@ def build_plan(settings: RunbookSettings, *, pin_commit: bool = False,
 def plan_is_current(settings: RunbookSettings, the_plan: DeployPlan) -> str | None:
     """Re-read what the plan was built from (the live deployment, the branch head); None when both
     are as they were, else what changed (the refusal's message)."""
-    d = the_plan.desired
-    with GitRepo(d.repository) as git:
-        head = git.branch_sha(d.branch)
-    live = PrefectApi.from_settings(settings).read_deployment(d.full_name)
-    changed = []
-    if head != d.commit_sha:
-        changed.append(f"branch {d.branch} is now at {head[:12] if head else 'no commit (deleted)'}, the plan was "
-                       f"made at {d.commit_sha[:12]}")
-    if live_digest(live) != the_plan.live_digest:
-        changed.append(f"deployment {d.full_name} " + (
-            "was deleted" if live is None else "was created" if the_plan.live_id is None else
-            f"was changed (id {live.id})"))
-    if not changed:
-        return None
-    return f"{STALE}: {'; '.join(changed)}. Nothing was applied; re-run this step to see and confirm the new plan"
+    return changed_since_plan(settings, the_plan.desired, the_plan.live_id, the_plan.live_digest)
 
 
 # -- the step ----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput, Fallback
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import (
-    DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, diff_table,
+    DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
 
 STEP = FallbackOutput.STEP
@@ -107,6 +107,7 @@ class FallbackPlan:
     changes: list[FieldChange] = field(default_factory=list)
     worker_mode: str = "service_files"  # or "start"
     live_check: Check | None = None  # LIVE_PLAINTEXT of the live deployment (None: there is none)
+    live_digest: str | None = None  # what the live deployment was when the plan was made
 
     @property
     def deploy_needed(self) -> bool:
@@ -120,6 +121,7 @@ class FallbackPlan:
             "deployment_id": self.live_id,
             "ref": {"branch": d.branch, "head": d.commit_sha},
             "changes": [c.as_dict() for c in self.changes if c.status != "unchanged"],
+            "live_digest": self.live_digest,
             "worker": ("start `prefect worker start` here in the background (fallback.start_worker = true)"
                        if self.worker_mode == "start" else
                        "write a service definition for an always-on host into the run directory and print the command"),
@@ -175,7 +177,7 @@ def build_plan(settings: RunbookSettings) -> tuple[FallbackPlan | None, CheckRep
         live_check = None
     changes = diff_fields(desired.fields(), live_masked)
     return FallbackPlan(desired, str(live.id) if live is not None else None, pool_exists, changes, mode,
-                        live_check), report
+                        live_check, live_digest(live)), report
 
 
 def ensure_pool(api: PrefectApi, name: str, pool_type: str) -> bool:
@@ -422,12 +424,22 @@ class Fallback(Step):
         return the_plan
 
     def apply(self, the_plan: FallbackPlan) -> str:
-        """Once approved: create the pool when missing, deploy when anything differs, read the
-        deployment back. Records and returns the fallback deployment id."""
+        """Once approved: read the branch head and the live deployment again (a change since the plan
+        refuses), create the pool when missing, deploy when anything differs, read the deployment back.
+        Records and returns the fallback deployment id."""
         ctx = self.ctx
         with self.failing():
             ctx.require_approved(the_plan.gate_plan())
         settings, d = self.settings, the_plan.desired
+        try:
+            stale = changed_since_plan(settings, d, the_plan.live_id, the_plan.live_digest)
+        except RunbookError as exc:
+            stale = f"the live state could not be read again before applying ({exc}); nothing was applied"
+        if stale:
+            exc = RunbookError(stale)
+            ctx.record_failure(DEPLOYED.failed(stale, "re-run this notebook: it shows the plan for the live state as "
+                                                      "it is now"), exc)
+            raise exc
         api = PrefectApi.from_settings(settings)
         checks = []
         try:
