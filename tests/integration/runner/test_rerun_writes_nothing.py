@@ -24,8 +24,10 @@ from tests.conftest import PROJECT_ROOT, make_state_dir
 
 MUTATING_STEPS = ["01_verify_prerequisites", "02_merge_check", "03_deploy", "04_update_edge_function_secret"]
 READS = ("GET", "HEAD", "OPTIONS")
-# POSTs that only read: Prefect's filters, and the pool's worker polling and beating (not the runbook).
-READ_ONLY_POSTS = ("/filter", "/count", "/paginate", "/get_scheduled_flow_runs", "/workers/heartbeat")
+# POSTs that only read: Prefect's filters, the pool's worker polling and beating (not the runbook), and
+# git's fetch (smart HTTP's git-upload-pack; a push is git-receive-pack).
+READ_ONLY_POSTS = ("/filter", "/count", "/paginate", "/get_scheduled_flow_runs", "/workers/heartbeat",
+                   "/git-upload-pack")
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +67,18 @@ def test_a_second_run_keeps_the_deployment_and_writes_nothing(own_sandbox, tmp_p
     for step in MUTATING_STEPS:
         (notebooks / f"{step}.ipynb").write_bytes((PROJECT_ROOT / "notebooks" / f"{step}.ipynb").read_bytes())
     outputs = tmp_path / "outputs"
+    start = {service: len(log_lines(own_sandbox, service)) for service in ("prefect", "supabase", "git")}
 
     first = run_runbook(own_sandbox, notebooks, outputs, "first")
     assert first.returncode == 0, f"first run failed:\n{first.stdout[-4000:]}\n{first.stderr[-4000:]}"
     first_deploy = json.loads((outputs / "first" / "03_deploy.json").read_text())["values"]
     assert first_deploy["changed"] is True  # the first run did deploy
     marks = {service: len(log_lines(own_sandbox, service)) for service in ("prefect", "supabase", "git")}
+    # The first run did write, and the logs show it: what counts as a write below is what a change looks like.
+    first_writes = {service: writes(log_lines(own_sandbox, service)[start[service]:marks[service]]) for service in marks}
+    assert any("/deployments" in w for w in first_writes["prefect"]), first_writes["prefect"]
+    assert any(w.startswith("POST ") and w.split()[1].endswith("/secrets") for w in first_writes["supabase"])
+    assert any("/git-receive-pack" in w for w in first_writes["git"]), first_writes["git"]
 
     second = run_runbook(own_sandbox, notebooks, outputs, "second")
     assert second.returncode == 0, f"second run failed:\n{second.stdout[-4000:]}\n{second.stderr[-4000:]}"
