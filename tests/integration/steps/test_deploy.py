@@ -325,14 +325,14 @@ def test_smoke_run_completes_and_a_failing_run_shows_its_logs(sandbox, tmp_path)
     assert "COMPLETED" in smoke.detail
 
     ctx = step_context(STEP, sandbox, tmp_path / "run2", overrides)
+    step = deploy.Deploy(ctx, smoke_run=True)
+    the_plan = step.plan()
+    step.confirm(the_plan)  # no changes, but the smoke run is approved with the plan
     with gateway(sandbox) as client:
         block = client.get("block_types/slug/secret/block_documents/name/postgres-connection-string")
         block.raise_for_status()
         client.delete(f"block_documents/{block.json()['id']}").raise_for_status()
         try:
-            step = deploy.Deploy(ctx, smoke_run=True)
-            the_plan = step.plan()
-            step.confirm(the_plan)  # no changes, but the smoke run is approved with the plan
             with pytest.raises(ChecksFailed):
                 step.smoke_run(the_plan, deployment_id)
         finally:
