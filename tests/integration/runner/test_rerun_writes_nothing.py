@@ -54,7 +54,7 @@ def run_runbook(cfg: SandboxConfig, notebooks: Path, outputs: Path, run_id: str)
     env = dict(os.environ, RUNBOOK_SANDBOX_DIR=str(cfg.state_dir))
     return subprocess.run(
         [sys.executable, "-m", "runbook_lib", "run", "--profile", "sandbox", "--confirm", "--notebooks-dir",
-         str(notebooks), "--outputs-dir", str(outputs), "--run-id", run_id],
+         str(notebooks), "--outputs-dir", str(outputs), "--run-id", run_id, "--cell-timeout", "600"],
         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )
 
