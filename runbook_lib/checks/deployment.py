@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from runbook_lib.checks.base import Check, define
-from runbook_lib.checks.facts import Facts, plaintext_secrets, public_values
+from runbook_lib.checks.facts import Facts, plaintext_secrets, public_values, withhold
 from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.systems.prefect import PrefectApi
-from runbook_lib.systems.prefect_deploy import DesiredDeployment, git_clone_step, same
+from runbook_lib.systems.prefect_deploy import DesiredDeployment, git_clone_step, live_fields, same
 
 _AGAIN = ("re-run this step; if it persists, the workspace changes the deployment after it is applied (another "
           "deploy, a UI edit)")
@@ -36,6 +36,27 @@ NO_PLAINTEXT = define("verify.no_plaintext_secrets", "No plaintext secret stored
                       proves="job variables, parameters, pull steps and description hold no secret in clear",
                       remediation="replace each with a Secret block placeholder in the profile, re-deploy, and rotate "
                                   "the exposed credential")
+
+LIVE_PLAINTEXT = define("deployment.live_plaintext_secrets", "No plaintext secret in the live deployment",
+                        proves="the deployment as it is live (before this step changes it) holds no secret in clear in "
+                               "its job variables, parameters, pull steps or description",
+                        remediation="the value was readable by anyone with access to the workspace: rotate the exposed "
+                                    "credential; applying this plan replaces it with the Secret block placeholder of the "
+                                    "profile, then re-run this step")
+
+
+def masked_live_fields(settings: RunbookSettings, deployment: Any) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The compared fields of the live deployment with every plaintext secret withheld (and
+    registered for redaction), the same masking as the planned job variables; and the findings."""
+    return withhold(live_fields(deployment), "live deployment", settings)
+
+
+def live_plaintext_check(findings: list[tuple[str, str]], name: str) -> Check:
+    """LIVE_PLAINTEXT from the findings of `masked_live_fields` (paths and kinds, never values)."""
+    if findings:
+        return LIVE_PLAINTEXT.failed("; ".join(f"{path} {why}" for path, why in findings) +
+                                     f": anyone who can read deployment {name} can see it")
+    return LIVE_PLAINTEXT.passed(f"{name}: job variables, parameters, pull steps and description hold no secret")
 
 
 def desired_deployment(facts: Facts, *, pin_commit: bool, name: str, work_pool: str, work_pool_type: str,

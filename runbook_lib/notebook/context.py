@@ -165,7 +165,7 @@ class StepContext:
     def _record_decision(self, decision: GateDecision) -> None:
         """Every decision of the gate, as it is made: a refusal ends the step `rejected` /
         `not_confirmed`; an approval after a refusal (Approve clicked after Reject) resumes it."""
-        self.results.gate = decision
+        self.results.add_decision(decision)
         refused = refusal_status(decision)
         if refused is not None:
             self.results.status = refused  # type: ignore[assignment]

@@ -77,6 +77,8 @@ class EdgeSecretOutput(StepOutput):
     no_change: bool | None = None
     retries: int | None = None
     changed: bool | None = None
+    change_id: str | None = None  # the change's entry in the history, written ahead of the upsert
+    change_status: str | None = None  # pending (written ahead), applied, not_applied
 
     _ids = field_validator("deployment_id", "previous_deployment_id", mode="before")(_uuid_or_none)
 

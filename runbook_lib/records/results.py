@@ -1,7 +1,8 @@
 """Step results: what each notebook decided, checked and produced, as JSON in the run directory.
 
-`<run_dir>/<step>.json` holds one `StepResults` (status, checks, the confirmation gate's decision,
-values such as `deployment_id`). Later steps and the runner read earlier ones by step name.
+`<run_dir>/<step>.json` holds one `StepResults` (status, checks, the confirmation gate's latest
+decision and, in `gates`, every decision of every gate of the step in order, values such as
+`deployment_id`). Later steps and the runner read earlier ones by step name.
 Everything written is redacted first.
 
 A step's status: `running`, then `passed` or `failed`; or, when its confirmation gate refused the
@@ -68,13 +69,19 @@ class StepResults(BaseModel):
     started_at: datetime = Field(default_factory=now)
     finished_at: datetime | None = None
     checks: list[Check] = Field(default_factory=list)
-    gate: GateDecision | None = None
+    gate: GateDecision | None = None  # the latest decision
+    gates: list[GateDecision] = Field(default_factory=list)  # every decision of every gate, in order
     values: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
 
     @staticmethod
     def path(run_dir: Path, step: str) -> Path:
         return Path(run_dir) / f"{check_step_name(step)}.json"
+
+    def add_decision(self, decision: GateDecision) -> None:
+        """A gate's decision: the latest one (`gate`), appended to every earlier one (`gates`)."""
+        self.gate = decision
+        self.gates.append(decision)
 
     def add_checks(self, report: CheckReport) -> None:
         known = {c.id for c in self.checks}

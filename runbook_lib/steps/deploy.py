@@ -17,8 +17,11 @@ from typing import Any
 
 from runbook_lib.checks import prefect, source
 from runbook_lib.checks.base import CheckReport, define, run_checks
-from runbook_lib.checks.deployment import desired_deployment, verification_checks
+from runbook_lib.checks.deployment import (
+    LIVE_PLAINTEXT, desired_deployment, live_plaintext_check, masked_live_fields, verification_checks,
+)
 from runbook_lib.checks.facts import Facts
+from runbook_lib.core.errors import RunbookError
 from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show
@@ -26,7 +29,7 @@ from runbook_lib.records.outputs import DeployOutput
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import (
-    DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, diff_table, live_fields,
+    DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
 
 SMOKE_LOG_LINES = 40
@@ -60,6 +63,9 @@ class DeployPlan:
     desired: DesiredDeployment | None  # None when the source could not be read
     live_id: str | None
     changes: list[FieldChange] = field(default_factory=list)
+    smoke_run: bool = False  # a flow run of the deployment is started after the deploy: part of what is approved
+    live_digest: str | None = None  # what the live deployment was when the plan was made (None: no deployment)
+    live_findings: list[tuple[str, str]] = field(default_factory=list)  # plaintext secrets in the live deployment
 
     @property
     def no_changes(self) -> bool:
@@ -67,19 +73,27 @@ class DeployPlan:
 
     @property
     def nothing_to_apply(self) -> str | None:
-        if not self.no_changes:
+        if not self.no_changes or self.smoke_run:
             return None
         return f"No changes: deployment {self.desired.full_name} ({self.live_id}) already matches the plan"
 
     def summary(self) -> str:
         d = self.desired
         if self.live_id is None:
-            return f"create deployment {d.full_name} on work pool {d.work_pool_name} at {d.commit_sha[:12]}"
-        changed = [c.field for c in self.changes if c.status != "unchanged"]
-        return f"update deployment {d.full_name} ({self.live_id}): {', '.join(changed) or 'no changes'}"
+            text = f"create deployment {d.full_name} on work pool {d.work_pool_name} at {d.commit_sha[:12]}"
+        elif self.no_changes:
+            text = f"keep deployment {d.full_name} ({self.live_id}) as it is (no changes)"
+        else:
+            changed = [c.field for c in self.changes if c.status != "unchanged"]
+            text = f"update deployment {d.full_name} ({self.live_id}): {', '.join(changed)}"
+        if self.smoke_run:
+            text += ("; then start one flow run of it (smoke run: the orchestrator dispatches every PENDING item "
+                     "it finds)")
+        return text
 
     def gate_plan(self) -> dict[str, Any]:
-        """What the confirmation approves: the deployment, its commit and every field that changes."""
+        """What the confirmation approves: the deployment, its commit, every field that changes, the
+        live state the plan was made from, and whether a smoke run is started."""
         d = self.desired
         return {
             "deployment": d.full_name,
@@ -87,11 +101,15 @@ class DeployPlan:
             "repository": d.repository,
             "ref": {"commit_sha": d.commit_sha} if d.pinned else {"branch": d.branch, "head": d.commit_sha},
             "changes": [c.as_dict() for c in self.changes if c.status != "unchanged"],
+            "live_digest": self.live_digest,
+            "smoke_run": self.smoke_run,
         }
 
 
-def build_plan(settings: RunbookSettings, *, pin_commit: bool = False) -> tuple[DeployPlan, CheckReport]:
-    """Everything the plan needs, read-only: checks, the desired deployment, the live one, the diff."""
+def build_plan(settings: RunbookSettings, *, pin_commit: bool = False,
+               smoke_run: bool = False) -> tuple[DeployPlan, CheckReport]:
+    """Everything the plan needs, read-only: checks, the desired deployment, the live one (masked:
+    a plaintext secret in it is withheld and reported), the diff."""
     settings.require("prefect.api_url", "prefect.api_key", "source.repo_url")
     facts = Facts(settings, DeployOutput.STEP)
     try:
@@ -107,8 +125,19 @@ def build_plan(settings: RunbookSettings, *, pin_commit: bool = False) -> tuple[
         live = facts.prefect().read_deployment(desired.full_name)
     finally:
         facts.close()
-    changes = diff_fields(desired.fields(), live_fields(live) if live is not None else None)
-    return DeployPlan(desired, str(live.id) if live is not None else None, changes), report
+    findings: list[tuple[str, str]] = []
+    live_masked = None
+    if live is not None:
+        live_masked, findings = masked_live_fields(settings, live)
+    changes = diff_fields(desired.fields(), live_masked)
+    return DeployPlan(desired, str(live.id) if live is not None else None, changes, smoke_run, live_digest(live),
+                      findings), report
+
+
+def plan_is_current(settings: RunbookSettings, the_plan: DeployPlan) -> str | None:
+    """Re-read what the plan was built from (the live deployment, the branch head); None when both
+    are as they were, else what changed (the refusal's message)."""
+    return changed_since_plan(settings, the_plan.desired, the_plan.live_id, the_plan.live_digest)
 
 
 # -- the step ----------------------------------------------------------------------------------------
@@ -125,10 +154,17 @@ class Deploy(Step):
             self.pin_commit = bool(parse_flag("pin_commit", pin_commit))
             self.smoke = parse_flag("smoke_run", smoke_run)
 
+    @property
+    def smoke_enabled(self) -> bool:
+        """The `smoke_run` parameter, else the profile's deployment.smoke_run."""
+        return bool(self.settings.deployment.smoke_run if self.smoke is None else self.smoke)
+
     def plan(self) -> DeployPlan:
-        """Build the plan, show the diff and record the checks (a FAIL ends the cell)."""
+        """Build the plan, show the diff and record the checks (a FAIL ends the cell). A plaintext
+        secret in the live deployment is recorded as a failed check; the plan (which replaces it with
+        the placeholder) can still be applied, and the step ends failed (rotate the credential)."""
         with self.failing():
-            result, report = build_plan(self.settings, pin_commit=self.pin_commit)
+            result, report = build_plan(self.settings, pin_commit=self.pin_commit, smoke_run=self.smoke_enabled)
         if result.desired is not None:
             d = result.desired
             title = (f"Deployment {d.full_name}: " + ("no changes" if result.no_changes else
@@ -137,13 +173,37 @@ class Deploy(Step):
             self.publish(flow_name=d.flow_name, deployment_name=d.full_name, commit_sha=d.commit_sha, branch=d.branch,
                          pinned=d.pinned, version=d.version, repository=d.repository,
                          diff=[c.as_dict() for c in result.changes], no_changes=result.no_changes)
-        self.ctx.record_checks(report)
+            if result.live_id is not None:
+                report.add(live_plaintext_check(result.live_findings, d.full_name))
+        self.ctx.record_checks(CheckReport(step=report.step, checks=[c for c in report.checks
+                                                                      if c.id != LIVE_PLAINTEXT.id]))
+        live = [c for c in report.checks if c.id == LIVE_PLAINTEXT.id]
+        if live:  # recorded and shown; it fails the step at verify, once the deploy replaced the secret
+            self.ctx.results.add_checks(CheckReport(step=report.step, checks=live))
+            self.ctx.save()
+            show(CheckReport(step=report.step, checks=live))
         return result
+
+    def _refuse_if_stale(self, the_plan: DeployPlan) -> None:
+        try:
+            stale = plan_is_current(self.settings, the_plan)
+        except RunbookError as exc:
+            stale = f"the live state could not be read again before applying ({exc}); nothing was applied"
+        if stale:
+            exc = RunbookError(stale)
+            self.ctx.record_failure(APPLY.failed(stale, "re-run this step: it shows the plan for the live state "
+                                                        "as it is now"), exc)
+            raise exc
 
     def apply(self, the_plan: DeployPlan) -> str:
         """Deploy (once approved) or, with no changes, keep the live deployment without any API write.
-        Records and returns the deployment id."""
+        Before anything, the live deployment and the branch head are read again: a change since the
+        plan refuses. Records and returns the deployment id."""
         d = the_plan.desired
+        if not the_plan.nothing_to_apply:
+            with self.failing():  # NotConfirmed, or no plan was shown for confirmation
+                self.ctx.require_approved(the_plan.gate_plan())
+        self._refuse_if_stale(the_plan)
         if the_plan.no_changes:
             self.ctx.record_checks([APPLY.passed(
                 f"no changes: {d.full_name} is up to date; kept {the_plan.live_id} without calling deploy",
@@ -151,8 +211,6 @@ class Deploy(Step):
             )])
             self.publish(changed=False, deployment_id=the_plan.live_id)
             return the_plan.live_id
-        with self.failing():  # NotConfirmed, or no plan was shown for confirmation
-            self.ctx.require_approved(the_plan.gate_plan())
         try:
             deployment_id = deploy_flow(self.settings, d)
         except DeployError as exc:
@@ -169,17 +227,23 @@ class Deploy(Step):
         return deployment_id
 
     def verify(self, the_plan: DeployPlan, deployment_id: str) -> CheckReport:
-        """Read the deployment back and check it equals the plan."""
+        """Read the deployment back and check it equals the plan. A plaintext secret the live
+        deployment held before this step fails the step here (the deploy replaced it; the credential
+        must be rotated)."""
         api = PrefectApi.from_settings(self.settings)
-        return self.ctx.record_checks(verification_checks(api, self.settings, the_plan.desired, deployment_id))
+        checks = verification_checks(api, self.settings, the_plan.desired, deployment_id)
+        checks += [c for c in self.ctx.results.checks if c.id == LIVE_PLAINTEXT.id and c.status.value == "fail"]
+        return self.ctx.record_checks(checks)
 
-    def smoke_run(self, deployment_id: str) -> Any:
-        """When enabled (the `smoke_run` parameter, else the profile's deployment.smoke_run), start one
-        flow run of the deployment and wait for it (e2e.flow_run_timeout_seconds)."""
-        enabled = self.settings.deployment.smoke_run if self.smoke is None else self.smoke
-        if not enabled:
+    def smoke_run(self, the_plan: DeployPlan, deployment_id: str) -> Any:
+        """When enabled (the `smoke_run` parameter, else the profile's deployment.smoke_run) and
+        approved with the plan, start one flow run of the deployment and wait for it
+        (e2e.flow_run_timeout_seconds). Without the approval nothing is started."""
+        if not the_plan.smoke_run:
             check = SMOKE_RUN.skipped("not requested (pass -p smoke_run true, or set deployment.smoke_run in the profile)")
         else:
+            with self.failing():  # the smoke run is part of the approved plan: no approval, no flow run
+                self.ctx.require_approved(the_plan.gate_plan())
             check = smoke_run_check(PrefectApi.from_settings(self.settings), deployment_id,
                                     self.settings.e2e.flow_run_timeout_seconds,
                                     min(self.settings.e2e.poll_interval_seconds, 5.0))

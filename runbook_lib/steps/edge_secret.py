@@ -7,11 +7,17 @@ current value is compared by digest: equal means nothing to do (no write). Other
 confirmation gate, the secret is upserted (429/5xx retried with backoff, honouring the rate-limit
 headers), the list is read back and the digest verified.
 
-Every change is appended to `<run_dir>/edge_function_secret_history.jsonl` (deployment ids and
-digests only, never a secret value). The deployment id behind the current digest is looked up in
-earlier records (this run directory, its sibling run directories, `outputs/*` and `outputs/runs/*`),
-so that `rollback=True` can restore the value the last change replaced, and verify the restored
-digest.
+Every change is recorded in `<run_dir>/edge_function_secret_history.jsonl` (deployment ids and
+digests only, never a secret value), write-ahead: the intended change (the digest it replaces, the
+deployment id behind it, the new value and where it came from) is appended as `pending` BEFORE the
+upsert, and finalised (`applied`, or `not_applied` when the value is known unchanged) by a line
+with the same `change_id` after the read-back. A process that dies between, or a read-back that
+fails, leaves the pending change on record, and `rollback=True` works from it. Right before the
+write the secret's digest is read again: a change since the plan was shown refuses the write.
+
+The deployment id behind the current digest is looked up in earlier records (this run directory,
+its sibling run directories, `outputs/*` and `outputs/runs/*`), so that `rollback=True` can restore
+the value the last change replaced, and verify the restored digest.
 
 The function's other Prefect secrets are checked by name, and by digest where the runbook knows
 the expected value (the account and workspace of PREFECT_API_URL, the API key, the API URL).
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +46,7 @@ from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 
 DEPLOY_STEP = DeployOutput.STEP
 HISTORY_FILE = "edge_function_secret_history.jsonl"
+STALE = "the live state changed since the plan was shown"
 MAX_RUN_DIRS = 500  # run directories searched for earlier records
 
 ID_FORMAT = define("deployment_id.format", "The deployment id is a UUID", proves="the value to set is a deployment id",
@@ -106,8 +114,10 @@ def _read(path: Path) -> str | None:
 
 
 def history(run_dir: Path, root: Path) -> list[dict[str, Any]]:
-    """Every recorded change of a function secret, newest first."""
+    """Every recorded change of a function secret, newest first; a change written ahead and then
+    finalised is one entry (its last line), a change never finalised stays `pending`."""
     entries = []
+    by_id: dict[str, dict[str, Any]] = {}
     for directory in _run_dirs(run_dir, root):
         text = _read(directory / HISTORY_FILE)
         if text is None:
@@ -118,7 +128,11 @@ def history(run_dir: Path, root: Path) -> list[dict[str, Any]]:
             except ValueError:
                 continue
             if isinstance(entry, dict) and "new_digest" in entry:
-                entries.append(entry)
+                if entry.get("change_id"):
+                    by_id[str(entry["change_id"])] = entry  # the later line (the finalisation) wins
+                else:
+                    entries.append(entry)
+    entries += by_id.values()
     return sorted(entries, key=lambda e: str(e.get("at", "")), reverse=True)
 
 
@@ -162,6 +176,7 @@ class SecretPlan:
     current_digest: str | None
     previous_deployment_id: str | None  # the deployment id behind current_digest, when a record knows it
     rollback: bool = False
+    source: str = ""  # where the value to set comes from (the parameter, step 03's results, a recorded change)
 
     @property
     def no_change(self) -> bool:
@@ -181,6 +196,7 @@ class SecretPlan:
         return {
             "secret": self.secret,
             "rollback": self.rollback,
+            "source": self.source,
             "from": {"digest": self.current_digest, "deployment_id": self.previous_deployment_id},
             "to": {"digest": self.target_digest, "deployment_id": self.deployment_id},
         }
@@ -281,15 +297,17 @@ def _access_remediation(status: int | None) -> str:
     return "check SUPABASE_API_URL and the network, then re-run this step"
 
 
-def _rollback_target(report: CheckReport, settings: RunbookSettings, entries: list[dict[str, Any]], current: Any) -> tuple[str, str] | None:
-    """(deployment id, digest) the last recorded change replaced, when that change is what is live."""
+def _rollback_target(report: CheckReport, settings: RunbookSettings, entries: list[dict[str, Any]],
+                     current: Any) -> tuple[str, str, str] | None:
+    """(deployment id, digest, source) the last recorded change replaced, when that change is what is live
+    (a change recorded as pending counts: its write may have happened)."""
     secret = settings.supabase.deployment_id_secret
     if current is None:
         report.add(ROLLBACK.failed(f"{secret} is not set: there is nothing to roll back",
                                 "set it with -p deployment_id <uuid> (rollback false)"))
         return None
     live = current.digest.lower()
-    entry = next((e for e in entries if e.get("new_digest") == live), None)
+    entry = next((e for e in entries if e.get("new_digest") == live and e.get("status") != "not_applied"), None)
     if entry is None:
         report.add(ROLLBACK.failed(f"no recorded change set the current value of {secret} (digest {live[:16]}...): "
             "it was set outside this runbook, or by a run whose records are gone",
@@ -307,14 +325,16 @@ def _rollback_target(report: CheckReport, settings: RunbookSettings, entries: li
             "set the deployment id explicitly: -p deployment_id <uuid> with rollback false",
         ))
         return None
-    report.add(ROLLBACK.passed(f"the change of {entry.get('at')} replaced deployment "
-                            f"{previous_id}; restoring it", deployment_id=previous_id))
-    return str(previous_id), previous_digest
+    pending = (" (recorded before its write and never confirmed by a read-back; the live value is the one it "
+               "wrote)") if entry.get("status") == "pending" else ""
+    report.add(ROLLBACK.passed(f"the change of {entry.get('at')}{pending} replaced deployment "
+                            f"{previous_id}; restoring it", deployment_id=previous_id, change_id=entry.get("change_id")))
+    return str(previous_id), previous_digest, f"rollback of the change of {entry.get('at')}"
 
 
 def build_plan(
     settings: RunbookSettings, run_dir: Path, root: Path, *, deployment_id: Any = None, rollback: bool = False,
-    flow_name: str | None = None,
+    flow_name: str | None = None, source: str = "the deployment_id parameter",
 ) -> tuple[SecretPlan | None, CheckReport]:
     """Read-only: the checks, and the change to make (None when no target could be chosen)."""
     settings.require("supabase.api_url", "supabase.access_token", "supabase.project_ref",
@@ -322,7 +342,7 @@ def build_plan(
     report = CheckReport(step=EdgeSecretOutput.STEP)
     secret = settings.supabase.deployment_id_secret
     prefect = PrefectApi.from_settings(settings)
-    target: tuple[str, str] | None = None
+    target: tuple[str, str, str] | None = None
     if rollback and deployment_id not in (None, ""):
         report.add(ID_FORMAT.failed("rollback restores the value the last recorded "
             "change replaced; a deployment_id cannot be given with it", "pass either rollback true or deployment_id",
@@ -339,7 +359,7 @@ def build_plan(
         else:
             report.add(ID_FORMAT.passed(target_id))
             report.checks.extend(_deployment_checks(prefect, settings, target_id, flow_name))
-            target = (target_id, secret_digest(target_id))
+            target = (target_id, secret_digest(target_id), source)
     try:
         with SupabaseManagementApi.from_settings(settings) as supabase:
             digests = supabase.secret_digests()
@@ -369,7 +389,7 @@ def build_plan(
     known = known_deployment_ids(run_dir, root)
     the_plan = SecretPlan(
         secret=secret, deployment_id=target[0], target_digest=target[1], current_digest=current_digest,
-        previous_deployment_id=deployment_id_for_digest(current_digest, known), rollback=rollback,
+        previous_deployment_id=deployment_id_for_digest(current_digest, known), rollback=rollback, source=target[2],
     )
     now_text = (f"{secret} is not set" if current is None else
                 f"{secret} has digest {current_digest[:16]}... (deployment "
@@ -399,11 +419,13 @@ class EdgeSecret(Step):
             deployed = ctx.output_of(DeployOutput)  # step 03 in this run directory: its id and flow
         except ResultsError:
             deployed = DeployOutput()
+        source = "the deployment_id parameter"
         if not self.rollback and deployment_id in (None, ""):
             deployment_id = deployed.deployment_id  # None: build_plan reports it as a failed check
+            source = f"step {DEPLOY_STEP}'s results in {ctx.run_dir}"
         with self.failing():
             the_plan, report = build_plan(self.settings, ctx.run_dir, ctx.root, deployment_id=deployment_id,
-                                          rollback=self.rollback, flow_name=deployed.flow_name)
+                                          rollback=self.rollback, flow_name=deployed.flow_name, source=source)
         self.publish(secret_name=self.settings.supabase.deployment_id_secret, rollback=self.rollback)
         if the_plan is not None:
             self.publish(deployment_id=the_plan.deployment_id, new_digest=the_plan.target_digest,
@@ -412,8 +434,34 @@ class EdgeSecret(Step):
         ctx.record_checks(report)
         return the_plan
 
+    def _refuse_if_stale(self, supabase: SupabaseManagementApi, the_plan: SecretPlan) -> None:
+        """Read the secret's digest again right before the write: refuse when it changed since the plan."""
+        settings = self.settings
+        try:
+            live = supabase.secret_digests().get(the_plan.secret)
+        except SupabaseApiError as exc:
+            self.ctx.record_failure(WRITE.failed(f"the live state could not be read again before writing ({exc}); "
+                                                 "nothing was written", _access_remediation(exc.status),
+                                                 settings=settings), exc)
+            raise
+        digest = live.digest.lower() if live is not None else None
+        if digest != the_plan.current_digest:
+            shown = lambda d: f"digest {d[:16]}..." if d else "not set"  # noqa: E731
+            exc = RunbookError(f"{STALE}: {the_plan.secret} is now {shown(digest)}, the plan was made when it was "
+                               f"{shown(the_plan.current_digest)}. Nothing was written; re-run this step to see and "
+                               "confirm the new plan")
+            self.ctx.record_failure(WRITE.failed(str(exc), "re-run this step: it shows the plan for the live value "
+                                                           "as it is now", settings=settings), exc)
+            raise exc
+
+    def _finalise(self, entry: dict[str, Any], status: str) -> None:
+        """The second line of a write-ahead change: its outcome."""
+        append_history(self.ctx.run_dir, {**entry, "status": status, "finalised_at": now().isoformat()})
+        self.publish(change_status=status)
+
     def apply(self, the_plan: SecretPlan) -> Check:
-        """Write the secret (once approved), read the list back and verify the digest."""
+        """Once approved: read the digest again (refuse if it changed since the plan), record the change
+        ahead (pending), write the secret, read the list back, verify the digest, finalise the record."""
         ctx, settings = self.ctx, self.settings
         if the_plan.no_change:
             self.publish(changed=False)
@@ -430,11 +478,25 @@ class EdgeSecret(Step):
             time.sleep(seconds)
 
         with SupabaseManagementApi.from_settings(settings, sleep=sleep) as supabase:
+            self._refuse_if_stale(supabase, the_plan)
+            entry = {
+                "change_id": uuid.uuid4().hex, "at": now().isoformat(), "status": "pending", "profile": ctx.profile,
+                "project_ref": settings.supabase.project_ref, "secret": the_plan.secret,
+                "deployment_id": the_plan.deployment_id, "new_digest": the_plan.target_digest,
+                "source": the_plan.source, "previous_digest": the_plan.current_digest,
+                "previous_deployment_id": the_plan.previous_deployment_id, "rollback": the_plan.rollback,
+            }
+            append_history(ctx.run_dir, entry)  # write-ahead: on record before the secret can change
+            self.publish(change_id=entry["change_id"], change_status="pending")
             try:
                 supabase.upsert_secrets({the_plan.secret: the_plan.deployment_id}, mask_values=False)  # an id, no secret
                 after = supabase.secret_digests().get(the_plan.secret)
             except SupabaseApiError as exc:
-                detail = f"{exc}; {_state_after_failure(supabase, the_plan)}"
+                state, unchanged = _state_after_failure(supabase, the_plan)
+                if unchanged:
+                    self._finalise(entry, "not_applied")
+                detail = (f"{exc}; {state}" + ("" if unchanged else "; the change stays on record as pending: "
+                          "rollback=True restores the previous value from it"))
                 ctx.record_failure(WRITE.failed(detail, _access_remediation(exc.status), settings=settings), exc)
                 raise
         retried = (f" after {len(waits)} retr{'y' if len(waits) == 1 else 'ies'} (waited {sum(waits):.1f}s as the API "
@@ -444,14 +506,9 @@ class EdgeSecret(Step):
             seen = after.digest[:16] + "..." if after else "no secret"
             return ctx.record_checks([VERIFY.failed(
                 f"written{retried}, but the list shows {seen}, not {the_plan.target_digest[:16]}... (deployment "
-                f"{the_plan.deployment_id})", settings=settings,
+                f"{the_plan.deployment_id}); the change stays on record as pending", settings=settings,
             )]).checks[0]
-        append_history(ctx.run_dir, {
-            "at": now().isoformat(), "profile": ctx.profile, "project_ref": settings.supabase.project_ref,
-            "secret": the_plan.secret, "deployment_id": the_plan.deployment_id, "new_digest": the_plan.target_digest,
-            "previous_digest": the_plan.current_digest, "previous_deployment_id": the_plan.previous_deployment_id,
-            "rollback": the_plan.rollback,
-        })
+        self._finalise(entry, "applied")
         self.publish(changed=True)
         verb = "restored" if the_plan.rollback else "set"
         return ctx.record_checks([VERIFY.passed(
@@ -460,15 +517,17 @@ class EdgeSecret(Step):
         )]).checks[0]
 
 
-def _state_after_failure(supabase: SupabaseManagementApi, the_plan: SecretPlan) -> str:
+def _state_after_failure(supabase: SupabaseManagementApi, the_plan: SecretPlan) -> tuple[str, bool]:
+    """What the secret holds after a failed write, and whether it is known to be unchanged."""
     try:
         now_digest = supabase.secret_digests().get(the_plan.secret)
     except SupabaseApiError as exc:
-        return f"whether {the_plan.secret} changed could not be read back ({exc})"
+        return f"whether {the_plan.secret} changed could not be read back ({exc})", False
     if now_digest is None:
-        return f"{the_plan.secret} is not set" if the_plan.current_digest is None else f"{the_plan.secret} is now unset"
+        unset = the_plan.current_digest is None
+        return (f"{the_plan.secret} is not set" if unset else f"{the_plan.secret} is now unset"), unset
     if now_digest.digest.lower() == (the_plan.current_digest or ""):
-        return f"{the_plan.secret} is unchanged (digest {now_digest.digest[:16]}...)"
+        return f"{the_plan.secret} is unchanged (digest {now_digest.digest[:16]}...)", True
     if now_digest.digest.lower() == the_plan.target_digest:
-        return f"{the_plan.secret} nevertheless holds the new value: re-run this step to verify and record it"
-    return f"{the_plan.secret} now has another digest {now_digest.digest[:16]}..."
+        return f"{the_plan.secret} nevertheless holds the new value: re-run this step to verify and record it", False
+    return f"{the_plan.secret} now has another digest {now_digest.digest[:16]}...", False

@@ -38,7 +38,9 @@ import psutil
 
 from runbook_lib.checks import prefect, source
 from runbook_lib.checks.base import Check, CheckReport, define, run_checks
-from runbook_lib.checks.deployment import desired_deployment, verification_checks
+from runbook_lib.checks.deployment import (
+    desired_deployment, live_plaintext_check, masked_live_fields, verification_checks,
+)
 from runbook_lib.checks.facts import Facts
 from runbook_lib.core import paths as project
 from runbook_lib.core import processes
@@ -52,7 +54,7 @@ from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput, Fallback
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import (
-    DeployError, DesiredDeployment, FieldChange, deploy_flow, diff_fields, diff_table, live_fields,
+    DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
 
 STEP = FallbackOutput.STEP
@@ -104,6 +106,8 @@ class FallbackPlan:
     pool_exists: bool
     changes: list[FieldChange] = field(default_factory=list)
     worker_mode: str = "service_files"  # or "start"
+    live_check: Check | None = None  # LIVE_PLAINTEXT of the live deployment (None: there is none)
+    live_digest: str | None = None  # what the live deployment was when the plan was made
 
     @property
     def deploy_needed(self) -> bool:
@@ -117,6 +121,7 @@ class FallbackPlan:
             "deployment_id": self.live_id,
             "ref": {"branch": d.branch, "head": d.commit_sha},
             "changes": [c.as_dict() for c in self.changes if c.status != "unchanged"],
+            "live_digest": self.live_digest,
             "worker": ("start `prefect worker start` here in the background (fallback.start_worker = true)"
                        if self.worker_mode == "start" else
                        "write a service definition for an always-on host into the run directory and print the command"),
@@ -164,8 +169,15 @@ def build_plan(settings: RunbookSettings) -> tuple[FallbackPlan | None, CheckRep
         pool_exists = facts.work_pool() is not None
     finally:
         facts.close()
-    changes = diff_fields(desired.fields(), live_fields(live) if live is not None else None)
-    return FallbackPlan(desired, str(live.id) if live is not None else None, pool_exists, changes, mode), report
+    live_masked = None
+    if live is not None:  # masked as the planned job variables are
+        live_masked, findings = masked_live_fields(settings, live)
+        live_check = live_plaintext_check(findings, desired.full_name)
+    else:
+        live_check = None
+    changes = diff_fields(desired.fields(), live_masked)
+    return FallbackPlan(desired, str(live.id) if live is not None else None, pool_exists, changes, mode,
+                        live_check, live_digest(live)), report
 
 
 def ensure_pool(api: PrefectApi, name: str, pool_type: str) -> bool:
@@ -404,15 +416,30 @@ class Fallback(Step):
             show(diff_table(title, the_plan.changes))
             self.publish(flow_name=d.flow_name, commit_sha=d.commit_sha, work_pool=d.work_pool_name)
         self.ctx.record_checks(report)
+        if the_plan is not None and the_plan.live_check is not None:
+            # Recorded and shown; a failure fails the step at apply, once the deploy replaced the secret.
+            self.ctx.results.add_checks(CheckReport(step=self.ctx.name, checks=[the_plan.live_check]))
+            self.ctx.save()
+            show(CheckReport(step=self.ctx.name, checks=[the_plan.live_check]))
         return the_plan
 
     def apply(self, the_plan: FallbackPlan) -> str:
-        """Once approved: create the pool when missing, deploy when anything differs, read the
-        deployment back. Records and returns the fallback deployment id."""
+        """Once approved: read the branch head and the live deployment again (a change since the plan
+        refuses), create the pool when missing, deploy when anything differs, read the deployment back.
+        Records and returns the fallback deployment id."""
         ctx = self.ctx
         with self.failing():
             ctx.require_approved(the_plan.gate_plan())
         settings, d = self.settings, the_plan.desired
+        try:
+            stale = changed_since_plan(settings, d, the_plan.live_id, the_plan.live_digest)
+        except RunbookError as exc:
+            stale = f"the live state could not be read again before applying ({exc}); nothing was applied"
+        if stale:
+            exc = RunbookError(stale)
+            ctx.record_failure(DEPLOYED.failed(stale, "re-run this notebook: it shows the plan for the live state as "
+                                                      "it is now"), exc)
+            raise exc
         api = PrefectApi.from_settings(settings)
         checks = []
         try:
@@ -434,6 +461,8 @@ class Fallback(Step):
             checks.append(DEPLOYED.passed(f"no changes: kept {d.full_name} ({deployment_id}) without calling deploy",
                                           deployment_id=deployment_id))
         checks += verification_checks(api, settings, d, deployment_id)
+        if the_plan.live_check is not None and the_plan.live_check.status.value == "fail":
+            checks.append(the_plan.live_check)
         self.publish(fallback_deployment_id=deployment_id)
         ctx.record_checks(checks)
         return deployment_id

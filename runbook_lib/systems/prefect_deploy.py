@@ -6,6 +6,7 @@ and the fix. Used by the deploy step and by the fallback (the same flow on anoth
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -17,9 +18,11 @@ from runbook_lib.core.aio import run_sync
 from runbook_lib.core.errors import RunbookError
 from runbook_lib.core.secrets import redact
 from runbook_lib.core.settings import RunbookSettings
-from runbook_lib.systems.prefect import prefect_settings
+from runbook_lib.systems.git import GitRepo
+from runbook_lib.systems.prefect import PrefectApi, prefect_settings
 
 DEPLOY_TIMEOUT = 300.0
+STALE = "the live state changed since the plan was shown"
 # The fields compared between the plan and the live deployment (the diff), in display order.
 FIELDS = ("work_pool_name", "entrypoint", "pull_steps", "job_variables", "parameters", "tags", "description", "version")
 
@@ -52,12 +55,15 @@ class DesiredDeployment:
     def ref(self) -> str:
         return f"commit {self.commit_sha[:12]}" if self.pinned else f"branch {self.branch}"
 
-    def storage(self) -> Any:
-        """Prefect's git storage for the source: the branch, or the pinned commit."""
+    def storage(self, *, checked: bool = False) -> Any:
+        """Prefect's git storage for the source: the branch, or the pinned commit. `checked`: a
+        clone of the branch refuses (DeployError) unless it got exactly the planned commit."""
         from prefect.runner.storage import GitRepository
 
         if self.pinned:
             return GitRepository(url=self.repository, commit_sha=self.commit_sha)
+        if checked:
+            return _checked_branch_storage(self)
         return GitRepository(url=self.repository, branch=self.branch)
 
     def pull_steps(self) -> list[dict[str, Any]]:
@@ -77,6 +83,31 @@ class DesiredDeployment:
         }
 
 
+def _checked_branch_storage(desired: "DesiredDeployment") -> Any:
+    """The branch's git storage (its pull step names the branch, as planned) whose clone must be at
+    the planned commit: the flow deployed is exactly the commit the plan showed and recorded."""
+    import anyio
+    from prefect.runner.storage import GitRepository
+
+    class PlannedCommitRepository(GitRepository):
+        async def pull_code(self) -> None:
+            await super().pull_code()
+            try:
+                done = await anyio.run_process(["git", "rev-parse", "HEAD"], cwd=self.destination)
+                head = done.stdout.decode().strip()
+            except Exception:  # the clone has no readable HEAD: refused below like a moved branch
+                head = ""
+            if head != desired.commit_sha:
+                raise DeployError(
+                    f"{STALE}: branch {desired.branch} of "
+                    f"{desired.repository} is at {head[:12] or 'an unreadable commit'}, the plan was made at "
+                    f"{desired.commit_sha[:12]}; nothing was deployed",
+                    "re-run this step to see and confirm the new plan",
+                )
+
+    return PlannedCommitRepository(url=desired.repository, branch=desired.branch)
+
+
 def live_fields(deployment: Any) -> dict[str, Any]:
     """The compared fields of a deployment as Prefect stores it."""
     return {
@@ -89,6 +120,35 @@ def live_fields(deployment: Any) -> dict[str, Any]:
         "description": deployment.description,
         "version": deployment.version,
     }
+
+
+def live_digest(deployment: Any) -> str | None:
+    """A digest of the live deployment as stored (id, last update, every compared field): any write
+    to it since the plan changes the digest. Only the digest is kept, never the values."""
+    if deployment is None:
+        return None
+    state = {"id": str(deployment.id), "updated": str(getattr(deployment, "updated", "")),
+             "fields": live_fields(deployment)}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def changed_since_plan(settings: RunbookSettings, desired: DesiredDeployment, live_id: str | None,
+                       planned_live_digest: str | None) -> str | None:
+    """Read again what a plan was built from (the branch head, the live deployment): None when both
+    are as they were, else the refusal's message saying what changed."""
+    with GitRepo(desired.repository) as git:
+        head = git.branch_sha(desired.branch)
+    live = PrefectApi.from_settings(settings).read_deployment(desired.full_name)
+    changed = []
+    if head != desired.commit_sha:
+        changed.append(f"branch {desired.branch} is now at {head[:12] if head else 'no commit (deleted)'}, the plan "
+                       f"was made at {desired.commit_sha[:12]}")
+    if live_digest(live) != planned_live_digest:
+        changed.append(f"deployment {desired.full_name} " + (
+            "was deleted" if live is None else "was created" if live_id is None else f"was changed (id {live.id})"))
+    if not changed:
+        return None
+    return f"{STALE}: {'; '.join(changed)}. Nothing was applied; re-run this step to see and confirm the new plan"
 
 
 def git_clone_step(pull_steps: list[dict[str, Any]] | None) -> dict[str, Any] | None:
@@ -208,12 +268,13 @@ def _http_status(exc: BaseException) -> int | None:
 
 def deploy_flow(settings: RunbookSettings, desired: DesiredDeployment, timeout: float = DEPLOY_TIMEOUT) -> str:
     """`flow.from_source(...).deploy(...)` with the profile's Prefect URL and key; the deployment id.
+    The flow is loaded from exactly the planned commit (a branch that moved refuses: DeployError).
     Works inside a kernel (the coroutines run on a fresh loop) and in plain Python."""
     from prefect import Flow
     from prefect._internal.versioning import VersionType
 
     async def deploy() -> Any:
-        flow = await Flow.afrom_source(desired.storage(), desired.entrypoint)
+        flow = await Flow.afrom_source(desired.storage(checked=True), desired.entrypoint)
         return await flow.adeploy(
             name=desired.name, work_pool_name=desired.work_pool_name, job_variables=desired.job_variables,
             parameters=desired.parameters, tags=desired.tags, description=desired.description,

@@ -27,7 +27,8 @@ from runbook_lib.steps import deploy
 from runbook_lib.systems import prefect_deploy
 from runbook_lib.systems.git import GitRepo
 from runbook_sandbox import prefect_gateway
-from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
+from tests.integration.git_helpers import git
+from tests.integration.notebook_runs import assert_no_secrets, assert_no_secrets_under, run_notebook, secret_values
 
 STEP = "03_deploy"
 DEPLOYMENT = "data-enrichment-orchestrator"
@@ -57,7 +58,7 @@ def deploy_in_process(sandbox, run_dir: Path, overrides: dict[str, Any] | None =
     step.confirm(the_plan)
     deployment_id = step.apply(the_plan)
     step.verify(the_plan, deployment_id)
-    step.smoke_run(deployment_id)
+    step.smoke_run(the_plan, deployment_id)
     ctx.finish()
     return ctx, the_plan, deployment_id
 
@@ -324,13 +325,16 @@ def test_smoke_run_completes_and_a_failing_run_shows_its_logs(sandbox, tmp_path)
     assert "COMPLETED" in smoke.detail
 
     ctx = step_context(STEP, sandbox, tmp_path / "run2", overrides)
+    step = deploy.Deploy(ctx, smoke_run=True)
+    the_plan = step.plan()
+    step.confirm(the_plan)  # no changes, but the smoke run is approved with the plan
     with gateway(sandbox) as client:
         block = client.get("block_types/slug/secret/block_documents/name/postgres-connection-string")
         block.raise_for_status()
         client.delete(f"block_documents/{block.json()['id']}").raise_for_status()
         try:
             with pytest.raises(ChecksFailed):
-                deploy.Deploy(ctx, smoke_run=True).smoke_run(deployment_id)
+                step.smoke_run(the_plan, deployment_id)
         finally:
             prefect_gateway.ensure_secret_blocks(sandbox)
     smoke = next(c for c in ctx.results.checks if c.id == "smoke_run")
@@ -338,6 +342,141 @@ def test_smoke_run_completes_and_a_failing_run_shows_its_logs(sandbox, tmp_path)
     assert "FAILED" in smoke.detail and "postgres-connection-string" in smoke.detail
     assert "last log lines" in smoke.detail
     assert smoke.remediation
+
+
+# -- the live deployment: masked, re-read before apply; the smoke run behind the gate --------------------
+
+
+def patch_deployment(sandbox, deployment_id: str, **fields: Any) -> None:
+    """Change the live deployment through Prefect's API, as someone in the UI would."""
+    with gateway(sandbox) as client:
+        client.patch(f"deployments/{deployment_id}", json=fields).raise_for_status()
+
+
+@pytest.mark.timeout(420)
+def test_a_plaintext_secret_in_the_live_deployment_is_masked_everywhere_and_fails_its_check(sandbox, sandbox_env,
+                                                                                               tmp_path):
+    name = unique_name("runbook-test-live-secret")
+    _, _, deployment_id = deploy_in_process(sandbox, tmp_path / "deploy", {"deployment.name": name})
+    literal = "as-" + uuid.uuid4().hex  # shaped like a Modal token secret, known to no setting
+    stored = read_deployment(sandbox, FLOW, name)
+    env = dict(stored["job_variables"]["env"], MODAL_TOKEN_SECRET=literal, MODAL_TOKEN_ID=sandbox_env["MODAL_TOKEN_ID"])
+    patch_deployment(sandbox, deployment_id, job_variables=dict(stored["job_variables"], env=env))
+
+    run_dir = tmp_path / "run"
+    run = run_notebook(STEP, sandbox.state, run_dir, {"confirm": True}, env={"RUNBOOK_DEPLOYMENT__NAME": name})
+    assert run.error is not None and run.error.ename == "ChecksFailed"
+    live = run.check("deployment.live_plaintext_secrets")
+    assert live["status"] == "fail" and "job_variables.env.MODAL_TOKEN_SECRET" in live["detail"]
+    assert "rotate" in live["remediation"]
+    job_variables = next(d for d in run.values["diff"] if d["field"] == "job_variables")
+    assert job_variables["status"] == "changed"
+    assert job_variables["live"]["env"]["MODAL_TOKEN_SECRET"] == "[plaintext secret withheld]"
+    assert run.results["status"] == "failed"
+    # The deploy replaced the plaintext with the placeholder; the step still fails (rotate it).
+    fixed = read_deployment(sandbox, FLOW, name)
+    assert fixed["id"] == deployment_id
+    assert fixed["job_variables"]["env"]["MODAL_TOKEN_SECRET"] == "{{ prefect.blocks.secret.modal-token-secret }}"
+    assert run.check("verify.no_plaintext_secrets")["status"] == "pass"
+    assert_no_secrets_under(run_dir, {"the live plaintext": literal, **secret_values(sandbox, sandbox_env)})
+
+
+@pytest.mark.timeout(300)
+def test_the_smoke_run_is_not_started_without_approval(sandbox, tmp_path):
+    """With nothing to deploy, the smoke run is still a change (in production a flow run dispatches
+    every PENDING item): it is part of the plan, behind the gate; headless without confirm, no flow run."""
+    name = unique_name("runbook-test-smoke-gate")
+    _, _, deployment_id = deploy_in_process(sandbox, tmp_path / "deploy", {"deployment.name": name})
+    ctx = step_context(STEP, sandbox, tmp_path / "run", {"deployment.name": name}, confirm=None)
+    step = deploy.Deploy(ctx, smoke_run=True)
+    the_plan = step.plan()
+    assert the_plan.no_changes and the_plan.nothing_to_apply is None
+    assert the_plan.gate_plan()["smoke_run"] is True and "flow run" in the_plan.summary()
+    mark = log_mark(sandbox, "prefect")
+    with pytest.raises(NotConfirmed):
+        step.confirm(the_plan)
+    with pytest.raises(NotConfirmed):
+        step.apply(the_plan)
+    with pytest.raises(NotConfirmed):
+        step.smoke_run(the_plan, deployment_id)
+    started = [e for e in requests_since(sandbox, "prefect", mark) if e["path"].endswith("/create_flow_run")]
+    assert started == []
+    with gateway(sandbox) as client:
+        runs = client.post("flow_runs/filter", json={"deployments": {"id": {"any_": [deployment_id]}}})
+        runs.raise_for_status()
+    assert runs.json() == []
+    assert ctx.results.status == "not_confirmed" and "smoke_run" not in {c.id for c in ctx.results.checks}
+
+
+@pytest.mark.timeout(300)
+def test_a_deployment_changed_after_the_plan_refuses_the_apply(sandbox, tmp_path):
+    name = unique_name("runbook-test-stale-live")
+    _, _, deployment_id = deploy_in_process(sandbox, tmp_path / "deploy", {"deployment.name": name})
+    overrides = {"deployment.name": name, "deployment.parameters": {"batch_size": 25}}
+    ctx = step_context(STEP, sandbox, tmp_path / "run", overrides)
+    step = deploy.Deploy(ctx)
+    the_plan = step.plan()
+    assert [c["field"] for c in the_plan.gate_plan()["changes"]] == ["parameters"]
+    step.confirm(the_plan)
+    patch_deployment(sandbox, deployment_id, description="edited in the UI after the plan was shown")
+    changed = read_deployment(sandbox, FLOW, name)
+    mark = log_mark(sandbox, "prefect")
+    with pytest.raises(RunbookError, match="the live state changed since the plan was shown"):
+        step.apply(the_plan)
+    assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
+    after = read_deployment(sandbox, FLOW, name)
+    assert after["updated"] == changed["updated"] and after["parameters"] == {"batch_size": 50}
+    saved = json.loads((tmp_path / "run" / f"{STEP}.json").read_text())
+    assert saved["status"] == "failed" and "the live state changed since the plan was shown" in saved["error"]
+    assert next(c for c in saved["checks"] if c["id"] == "deploy.apply")["status"] == "fail"
+
+
+def push_over_http(sandbox, work: Path, refspec: str) -> None:
+    """git push to the sandbox's git server over smart HTTP, with the token as GitHub takes it."""
+    import base64
+
+    basic = base64.b64encode(f"x-access-token:{sandbox.git.token}".encode()).decode()
+    git("-c", f"http.extraHeader=Authorization: Basic {basic}", "push", "-q", sandbox.repo_url, refspec, cwd=work)
+
+
+@pytest.mark.timeout(400)
+def test_a_branch_pushed_after_the_plan_refuses_the_apply_and_deploys_nothing(sandbox, tmp_path):
+    branch = unique_name("runbook-test-stale-branch")
+    work = tmp_path / "work"
+    git("clone", "-q", sandbox.repo_url, str(work), cwd=tmp_path)
+    push_over_http(sandbox, work, f"HEAD:refs/heads/{branch}")
+    try:
+        name = unique_name("runbook-test-stale-head")
+        ctx = step_context(STEP, sandbox, tmp_path / "run", {"deployment.name": name, "source.branch": branch})
+        step = deploy.Deploy(ctx)
+        the_plan = step.plan()
+        planned = the_plan.desired.commit_sha
+        step.confirm(the_plan)
+        (work / "NOTES.md").write_text("pushed after the plan was shown\n")
+        git("add", "-A", cwd=work)
+        git("commit", "-q", "-m", "A commit after the plan", cwd=work)
+        push_over_http(sandbox, work, f"HEAD:refs/heads/{branch}")
+        assert branch_head(sandbox, branch) != planned
+        mark = log_mark(sandbox, "prefect")
+        with pytest.raises(RunbookError, match="the live state changed since the plan was shown") as refused:
+            step.apply(the_plan)
+        assert planned[:12] in str(refused.value)
+        assert read_deployment(sandbox, FLOW, name) is None
+        assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
+    finally:
+        push_over_http(sandbox, work, f":refs/heads/{branch}")
+
+
+@pytest.mark.timeout(300)
+def test_deploy_flow_deploys_exactly_the_planned_commit_or_refuses(sandbox, desired):
+    """The last guard: the clone `.deploy()` loads the flow from must be at the planned commit (the
+    branch could move between the re-read and the clone)."""
+    moved = replace(desired, commit_sha="0" * 40)  # a plan made at another commit than the branch's head
+    mark = log_mark(sandbox, "prefect")
+    with pytest.raises(prefect_deploy.DeployError, match="the live state changed since the plan was shown"):
+        prefect_deploy.deploy_flow(settings_of(sandbox), moved)
+    assert read_deployment(sandbox, FLOW, desired.name) is None
+    assert deployment_writes(requests_since(sandbox, "prefect", mark)) == []
 
 
 # -- pure functions ----------------------------------------------------------------------------------

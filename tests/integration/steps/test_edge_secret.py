@@ -19,9 +19,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from runbook_lib.core.errors import ChecksFailed, NotConfirmed, SupabaseApiError
+from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError, SupabaseApiError
 from runbook_lib.steps import edge_secret
-from runbook_lib.systems.supabase import secret_digest
+from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 from tests.integration.steps.test_deploy import (
@@ -229,7 +229,10 @@ def test_a_rejected_token_fails_the_write_and_changes_nothing(sandbox, tmp_path,
     assert "access token" in write["remediation"].lower()
     assert saved["status"] == "failed" and "401" in saved["error"]
     assert current_digest(sandbox) == before
-    assert not (tmp_path / "run" / edge_secret.HISTORY_FILE).exists()
+    # Written ahead, then finalised: the change was not applied (the value is known unchanged).
+    lines = [json.loads(line) for line in (tmp_path / "run" / edge_secret.HISTORY_FILE).read_text().splitlines()]
+    assert [e["status"] for e in lines] == ["pending", "not_applied"]
+    assert lines[0]["change_id"] == lines[1]["change_id"] and lines[0]["previous_digest"] == before
 
 
 @pytest.mark.timeout(300)
@@ -321,6 +324,78 @@ def test_without_an_id_or_without_confirm_nothing_is_written(sandbox, tmp_path, 
     assert ctx.results.gate.decision == "rejected" and ctx.results.status == "not_confirmed"
     assert secret_writes(requests_since(sandbox, "supabase", mark)) == []
     assert current_digest(sandbox) == before
+
+
+@pytest.mark.timeout(300)
+def test_a_secret_changed_after_the_plan_refuses_the_write(sandbox, tmp_path, other_deployment, restore_secret):
+    """The plan was shown for one value; before apply, someone else sets another: the apply reads the
+    digest again and refuses, writing nothing."""
+    overrides, other_id = other_deployment
+    if current_digest(sandbox) == secret_digest(other_id):
+        set_secret(sandbox, STALE_DEPLOYMENT_ID)
+    ctx = step_context(STEP, sandbox, tmp_path / "run", overrides)
+    step = edge_secret.EdgeSecret(ctx, deployment_id=other_id)
+    the_plan = step.plan()
+    step.confirm(the_plan)
+    meanwhile = str(uuid.uuid4())
+    set_secret(sandbox, meanwhile)  # through the Management API, as another admin would
+    mark = log_mark(sandbox, "supabase")
+    with pytest.raises(RunbookError, match="the live state changed since the plan was shown"):
+        step.apply(the_plan)
+    assert secret_writes(requests_since(sandbox, "supabase", mark)) == []
+    assert current_digest(sandbox) == secret_digest(meanwhile)
+    saved = json.loads((tmp_path / "run" / f"{STEP}.json").read_text())
+    assert saved["status"] == "failed" and "the live state changed since the plan was shown" in saved["error"]
+    assert check(ctx, "secret.write").status.value == "fail"
+    assert not (tmp_path / "run" / edge_secret.HISTORY_FILE).exists()  # nothing was about to change
+
+
+@pytest.mark.timeout(400)
+def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sandbox, tmp_path, other_deployment,
+                                                                              restore_secret, monkeypatch):
+    """Write-ahead: the change is recorded (pending) before the upsert. Here the upsert goes through
+    and every read after it fails (the stand-in answers 500): the record shows the pending change,
+    and rollback=True restores the value it replaced."""
+    overrides, b_id = other_deployment
+    a_overrides = {"deployment.name": unique_name("runbook-test-edge-wal")}
+    _, _, a_id = deploy_in_process(sandbox, tmp_path / "deploy-a", a_overrides)
+    runs = tmp_path / "runs"
+    if current_digest(sandbox) == secret_digest(b_id):
+        set_secret(sandbox, STALE_DEPLOYMENT_ID)
+    secret_step(sandbox, runs / "1", overrides, b_id)  # B, recorded: the value the change below replaces
+    assert current_digest(sandbox) == secret_digest(b_id)
+
+    path = f"/v1/projects/{sandbox.supabase.project_ref}/secrets"
+    real_upsert = SupabaseManagementApi.upsert_secrets
+
+    def upsert_then_break_reads(self, *args, **kwargs):
+        result = real_upsert(self, *args, **kwargs)
+        with management(sandbox) as client:  # from now on, every list of the secrets answers 500
+            client.post("/_sandbox/faults", json={"path": path, "method": "GET", "status": 500, "count": None})
+        return result
+
+    monkeypatch.setattr(SupabaseManagementApi, "upsert_secrets", upsert_then_break_reads)
+    try:
+        with pytest.raises(SupabaseApiError):
+            secret_step(sandbox, runs / "2", a_overrides, a_id)
+    finally:
+        with management(sandbox) as client:
+            client.delete("/_sandbox/faults").raise_for_status()
+        monkeypatch.undo()
+    assert current_digest(sandbox) == secret_digest(a_id)  # the write happened
+    lines = [json.loads(line) for line in (runs / "2" / edge_secret.HISTORY_FILE).read_text().splitlines()]
+    assert [e["status"] for e in lines] == ["pending"]
+    assert lines[0]["previous_digest"] == secret_digest(b_id) and lines[0]["previous_deployment_id"] == b_id
+    assert lines[0]["deployment_id"] == a_id and lines[0]["source"] == "the deployment_id parameter"
+    saved = json.loads((runs / "2" / f"{STEP}.json").read_text())
+    assert saved["status"] == "failed" and saved["values"]["change_status"] == "pending"
+    assert "pending" in next(c for c in saved["checks"] if c["id"] == "secret.write")["detail"]
+
+    back = secret_step(sandbox, runs / "3", overrides, rollback=True)
+    assert back.results.status == "passed", [(c.id, c.status, c.detail) for c in back.results.checks]
+    assert back.results.values["deployment_id"] == b_id
+    assert "never confirmed by a read-back" in check(back, "rollback.record").detail
+    assert current_digest(sandbox) == secret_digest(b_id)
 
 
 def test_deployment_id_parsing():

@@ -52,6 +52,11 @@ def test_fallback_passes_end_to_end_and_stops_its_worker(sandbox, sandbox_env, s
     try:
         run = run_chain_notebook(STEP, sandbox, tmp_path, {"confirm": True, "stop_worker": True, **E2E})
         assert run.error is None, run.results
+        # Each gate's decision is kept, in order: the deployment, the Edge Function's secret, the test batch.
+        gates = run.results["gates"]
+        assert len(gates) == 3 and all(g["decision"] == "approved" and g["mode"] == "parameter" for g in gates), gates
+        assert "worker" in gates[0]["summary"] and "PREFECT_DEPLOYMENT_ID" in gates[1]["summary"]
+        assert len({g["plan_digest"] for g in gates}) == 3 and run.results["gate"] == gates[-1]
         statuses = run.statuses()
         for check in ("prefect.work_pool", "fallback.pool_ready", "fallback.deploy", "verify.work_pool", "fallback.worker",
                       "secret.verify", "fallback.worker_stopped", *LINK_IDS, "cleanup"):
