@@ -284,7 +284,9 @@ def test_items_stranded_at_queued_fail_and_the_requeue_fails_closed_without_conf
     assert "3 state(s), the oldest 20 min old, in 1 batch(es)" in check.detail and launched.batch_id in check.detail
     assert "--requeue-stuck --confirm" in check.remediation
     # the plan was shown, refused, and nothing changed
-    assert h.step.ctx.results.status == "not_confirmed"
+    gate = h.step.ctx.results.gate
+    assert gate.decision == "rejected" and gate.mode == "headless"
+    assert h.step.ctx.results.status == "failed"  # the verdict (fail) is the step's outcome
     assert len(h.step.ctx.results.values["requeue_plan"]) == 3 and "requeued" not in h.step.ctx.results.values
     assert states == {(STEP_SLUG, "QUEUED"): 3}
 
