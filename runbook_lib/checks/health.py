@@ -310,11 +310,13 @@ def edge_secret(facts: HealthFacts) -> Outcome:
         what = f"it names {names[digest]}"
     else:
         what = "it names no deployment the record knows (another deployment, or a value set by hand)"
-    since = f"; it changed since {b.source} (recorded {b.edge_digest[:12]}...)" if b.edge_digest and b.edge_digest != digest else ""
+    changed = b.edge_digest and b.edge_digest != digest
+    since = f"; it changed since {b.source} (recorded {b.edge_digest[:12]}...)" if changed else ""
     raise Fail(
         f"{name} digest {digest[:12]}... is not sha256({expected}): {what}{since}; every trigger starts the wrong "
         "deployment or gets a 404 from Prefect",
-        f"point it back at the deployment: `runbook run --profile {s.profile} --confirm --only 04 -p deployment_id={expected}`",
+        f"point it back at the deployment: "
+        f"`runbook run --profile {s.profile} --confirm --only 04 -p deployment_id={expected}`",
         digest=digest, expected_deployment_id=expected,
     )
 
@@ -497,7 +499,8 @@ def flow_runs_stuck(facts: HealthFacts) -> Outcome:
 
 def _states_detail(summary: dict[str, Any]) -> str:
     batches = ", ".join(f"{b['batch_id']} ({b['n']})" for b in summary["batches"])
-    more = f" and {summary['batch_count'] - len(summary['batches'])} more" if summary["batch_count"] > len(summary["batches"]) else ""
+    hidden = summary["batch_count"] - len(summary["batches"])
+    more = f" and {hidden} more" if hidden > 0 else ""
     examples = "\n".join(
         f"- state {e['state_id']}: item {e['item_id']}, step {e['step_name']}, since {e['updated_at']:%Y-%m-%d %H:%M:%S} "
         f"({_duration(e['age_seconds'])})" + (f", meta keys {', '.join(e['meta_keys'])}" if e["meta_keys"] else "")

@@ -303,7 +303,8 @@ class HealthCheck(Step):
         write_record(self.ctx.run_dir, self.ctx.profile, verdict, report, self.baseline, results.values)
         show(verdict_banner(verdict, report))
         if verdict == "fail" and raise_on_fail:
-            raise RunbookError(f"health check: fail ({', '.join(c.id for c in report.failures)}); see the remediations above")
+            failed = ", ".join(c.id for c in report.failures)
+            raise RunbookError(f"health check: fail ({failed}); see the remediations above")
         return verdict
 
 
