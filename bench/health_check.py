@@ -5,13 +5,17 @@ Prints the wall-clock seconds of each repetition, their median, and the slowest 
 in-process run (import time shown apart: Prefect's client alone takes seconds to import).
 
 Usage: python bench/health_check.py [--repeat 3] [--outputs-dir DIR]
-Needs a running sandbox (`runbook sandbox up`; RUNBOOK_SANDBOX_DIR if it is not .sandbox/). Runs only
-reads: the health check changes nothing without --requeue-stuck --confirm.
+Uses the running sandbox (`runbook sandbox up`; RUNBOOK_SANDBOX_DIR if it is not .sandbox/), else starts
+one in a temporary directory and stops it at the end. Runs only reads: the health check changes nothing
+without --requeue-stuck --confirm.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,11 +52,41 @@ def per_check() -> list[tuple[float, str]]:
     return times
 
 
+@contextlib.contextmanager
+def a_sandbox():
+    """The running sandbox, or one started here for the benchmark."""
+    from runbook_lib.core.profiles import load_settings
+
+    try:
+        load_settings("sandbox")
+        yield
+        return
+    except Exception:
+        pass
+    from runbook_sandbox import manager
+
+    state = Path(tempfile.mkdtemp(prefix="bench-health-sandbox-", dir="/tmp"))
+    state.chmod(0o755)
+    print(f"no running sandbox: starting one in {state} ...")
+    try:
+        manager.up(state, echo=lambda s: None)
+        os.environ["RUNBOOK_SANDBOX_DIR"] = str(state)
+        yield
+    finally:
+        manager.down(state, purge=True, echo=lambda s: None)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--outputs-dir", type=Path, default=None)
     args = parser.parse_args()
+    with a_sandbox():
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     outputs = args.outputs_dir or Path(tempfile.mkdtemp(prefix="bench-health-"))
     runs = []
     for i in range(args.repeat):

@@ -509,6 +509,44 @@ def _states_detail(summary: dict[str, Any]) -> str:
             f"{summary['batch_count']} batch(es): {batches}{more}\n{examples}")
 
 
+DISPATCH_WORDS = ("dispatch", "spawn", "modal", "sender", "secret", "credential")
+
+
+def _claim_evidence(facts: HealthFacts, summary: dict[str, Any]) -> str:
+    """What the flow run that was running when the oldest state was claimed logged (warnings and
+    errors, its subflows' too), quoted masked; or that no run of the deployment was running then."""
+    if not summary["examples"]:
+        return ""
+    claimed = summary["examples"][0]["updated_at"]
+    if claimed.tzinfo is None:
+        claimed = claimed.replace(tzinfo=timezone.utc)
+    try:
+        runs = facts.flow_runs()
+    except Exception:  # the deployment is unknown: its own check says why
+        return ""
+    slack = timedelta(seconds=5)
+
+    def covers(run: Any) -> bool:
+        start, end = run.start_time, run.end_time or _now()
+        return start is not None and start - slack <= claimed <= end + slack
+    run = next((r for r in runs if covers(r)), None)
+    if run is None:
+        return (f"\nno flow run of the deployment was running when the oldest was claimed ({claimed:%Y-%m-%d %H:%M:%S}): "
+                "another deployment, a manual run, or a run older than the last "
+                f"{RECENT_RUNS} claimed them")
+    api = facts.prefect_for()
+    try:
+        ids = [run.id, *(sub.id for sub in api.read_subflow_runs(run.id))]
+        lines = api.read_logs(ids, min_level=30, limit=100)
+    except Exception as exc:  # the logs are evidence, not a condition of the check
+        return f"\nclaimed during flow run {_run_name(run)} ({_run_state(run)}); its logs are unreadable: {_short(exc, 120)}"
+    messages = list(dict.fromkeys(_short(line.message.splitlines()[0] if line.message else "", 200) for line in lines))
+    about = [m for m in messages if any(w in m.lower() for w in DISPATCH_WORDS)] or messages
+    quoted = "".join(f"\n  > {m}" for m in about[:3]) or " (no warning or error logged)"
+    state = f"{_run_state(run)}: {_short(run.state.message, 120)}" if run.state and run.state.message else _run_state(run)
+    return f"\nclaimed during flow run {_run_name(run)} ({state}); it logged:{quoted}"
+
+
 @check("health.items_queued", "No item is QUEUED past the orchestrator's lease",
        proves="no workflow state has been QUEUED (claimed by the orchestrator) longer than its lease without being "
               "dispatched")
@@ -519,7 +557,8 @@ def items_queued(facts: HealthFacts) -> Outcome:
     if not summary["count"]:
         return ok(f"no state QUEUED for longer than {_duration(h.queued_lease_seconds)} (the lease)")
     raise Fail(
-        f"QUEUED longer than the lease ({_duration(h.queued_lease_seconds)}), never dispatched: " + _states_detail(summary),
+        f"QUEUED longer than the lease ({_duration(h.queued_lease_seconds)}), never dispatched: " + _states_detail(summary)
+        + _claim_evidence(facts, summary),
         "the orchestrator claimed them and the dispatch failed (no Modal credentials in the runtime, a missing Secret "
         "block, no sender mapped for the step and workstream): read the flow runs' logs, fix the cause, then put them "
         f"back to PENDING and start a run: `runbook health --profile {facts.settings.profile} --requeue-stuck --confirm` "

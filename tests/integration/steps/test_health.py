@@ -282,6 +282,7 @@ def test_items_stranded_at_queued_fail_and_the_requeue_fails_closed_without_conf
     assert h.not_passed() == {"health.items_queued": "fail"}, explain(h)
     check = h.checks["health.items_queued"]
     assert "3 state(s), the oldest 20 min old, in 1 batch(es)" in check.detail and launched.batch_id in check.detail
+    assert "no flow run of the deployment was running when the oldest was claimed" in check.detail  # the evidence
     assert "--requeue-stuck --confirm" in check.remediation
     # the plan was shown, refused, and nothing changed
     gate = h.step.ctx.results.gate
