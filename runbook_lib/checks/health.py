@@ -30,6 +30,7 @@ DRIFT_FIELDS = ("work_pool_name", "entrypoint", "pull_steps", "job_variables", "
 STUCK_RUN_STATES = ("SCHEDULED", "PENDING")
 BAD_RUN_STATES = ("FAILED", "CRASHED")
 RECENT_RUNS = 50
+LEASE_PARAMETER = "claim_lease_seconds"  # the orchestrator's flow parameter
 
 
 @dataclass
@@ -144,6 +145,21 @@ class HealthFacts(Facts):
         deployment = self.deployment_for()
         return self.fact("flow_runs", lambda: self.prefect_for().read_flow_runs_of_deployment(
             deployment.id, limit=RECENT_RUNS))
+
+    def queued_lease(self) -> tuple[float, str]:
+        """(the orchestrator's claim lease, where it comes from): `health.queued_lease_seconds` when
+        the profile sets it, else the live deployment's `claim_lease_seconds` parameter when it has
+        one, else the default lease (QUEUED_LEASE_SECONDS, the flow's default)."""
+        h = self.settings.health
+        if self.settings.origin("health.queued_lease_seconds") != "default":
+            return h.queued_lease_seconds, "health.queued_lease_seconds"
+        try:
+            value = (self.deployment().parameters or {}).get(LEASE_PARAMETER)
+        except Exception:  # no deployment: its own check says why
+            value = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value), f"the deployment's parameter {LEASE_PARAMETER}"
+        return h.queued_lease_seconds, "the orchestrator's default lease"
 
     def window(self) -> timedelta:
         return timedelta(minutes=self.settings.health.window_minutes)
@@ -553,11 +569,12 @@ def _claim_evidence(facts: HealthFacts, summary: dict[str, Any]) -> str:
 def items_queued(facts: HealthFacts) -> Outcome:
     db = facts.need(facts.database, "database.connect", "a database connection")
     h = facts.settings.health
-    summary = db.states_summary("QUEUED", older_than_seconds=h.queued_lease_seconds, examples=h.examples)
+    lease, source = facts.queued_lease()
+    summary = db.states_summary("QUEUED", older_than_seconds=lease, examples=h.examples)
     if not summary["count"]:
-        return ok(f"no state QUEUED for longer than {_duration(h.queued_lease_seconds)} (the lease)")
+        return ok(f"no state QUEUED for longer than the lease, {_duration(lease)} ({source})")
     raise Fail(
-        f"QUEUED longer than the lease ({_duration(h.queued_lease_seconds)}), never dispatched: " + _states_detail(summary)
+        f"QUEUED longer than the lease ({_duration(lease)}, {source}), never dispatched: " + _states_detail(summary)
         + _claim_evidence(facts, summary),
         "the orchestrator claimed them and the dispatch failed (no Modal credentials in the runtime, a missing Secret "
         "block, no sender mapped for the step and workstream): read the flow runs' logs, fix the cause, then put them "

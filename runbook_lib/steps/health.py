@@ -221,8 +221,9 @@ class HealthCheck(Step):
         s = self.settings
         with self.failing():
             db = self.facts.database()
-            states = db.queued_state_ids(s.health.queued_lease_seconds)
-        self.plan = RequeuePlan(states, s.health.queued_lease_seconds, s.supabase.edge_function_url or "")
+            lease, _ = self.facts.queued_lease()
+            states = db.queued_state_ids(lease)
+        self.plan = RequeuePlan(states, lease, s.supabase.edge_function_url or "")
         self.publish(requeue_plan=[{k: str(v) for k, v in st.items()} for st in states])
         if self.plan.nothing_to_apply:
             show(f"{self.plan.nothing_to_apply}; nothing to requeue.")

@@ -389,9 +389,12 @@ class Database:
         """Put these QUEUED states back to PENDING, in one transaction, re-checking each is still QUEUED
         and older than `older_than_seconds` (a state the orchestrator moved meanwhile is left alone).
         The reason goes into each state's meta (`requeued`) and, where the audit table has a `reason`
-        column, into the transitions this recorded. Returns the states reset and where the reason went."""
+        column, into the transitions this recorded (through the `runbook.transition_reason` setting the
+        audit trigger reads, or written after it where the trigger does not read it). Returns the states reset and where the reason went."""
         with self.connect(autocommit=False) as conn:
             try:
+                # The audit trigger (runbook_sandbox/sql/007) records this transaction's reason.
+                conn.execute("SELECT set_config('runbook.transition_reason', %s, true)", (reason,))
                 rows = conn.execute(
                     """
                     UPDATE public.workflow_states
