@@ -242,6 +242,14 @@ def _live_fields(facts: HealthFacts, deployment: Any) -> dict[str, Any]:
             "version": deployment.version}
 
 
+def _differences(path: str, want: Any, got: Any) -> list[tuple[str, Any, Any]]:
+    """(path, expected, live) of each differing leaf, dictionaries compared key by key."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        return [d for key in sorted(set(want) | set(got), key=str)
+                for d in _differences(f"{path}.{key}", want.get(key), got.get(key))]
+    return [] if same(want, got) else [(path, want, got)]
+
+
 def _pull_ref(pull_steps: Any) -> dict[str, Any] | None:
     clone = git_clone_step(pull_steps)
     if clone is None:
@@ -279,8 +287,9 @@ def deployment_drift(facts: HealthFacts) -> Outcome:
                 got = {k: v for k, v in got.items() if k in want}  # the profile names a branch, not a commit
         if not same(got, want):
             changes.append({"field": name, "recorded": want, "live": got})
-    problems = [f"{c['field']}: {'recorded' if facts.baseline.fields else 'profile'} {_short(_json(c['recorded']), 200)}, "
-                f"live {_short(_json(c['live']), 200)}" for c in changes]
+    said = "recorded" if facts.baseline.fields else "profile"
+    problems = [f"{path}: {said} {_short(_json(want), 200)}, live {_short(_json(got), 200)}"
+                for c in changes for path, want, got in _differences(c["field"], c["recorded"], c["live"])]
     if getattr(live, "paused", False):
         problems.append("paused: the deployment is paused (its runs are not scheduled)")
     if live.schedules:

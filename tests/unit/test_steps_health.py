@@ -128,3 +128,16 @@ def test_the_record_holds_the_verdict_checks_and_an_index_page(tmp_path):
     assert record["requeue"] == {"requeued": []}
     assert "DRIFT" in (directory / "health.html").read_text()
     assert HealthOutput.STEP == "06_health_check"
+
+
+def test_drift_is_shown_key_by_key():
+    from runbook_lib.checks.health import _differences
+
+    want = {"env": {"A": "{{ prefect.blocks.secret.a }}", "B": "x"}, "pip_packages": ["modal"]}
+    got = {"env": {"A": "[plaintext secret withheld]", "B": "x", "C": "new"}, "pip_packages": ["modal", "prefect"]}
+    assert _differences("job_variables", want, got) == [
+        ("job_variables.env.A", "{{ prefect.blocks.secret.a }}", "[plaintext secret withheld]"),
+        ("job_variables.env.C", None, "new"),
+        ("job_variables.pip_packages", ["modal"], ["modal", "prefect"]),
+    ]
+    assert _differences("parameters", {"batch_size": 50}, {"batch_size": 50}) == []

@@ -200,6 +200,29 @@ def test_an_edited_trigger_function_is_drift(sandbox, baseline, tmp_path, db):
 
 
 @pytest.mark.timeout(300)
+def test_a_deployment_edited_in_the_ui_is_drift_field_by_field_with_job_variables_masked(sandbox, baseline, tmp_path):
+    plaintext = f"pasted-in-the-ui-{uuid.uuid4().hex}"
+    with gateway(sandbox) as client:
+        before = client.get(f"deployments/{baseline['deployment_id']}").raise_for_status().json()
+        edited = {**before["job_variables"], "env": {**before["job_variables"]["env"], "MODAL_TOKEN_SECRET": plaintext}}
+        client.patch(f"deployments/{baseline['deployment_id']}",
+                     json={"job_variables": edited, "paused": True}).raise_for_status()
+        try:
+            h = health(sandbox, baseline, tmp_path)
+        finally:
+            client.patch(f"deployments/{baseline['deployment_id']}",
+                         json={"job_variables": before["job_variables"], "paused": False}).raise_for_status()
+    assert h.verdict == "drift", explain(h)
+    assert h.not_passed() == {"health.deployment_drift": "warn"}
+    check = h.checks["health.deployment_drift"]
+    assert check.data["changed"] == ["job_variables"]
+    assert "- job_variables.env.MODAL_TOKEN_SECRET: recorded" in check.detail and "- paused:" in check.detail
+    assert plaintext not in check.detail and "[plaintext secret withheld]" in check.detail
+    assert "--from 03" in check.remediation
+    assert health(sandbox, baseline, tmp_path).verdict == "ok"
+
+
+@pytest.mark.timeout(300)
 def test_an_edge_secret_pointing_elsewhere_fails(sandbox, baseline, settings, tmp_path):
     elsewhere = str(uuid.uuid4())
     set_function_deployment_id(settings, elsewhere)
