@@ -1,5 +1,5 @@
-"""Command line: `runbook run`, `runbook checks`, and `runbook sandbox up | status | down` (the
-sandbox's own commands, mounted here when the sandbox is installed). `python -m runbook_lib ...`
+"""Command line: `runbook run`, `runbook health`, `runbook checks`, and `runbook sandbox up | status |
+down` (the sandbox's own commands, mounted here when the sandbox is installed). `python -m runbook_lib ...`
 is the same program. Commands parse and print; the work is in the library."""
 
 from __future__ import annotations
@@ -56,3 +56,35 @@ def checks() -> None:
 
     load_all()  # the steps define the checks of their own actions
     typer.echo(catalog_markdown())
+
+
+@app.command("health")
+def health(
+    profile: str = typer.Option("sandbox", "--profile", help="sandbox or production (profiles/<name>.toml)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as JSON on stdout (the tables go to stderr)."),
+    requeue_stuck: bool = typer.Option(False, "--requeue-stuck",
+                                       help="Show the states QUEUED past the lease; with --confirm, reset them to "
+                                            "PENDING and start one flow run through the Edge Function."),
+    confirm: bool = typer.Option(False, "--confirm", help="Approve the requeue (headless); without it nothing changes."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Compare with this run (a run id or directory) "
+                                           "instead of the last passing one."),
+    outputs_dir: Optional[Path] = typer.Option(None, "--outputs-dir", help="Default outputs/ (records in outputs/health/)."),
+) -> None:
+    """Check the live chain against the last passing run: verdict ok / drift / fail (exit 0 / 1 / 2).
+    Read-only, except the requeue of stuck items behind --requeue-stuck --confirm."""
+    import json
+
+    from runbook_lib.core.errors import RunbookError
+    from runbook_lib.steps.health import run_health
+
+    try:
+        outcome = run_health(profile, requeue_stuck=requeue_stuck, confirm=True if confirm else None,
+                             outputs_dir=outputs_dir, baseline=baseline, quiet=as_json)
+    except RunbookError as exc:
+        typer.secho(f"health check could not run: {exc}", fg="red", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(outcome.record, indent=2, default=str))
+    else:
+        typer.echo(f"health: {outcome.verdict} (exit {outcome.exit_code}); record: {outcome.record_dir}")
+    raise typer.Exit(outcome.exit_code)

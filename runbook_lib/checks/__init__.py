@@ -4,12 +4,12 @@ the groups it needs (`run_checks(facts, GROUP)`), so steps 01 and 03 (and the fa
 same things to the same rules. `REGISTRY` lists every check id; `catalog_markdown()` renders it
 for the README."""
 
-from runbook_lib.checks import database, deployment, local, prefect, source, supabase
+from runbook_lib.checks import database, deployment, health, local, prefect, source, supabase
 from runbook_lib.checks.base import REGISTRY, Check, CheckDef, CheckReport, Status, check, define, run_checks
 from runbook_lib.checks.facts import Facts
 
 __all__ = ["REGISTRY", "Check", "CheckDef", "CheckReport", "Facts", "Status", "catalog_markdown", "check", "define",
-           "run_checks", "database", "deployment", "local", "prefect", "source", "supabase"]
+           "run_checks", "database", "deployment", "health", "local", "prefect", "source", "supabase"]
 
 
 def catalog_markdown() -> str:

@@ -397,6 +397,22 @@ class FallbackSettings(_Section):
     worker_query_seconds: int = Field(default=10, ge=1)  # how often the worker polls for runs
 
 
+class HealthSettings(_Section):
+    """The health check (step 06, `runbook health`): its window and thresholds."""
+
+    # Flow runs, pg_net responses and FAILED items are looked at over this window (pg_net keeps its
+    # responses about 6 hours).
+    window_minutes: float = Field(default=360, gt=0, allow_inf_nan=False)
+    # A state QUEUED longer than this was claimed and never dispatched. Unset: the orchestrator's claim
+    # lease (the deployment's `claim_lease_seconds`, else the flow's CLAIM_LEASE_SECONDS: source.lease).
+    queued_lease_seconds: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # A state PENDING longer than this, with no flow run of the deployment since, waits for a trigger.
+    pending_threshold_seconds: float = Field(default=900, gt=0, allow_inf_nan=False)
+    # A flow run Scheduled / Pending longer than this is not being picked up.
+    scheduled_threshold_seconds: float = Field(default=600, gt=0, allow_inf_nan=False)
+    examples: int = Field(default=5, ge=1, le=50)  # rows quoted per finding
+
+
 class RunbookSettings(BaseSettings):
     """Everything a runbook step needs about its target. Build it with `load_settings`."""
 
@@ -414,6 +430,7 @@ class RunbookSettings(BaseSettings):
     modal: ModalSettings = Field(default_factory=ModalSettings)
     e2e: E2ESettings
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
 
     _origins: dict[str, str] = PrivateAttr(default_factory=dict)
     _hints: Any = PrivateAttr(default=None)  # core.profiles: where each setting is set, for messages

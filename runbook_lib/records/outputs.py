@@ -39,6 +39,8 @@ class StepOutput(BaseModel):
 
 class PrerequisitesOutput(StepOutput):
     STEP: ClassVar[str] = "01_verify_prerequisites"
+    trigger_function: str | None = None
+    trigger_function_digest: str | None = None  # sha256 of its source: the health check's baseline
 
 
 class MergeOutput(StepOutput):
@@ -119,3 +121,17 @@ class FallbackOutput(StepOutput):
     switch_back_command: str | None = None
 
     _id = field_validator("fallback_deployment_id", mode="before")(_uuid_or_none)
+
+
+class HealthOutput(StepOutput):
+    STEP: ClassVar[str] = "06_health_check"
+    verdict: str | None = None  # ok | drift | fail
+    exit_code: int | None = None  # 0 | 1 | 2
+    baseline: dict[str, Any] | None = None  # where the compared values came from (a run, or the profile)
+    counts: dict[str, int] | None = None  # checks by status
+    findings: list[dict[str, Any]] | None = None  # id, status, detail, remediation of each non-pass
+    stuck_queued: int | None = None
+    requeue_plan: list[dict[str, Any]] | None = None  # the states requeue_stuck would reset
+    requeued: list[dict[str, Any]] | None = None  # the states it reset
+    requeue_flow_run_id: str | None = None  # the flow run the Edge Function started for them
+    record_dir: str | None = None

@@ -4,7 +4,7 @@ parameters, whose methods are the notebook's cells."""
 
 import importlib
 
-MODULES = ("prerequisites", "merge_check", "deploy", "edge_secret", "e2e", "fallback")
+MODULES = ("prerequisites", "merge_check", "deploy", "edge_secret", "e2e", "fallback", "health")
 
 
 def load_all() -> None:

@@ -9,6 +9,7 @@ admin UI does, so the end-to-end test goes through the real trigger. Connection 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -47,6 +48,13 @@ class TriggerInfo:
 
     def posts_to(self, url: str) -> bool:
         return f"'{url}'" in self.function_source
+
+    @property
+    def source_digest(self) -> str:
+        """sha256 of the function's source (pg_get_functiondef), line endings and trailing blanks
+        normalised: what a passing run records, and the health check compares."""
+        text = "\n".join(line.rstrip() for line in self.function_source.strip().splitlines())
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -334,3 +342,114 @@ class Database:
             existed = conn.execute("DELETE FROM public.batches WHERE id = %s", (batch_id,)).rowcount > 0
             conn.commit()
             return existed
+
+    # -- health (step 06) ---------------------------------------------------------------------
+    def has_column(self, table: str, column: str) -> bool:
+        """`schema.table` has `column`."""
+        schema, _, name = table.rpartition(".")
+        return bool(self.query(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = %s AND column_name = %s",
+            (schema or "public", name, column),
+        ))
+
+    def http_response_summary(self, since: datetime, examples: int) -> dict[str, Any]:
+        """pg_net's answers (net._http_response) created after `since`: total, failures (non-2xx,
+        timed out, error), the latest answer, and the newest failures (with the batch they were for,
+        when runbook.trigger_requests knows it)."""
+        failed = ("(r.timed_out IS TRUE OR r.error_msg IS NOT NULL OR r.status_code IS NULL "
+                  "OR r.status_code NOT BETWEEN 200 AND 299)")
+        window = "r.created > %(since)s"
+        params = {"since": since, "n": examples}
+        counts = self.query(
+            f"SELECT count(*) AS total, count(*) FILTER (WHERE {failed}) AS failed FROM net._http_response r WHERE {window}",
+            params)[0]
+        batch = ("(SELECT t.batch_id::text FROM runbook.trigger_requests t WHERE t.request_id = r.id)"
+                 if self.has_relation("runbook.trigger_requests") else "NULL::text")
+        columns = (f"r.id, r.status_code, r.timed_out, r.error_msg, left(r.content, 200) AS content, r.created, "
+                   f"{batch} AS batch_id, {failed} AS failed")
+        latest = self.query(f"SELECT {columns} FROM net._http_response r WHERE {window} ORDER BY r.created DESC, r.id DESC "
+                            "LIMIT 1", params)
+        failures = self.query(f"SELECT {columns} FROM net._http_response r WHERE {window} AND {failed} "
+                              "ORDER BY r.created DESC, r.id DESC LIMIT %(n)s", params)
+        return {"total": counts["total"], "failed": counts["failed"], "latest": latest[0] if latest else None,
+                "failures": failures}
+
+    def states_summary(self, status: str, *, older_than_seconds: float | None = None,
+                       changed_after: datetime | None = None, examples: int = 5) -> dict[str, Any]:
+        """Workflow states at `status` whose last change (`updated_at`) is older than so many seconds
+        and after `changed_after`: count, the oldest age, the batches, the oldest examples (state,
+        batch, item, step, age in seconds, meta keys)."""
+        where = ["s.status = %(status)s::workflowstatus"]
+        params: dict[str, Any] = {"status": status, "n": examples}
+        if older_than_seconds is not None:
+            where.append("s.updated_at < now() - make_interval(secs => %(older)s)")
+            params["older"] = float(older_than_seconds)
+        if changed_after is not None:
+            where.append("s.updated_at > %(after)s")
+            params["after"] = changed_after
+        cond = " AND ".join(where)
+        head = self.query(
+            "SELECT count(*) AS n, extract(epoch FROM now() - min(s.updated_at))::float8 AS oldest_seconds, "
+            f"count(DISTINCT s.batch_id) AS batch_count FROM public.workflow_states s WHERE {cond}", params)[0]
+        batches = self.query(
+            "SELECT s.batch_id::text AS batch_id, count(*) AS n, min(s.updated_at) AS oldest FROM public.workflow_states s "
+            f"WHERE {cond} GROUP BY s.batch_id ORDER BY min(s.updated_at) LIMIT %(n)s", params)
+        rows = self.query(
+            "SELECT s.id::text AS state_id, s.batch_id::text AS batch_id, s.item_id::text AS item_id, s.step_name, "
+            "s.updated_at, extract(epoch FROM now() - s.updated_at)::float8 AS age_seconds, "
+            "(SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(CASE WHEN jsonb_typeof(s.meta) = 'object' "
+            "THEN s.meta ELSE '{}'::jsonb END) k) AS meta_keys "
+            f"FROM public.workflow_states s WHERE {cond} ORDER BY s.updated_at, s.id LIMIT %(n)s", params)
+        return {"count": head["n"], "oldest_seconds": head["oldest_seconds"], "batch_count": head["batch_count"],
+                "batches": batches, "examples": rows}
+
+    def queued_state_ids(self, older_than_seconds: float, limit: int = 10000) -> list[dict[str, Any]]:
+        """Every state QUEUED for longer than `older_than_seconds` (oldest first): id, batch, item, step, since."""
+        return self.query(
+            "SELECT id::text AS state_id, batch_id::text AS batch_id, item_id::text AS item_id, step_name, updated_at "
+            "FROM public.workflow_states WHERE status = 'QUEUED' AND updated_at < now() - make_interval(secs => %s) "
+            "ORDER BY updated_at, id LIMIT %s", (float(older_than_seconds), limit))
+
+    def requeue_queued(self, state_ids: list[str], older_than_seconds: float, reason: str) -> dict[str, Any]:
+        """Put these QUEUED states back to PENDING, in one transaction, re-checking each is still QUEUED
+        and older than `older_than_seconds` (a state the orchestrator moved meanwhile is left alone).
+        The reason goes into each state's meta (`requeued`) and, where the audit table has a `reason`
+        column, into the transitions this recorded (through the `runbook.transition_reason` setting the
+        audit trigger reads, or written after it where the trigger does not read it). Returns the states reset and where the reason went."""
+        with self.connect(autocommit=False) as conn:
+            try:
+                # The audit trigger (runbook_sandbox/sql/007) records this transaction's reason.
+                conn.execute("SELECT set_config('runbook.transition_reason', %s, true)", (reason,))
+                rows = conn.execute(
+                    """
+                    UPDATE public.workflow_states
+                       SET status = 'PENDING', updated_at = now(),
+                           meta = CASE WHEN jsonb_typeof(meta) = 'object' THEN meta ELSE '{}'::jsonb END
+                                  || jsonb_build_object('requeued', jsonb_build_object(
+                                         'at', now(), 'reason', %(reason)s::text, 'queued_since', updated_at))
+                     WHERE id = ANY(%(ids)s::uuid[]) AND status = 'QUEUED'
+                       AND updated_at < now() - make_interval(secs => %(age)s)
+                    RETURNING id::text AS state_id, batch_id::text AS batch_id, item_id::text AS item_id, step_name
+                    """,
+                    {"ids": list(state_ids), "age": float(older_than_seconds), "reason": reason},
+                ).fetchall()
+                audited = conn.execute(
+                    "SELECT 1 FROM information_schema.columns WHERE table_schema = 'runbook' "
+                    "AND table_name = 'workflow_state_transitions' AND column_name = 'reason'").fetchone() is not None
+                if audited and rows:
+                    conn.execute(
+                        "UPDATE runbook.workflow_state_transitions SET reason = %s WHERE state_id = ANY(%s::uuid[]) "
+                        "AND from_status = 'QUEUED' AND to_status = 'PENDING' AND reason IS NULL "
+                        "AND at >= transaction_timestamp()", (reason, [r["state_id"] for r in rows]))
+                conn.commit()
+            except psycopg.Error as exc:
+                conn.rollback()
+                raise DatabaseError(f"requeueing the stuck states failed (nothing changed): {redact(str(exc).strip())}") from None
+        return {"states": rows, "audit_reason": audited}
+
+    def transition_reasons(self, state_ids: list[str]) -> list[dict[str, Any]]:
+        """The audited QUEUED -> PENDING transitions of these states, with their reason."""
+        return self.query(
+            "SELECT state_id::text AS state_id, from_status::text AS from_status, to_status::text AS to_status, reason, at "
+            "FROM runbook.workflow_state_transitions WHERE state_id = ANY(%s::uuid[]) AND reason IS NOT NULL ORDER BY at",
+            (list(state_ids),))

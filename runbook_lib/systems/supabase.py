@@ -250,3 +250,16 @@ def _message(response: httpx.Response, limit: int = 300) -> str:
         pass
     text = response.text
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def invoke_edge_function(url: str, anon_key: str, body: dict[str, Any], *, timeout: float = 30.0) -> tuple[int, Any]:
+    """POST `body` to the Edge Function as the database trigger does (`Authorization: Bearer <anon
+    key>`); (status, the JSON answer or its text). A transport failure is a SupabaseApiError."""
+    try:
+        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {anon_key}"}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise SupabaseApiError(f"POST {url}: cannot reach the Edge Function: {type(exc).__name__}: {exc}") from None
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, response.text[:500]

@@ -14,6 +14,7 @@ from runbook_lib.records.outputs import (
     E2EOutput,
     EdgeSecretOutput,
     FallbackOutput,
+    HealthOutput,
     MergeOutput,
     PrerequisitesOutput,
     StepOutput,
@@ -22,7 +23,7 @@ from runbook_lib.records.outputs import (
 ID = "0b7e5c2a-1f3d-4c6e-9a8b-7d6c5e4f3a2b"
 OTHER = "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-OUTPUTS = [PrerequisitesOutput, MergeOutput, DeployOutput, EdgeSecretOutput, E2EOutput, FallbackOutput]
+OUTPUTS = [PrerequisitesOutput, MergeOutput, DeployOutput, EdgeSecretOutput, E2EOutput, FallbackOutput, HealthOutput]
 
 
 def test_every_output_names_its_steps_notebook_once():

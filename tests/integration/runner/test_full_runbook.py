@@ -65,6 +65,19 @@ def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_sandbox
     e2e = json.loads((run_dir / "05_end_to_end_test.json").read_text())["values"]
     assert e2e["flow_run_id"] and "timeline" in e2e
     assert "timeline" in json.dumps(steps["05_end_to_end_test"])
+    # Step 06, the health check, found the chain it had just proven healthy: verdict ok against this run.
+    health = json.loads((run_dir / "06_health_check.json").read_text())["values"]
+    assert health["verdict"] == "ok" and health["exit_code"] == 0, health.get("findings")
+    assert health["baseline"]["deployment_id"] == deployment_id
+    # And `runbook health` afterwards compares with this run, the last passing one: ok, exit 0.
+    checked = subprocess.run(
+        [sys.executable, "-m", "runbook_lib", "health", "--profile", "sandbox", "--json", "--outputs-dir", str(outputs)],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    record = json.loads(checked.stdout)
+    assert record["verdict"] == "ok" and record["baseline"]["source"].startswith("run full (passed")
+
     # What `make run` prints at the end: the chain's timeline, in ms from the launch.
     printed = proc.stdout
     assert "timeline of 05_end_to_end_test (ms from launch):" in printed
