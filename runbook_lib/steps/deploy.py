@@ -22,6 +22,7 @@ from runbook_lib.checks.facts import Facts
 from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show
+from runbook_lib.notebook.progress import Activity
 from runbook_lib.records.outputs import DeployOutput
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
@@ -154,7 +155,8 @@ class Deploy(Step):
         with self.failing():  # NotConfirmed, or no plan was shown for confirmation
             self.ctx.require_approved(the_plan.gate_plan())
         try:
-            deployment_id = deploy_flow(self.settings, d)
+            with Activity(f"deploying {d.full_name} at {d.commit_sha[:12]}"):
+                deployment_id = deploy_flow(self.settings, d)
         except DeployError as exc:
             self.ctx.record_failure(APPLY.failed(exc.cause, exc.fix), exc)
             raise
@@ -180,9 +182,10 @@ class Deploy(Step):
         if not enabled:
             check = SMOKE_RUN.skipped("not requested (pass -p smoke_run true, or set deployment.smoke_run in the profile)")
         else:
-            check = smoke_run_check(PrefectApi.from_settings(self.settings), deployment_id,
-                                    self.settings.e2e.flow_run_timeout_seconds,
-                                    min(self.settings.e2e.poll_interval_seconds, 5.0))
+            with Activity(f"smoke run of {deployment_id}: waiting for a final state"):
+                check = smoke_run_check(PrefectApi.from_settings(self.settings), deployment_id,
+                                        self.settings.e2e.flow_run_timeout_seconds,
+                                        min(self.settings.e2e.poll_interval_seconds, 5.0))
         self.ctx.record_checks([check])
         return check
 
