@@ -216,7 +216,7 @@ def _when(at: Any) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(at, datetime) else ""
 
 
-def _duration(seconds: float | None) -> str:
+def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return "—"
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
@@ -271,7 +271,7 @@ def _step_row(i: int, s: StepRecord, run_dir: Path) -> str:
     started = f'<br><span class="rb-dim">{render.escape(_when(s.started_at))}</span>' if s.started_at else ""
     return (f'<tr id="step-{render.escape(s.step)}" data-step="{render.escape(s.step)}" data-status="{render.escape(s.status)}">'
             f"<td>{i}</td><td><b>{render.escape(s.step)}</b><br>{links}</td><td>{status}</td>"
-            f"<td>{_duration(s.duration_seconds)}{started}</td><td>{_gate(s)}</td><td>{''.join(parts)}</td></tr>")
+            f"<td>{duration_text(s.duration_seconds)}{started}</td><td>{_gate(s)}</td><td>{''.join(parts)}</td></tr>")
 
 
 def _timeline_figure(m: RunManifest, run_dir: Path) -> str:
@@ -311,7 +311,7 @@ def render_index(manifest: RunManifest, run_dir: Path) -> Path:
                 + (f"FOUND {found}" if found else "none found"))
     run = render.Table("", ("", ""), [
         ("profile", m.profile), ("started / ended", f"{_when(m.started_at)} / {_when(m.ended_at) or 'not finished'}"
-                                 + (f" ({_duration(m.duration_seconds)})" if m.duration_seconds is not None else "")),
+                                 + (f" ({duration_text(m.duration_seconds)})" if m.duration_seconds is not None else "")),
         ("confirm", m.confirm), ("runbook commit", commit), ("run by", f"{m.user}@{m.host}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items())),
         ("secret scan", render.Cell(scan, status="fail") if m.secret_scan and m.secret_scan.findings else scan),
@@ -325,7 +325,8 @@ def render_index(manifest: RunManifest, run_dir: Path) -> Path:
     outcome = _refusal_outcome(m)
     notes = "".join(f"<li>{render.escape(n)}</li>" for n in m.notes)
     figure = _timeline_figure(m, run_dir)
-    body = (f"<h1>Runbook run {render.escape(m.run_id)}: {render.badge(m.status)}</h1>{outcome}"
+    error = f'<p class="rb-error">{render.escape(m.error)}</p>' if m.error and not outcome else ""
+    body = (f"<h1>Runbook run {render.escape(m.run_id)}: {render.badge(m.status)}</h1>{outcome}{error}"
             + (f"<ul>{notes}</ul>" if notes else "") + steps
             + (f"<h2>End-to-end timeline</h2>{figure}" if figure else "")
             + f'<h2>The run</h2><div class="rb-run">{run._repr_html_()}</div>'

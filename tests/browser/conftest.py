@@ -105,8 +105,11 @@ def driver(browser_binaries, artifacts, request) -> Iterator[Any]:
             browser.quit()
 
 
-def save_page(browser: Any, directory: Path, name: str) -> Path:
-    """A full-height screenshot (`<name>.png`) and the DOM (`<name>.html`) of what the browser shows."""
+def save_page(browser: Any, directory: Path, name: str, show: Any = None) -> Path:
+    """A full-height screenshot (`<name>.png`) and the DOM (`<name>.html`) of what the browser shows
+    (scrolled to the element `show` first, when given)."""
+    if show is not None:
+        browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", show)
     try:
         height = browser.execute_script("return Math.max(document.documentElement.scrollHeight, "
                                         "document.body ? document.body.scrollHeight : 0)")
@@ -247,7 +250,7 @@ DONE_PROMPT = re.compile(r"\[\d+\]")
 
 class Notebook:
     """The open notebook, as a user steps through it: find a cell by its code, run it (select it,
-    Shift+Enter), wait for it to finish, read its output."""
+    Ctrl+Enter), wait for it to finish, read its output."""
 
     def __init__(self, browser: Any):
         self.browser = browser
@@ -289,7 +292,8 @@ class Notebook:
         self.browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", cell)
         ActionChains(self.browser).click(prompt).perform()
         wait(self.browser, lambda b: "jp-mod-selected" in (cell.get_attribute("class") or ""), f"cell {code!r} selected")
-        ActionChains(self.browser).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
+        # Ctrl+Enter: run the selected cell and stay on it (Shift+Enter would add a cell at the end)
+        ActionChains(self.browser).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
         wait(self.browser, lambda b: DONE_PROMPT.search(prompt.text or ""), f"cell {code!r} to finish", timeout)
         return cell
 

@@ -72,7 +72,7 @@ def test_03_deploy_approved_in_jupyterlab_creates_the_deployment_it_shows(sandbo
     server = lab({"03_deploy": {"run_dir": str(artifacts)}}, kernel_env(name))
     nb = open_notebook(driver, server, "03_deploy")
     gate = run_to_gate(nb, "03_deploy", plan_text=f"create deployment orchestrator_main/{name}")
-    save_page(driver, artifacts, "plan")
+    save_page(driver, artifacts, "plan", show=gate)
 
     nb.button(gate, "Approve").click()
     wait(driver, lambda b: "APPROVED" in nb.output(gate), "the gate to show the approval")
@@ -93,7 +93,7 @@ def test_03_deploy_approved_in_jupyterlab_creates_the_deployment_it_shows(sandbo
     for code in ("_ = step.verify(plan, deployment_id)", "_ = step.smoke_run(deployment_id)", "results = ctx.finish()"):
         cell = nb.run(code)
         assert not nb.error(cell), f"{code}: {nb.error(cell)}"
-    save_page(driver, artifacts, "applied")
+    save_page(driver, artifacts, "applied", show=apply)
 
     try:
         live = api.read_deployment_by_id(deployment_id)
@@ -119,7 +119,7 @@ def test_03_deploy_rejected_in_jupyterlab_applies_nothing(sandbox, lab, driver, 
     error = nb.error(apply)
     assert "NotConfirmed" in error and "nothing was applied" in error, error
     assert not UUID.search(nb.output(apply).replace(error, "")), "the apply cell showed a deployment id"
-    save_page(driver, artifacts, "rejected")
+    save_page(driver, artifacts, "rejected", show=gate)
 
     assert api.read_deployment(f"orchestrator_main/{name}") is None
     assert deployments(api) == before, "Prefect's deployments changed after a rejection"
@@ -139,14 +139,16 @@ def test_04_edge_function_secret_approved_in_jupyterlab_holds_the_deployment(san
                  kernel_env(name))
     nb = open_notebook(driver, server, "04_update_edge_function_secret")
     gate = run_to_gate(nb, "04_update_edge_function_secret", plan_text=deployment_id)
+    save_page(driver, artifacts, "plan", show=gate)
     assert digest in nb.output(gate)  # the plan names the digest the secret will have
 
     nb.button(gate, "Approve").click()
     wait(driver, lambda b: "APPROVED" in nb.output(gate), "the gate to show the approval")
-    for code in ("_ = step.apply(plan)", "results = ctx.finish()"):
-        cell = nb.run(code)
-        assert not nb.error(cell), f"{code}: {nb.error(cell)}"
-    save_page(driver, artifacts, "applied")
+    apply = nb.run("_ = step.apply(plan)")
+    assert not nb.error(apply), nb.error(apply)
+    finish = nb.run("results = ctx.finish()")
+    assert not nb.error(finish), nb.error(finish)
+    save_page(driver, artifacts, "applied", show=apply)
 
     with SupabaseManagementApi.from_settings(settings) as mgmt:
         live = mgmt.secret_digests()["PREFECT_DEPLOYMENT_ID"]
