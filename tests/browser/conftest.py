@@ -212,7 +212,7 @@ def lab(sandbox, tmp_path_factory) -> Iterator[Any]:
     """A factory: `lab(notebooks={"03_deploy": {"run_dir": ...}}, env={...})` starts JupyterLab on
     127.0.0.1 (a free port, a random token) over copies of those notebooks, its kernels seeing the
     sandbox profile of the shared sandbox (RUNBOOK_SANDBOX_DIR) and `env`; stopped at the end."""
-    started: list[Lab] = []
+    started: list[subprocess.Popen] = []
 
     def start(notebooks: dict[str, dict[str, Any]], env: dict[str, str] | None = None) -> Lab:
         home = tmp_path_factory.mktemp("lab")
@@ -233,14 +233,13 @@ def lab(sandbox, tmp_path_factory) -> Iterator[Any]:
              f"--LabApp.workspaces_dir={home / 'workspaces'}", *(["--allow-root"] if os.geteuid() == 0 else [])],
             cwd=root, env=kernel_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
+        started.append(process)  # stopped at the end, even when it never served
         found = wait_for_lab_url(log, process, UI_TIMEOUT)
-        server = Lab(f"http://127.0.0.1:{found.group(2)}", token, root, log, process)
-        started.append(server)
-        return server
+        return Lab(f"http://127.0.0.1:{found.group(2)}", token, root, log, process)
 
     yield start
-    for server in started:
-        stop_process_group(server.process)
+    for process in started:
+        stop_process_group(process)
 
 
 # -- a notebook in JupyterLab ------------------------------------------------------------------------
