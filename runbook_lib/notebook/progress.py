@@ -26,8 +26,8 @@ DONE_CLASS = "runbook-progress-done"
 def _elapsed(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
-        return f"{seconds:.0f} s"
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+        return f"{int(seconds)} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 class _Bar:
@@ -48,8 +48,8 @@ class _Bar:
         self.bar.value = min(value, self.bar.max)
         self.label.value = f"&nbsp;{render.escape(text)}"
 
-    def finish(self, ok: bool, text: str) -> None:
-        self.bar.bar_style = "success" if ok else "danger"
+    def finish(self, ok: bool, text: str, *, failed_style: str = "danger") -> None:
+        self.bar.bar_style = "success" if ok else failed_style
         if ok:
             self.bar.value = self.bar.max
         self.label.value = f"&nbsp;{render.escape(text)}"
@@ -90,7 +90,8 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.finish(True, f"finished after {_elapsed(self._elapsed)} · {self._done}/{self.total} items at target")
+            self._bar.finish(self._done >= self.total, f"finished after {_elapsed(self._elapsed)} · "
+                             f"{self._done}/{self.total} items at target", failed_style="warning")
             self._bar = None
 
 

@@ -42,9 +42,9 @@ def _truthy(value: str | None) -> bool:
 
 
 def find_browser() -> tuple[str, str] | None:
-    """(chromium, chromedriver) of the system, or None."""
-    chromium = os.environ.get("RUNBOOK_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = os.environ.get("RUNBOOK_CHROMEDRIVER") or shutil.which("chromedriver")
+    """(chromium, chromedriver) of the system (RUNBOOK_CHROMIUM / RUNBOOK_CHROMEDRIVER name others), or None."""
+    chromium = shutil.which(os.environ.get("RUNBOOK_CHROMIUM") or "chromium") or shutil.which("chromium-browser")
+    driver = shutil.which(os.environ.get("RUNBOOK_CHROMEDRIVER") or "chromedriver")
     return (chromium, driver) if chromium and driver else None
 
 
@@ -74,8 +74,10 @@ def artifacts(request) -> Path:
 # -- the browser -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def browser_binaries() -> tuple[str, str]:
+    """Chromium and its driver; first of every fixture, so a missing browser fails before the sandbox
+    starts (only reached under CI: elsewhere the tests were skipped at collection)."""
     found = find_browser()
     if found is None:
         pytest.fail(f"CI=true and no Chromium and chromedriver here: install them with `{INSTALL}` (.ci/run does)")
