@@ -31,8 +31,8 @@ def test_make_lab_serves_the_notebooks_with_the_sandbox_profile_and_ctrl_c_leave
                JUPYTER_RUNTIME_DIR=str(artifacts / "jupyter-runtime"))
     log = artifacts / "make-lab.log"
     make = subprocess.Popen(
-        ["make", "--no-print-directory", "lab", "LAB_ARGS=--no-browser --ServerApp.port=0 "
-         f"--LabApp.workspaces_dir={artifacts / 'workspaces'}"],
+        ["make", "--no-print-directory", "lab",
+         f"LAB_ARGS=--no-browser --ServerApp.port=0 --LabApp.workspaces_dir={artifacts / 'workspaces'}"],
         cwd=PROJECT_ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the terminal's Ctrl-C is sent to it below
     )

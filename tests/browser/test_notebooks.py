@@ -55,7 +55,8 @@ def run_to_gate(nb: Notebook, step: str, *, plan_text: str) -> object:
         assert not nb.error(cell), f"{code}: {nb.error(cell)}"
     gate = nb.run("step.confirm(plan)")
     assert not nb.error(gate), nb.error(gate)
-    nb.button(gate, "Approve"), nb.button(gate, "Reject")
+    nb.button(gate, "Approve")
+    nb.button(gate, "Reject")
     shown = nb.output(gate)
     assert f"Plan for step {step}" in shown and plan_text in shown, shown
     assert "PENDING" in shown  # nobody has decided yet

@@ -113,7 +113,8 @@ def test_the_index_of_a_run_is_a_reviewers_page(run_dir, driver, artifacts):
         if label == "HTML":
             driver.get(href)
             heading = first_heading(PROJECT_ROOT / "notebooks" / f"{step}.ipynb")
-            wait(driver, lambda b: heading in b.find_element(By.TAG_NAME, "body").text, f"{step}'s page: {heading!r}")
+            wait(driver, lambda b, heading=heading: heading in b.find_element(By.TAG_NAME, "body").text,
+                 f"{step}'s page: {heading!r}")
         elif label == "notebook":
             assert nbformat.read(path, as_version=4).cells
         else:
