@@ -161,7 +161,7 @@ class Activity:
                    else f"failed after {_elapsed(self.elapsed)} ({exc_type.__name__})")
         with self._lock:
             if self._bar is not None:
-                self._bar.finish(ok, f"{self.desc}: {verdict}")
+                self._bar.finish(ok, verdict)  # the description is already on the bar's left
                 self._bar = None
             else:
                 self.out(redact(f"[{self.elapsed:7.1f}s] {self.desc}: {verdict}"))

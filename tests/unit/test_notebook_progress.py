@@ -48,7 +48,7 @@ def test_the_widget_ticks_while_the_block_runs_and_ends_marked_done():
         assert ticked.wait(30), "the elapsed time did not tick while the block ran"
         assert bar.label.value != first
     assert WIDGET_CLASS in bar.box._dom_classes and DONE_CLASS in bar.box._dom_classes
-    assert bar.bar.bar_style == "success" and "deploying: done in" in bar.label.value
+    assert bar.bar.bar_style == "success" and "done in" in bar.label.value
 
 
 def test_the_items_bar_counts_items_at_target():
