@@ -37,10 +37,14 @@ run: venv
 	status=0; $(RUNBOOK) run --profile sandbox --confirm $(RUN_ARGS) || status=$$?; \
 	$(RUNBOOK) sandbox down; exit $$status
 
-# JupyterLab on the notebooks; their kernels (this venv's Python) import the installed runbook_lib.
+# JupyterLab on the notebooks over the sandbox: kernels are this venv's Python (they import runbook_lib)
+# and see the sandbox profile (<sandbox dir>/sandbox.env; RUNBOOK_SANDBOX_DIR moves it). JupyterLab
+# prints its URL with the token. One Ctrl-C stops it and its kernels; the sandbox stays up with its
+# state (`make sandbox-down` stops it). LAB_ARGS adds JupyterLab options, e.g. LAB_ARGS=--no-browser.
 lab: venv
 	$(RUNBOOK) sandbox up
-	$(VENV)/bin/jupyter lab notebooks/
+	env -u RUNBOOK_HEADLESS RUNBOOK_PROFILE=sandbox $(VENV)/bin/jupyter lab --ServerApp.answer_yes=True \
+		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/
 
 sandbox-up: venv
 	$(RUNBOOK) sandbox up

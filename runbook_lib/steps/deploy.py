@@ -25,6 +25,7 @@ from runbook_lib.core.errors import RunbookError
 from runbook_lib.core.settings import RunbookSettings
 from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show
+from runbook_lib.notebook.progress import Activity
 from runbook_lib.records.outputs import DeployOutput
 from runbook_lib.steps.base import Step
 from runbook_lib.systems.prefect import PrefectApi
@@ -212,7 +213,8 @@ class Deploy(Step):
             self.publish(changed=False, deployment_id=the_plan.live_id)
             return the_plan.live_id
         try:
-            deployment_id = deploy_flow(self.settings, d)
+            with Activity(f"deploying {d.full_name} at {d.commit_sha[:12]}"):
+                deployment_id = deploy_flow(self.settings, d)
         except DeployError as exc:
             self.ctx.record_failure(APPLY.failed(exc.cause, exc.fix), exc)
             raise
@@ -244,9 +246,10 @@ class Deploy(Step):
         else:
             with self.failing():  # the smoke run is part of the approved plan: no approval, no flow run
                 self.ctx.require_approved(the_plan.gate_plan())
-            check = smoke_run_check(PrefectApi.from_settings(self.settings), deployment_id,
-                                    self.settings.e2e.flow_run_timeout_seconds,
-                                    min(self.settings.e2e.poll_interval_seconds, 5.0))
+            with Activity(f"smoke run of {deployment_id}: waiting for a final state"):
+                check = smoke_run_check(PrefectApi.from_settings(self.settings), deployment_id,
+                                        self.settings.e2e.flow_run_timeout_seconds,
+                                        min(self.settings.e2e.poll_interval_seconds, 5.0))
         self.ctx.record_checks([check])
         return check
 
