@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import platform
 import re
@@ -179,8 +180,8 @@ class _Runner:
             raise RunRefused(f"unknown profile {self.profile!r}; profiles: {', '.join(available_profiles())}")
         if self.from_step and self.only:
             raise RunRefused("--from and --only cannot be combined")
-        if self.cell_timeout is not None and self.cell_timeout <= 0:
-            raise RunRefused("--cell-timeout must be a positive number of seconds")
+        if self.cell_timeout is not None and not (math.isfinite(self.cell_timeout) and self.cell_timeout > 0):
+            raise RunRefused(f"--cell-timeout {self.cell_timeout}: must be a finite positive number of seconds")
         if not self.notebooks_dir.is_dir():
             raise RunRefused(f"notebooks directory {self.notebooks_dir} does not exist")
         self.secrets = self._known_secrets()
@@ -233,10 +234,9 @@ class _Runner:
         secrets: dict[str, str] = {}
         try:
             self.settings = load_settings(self.profile, environ=self.environ)
-            secrets.update(self.settings.secret_values())
-        except RunbookError as exc:
-            self.notes.append(f"the settings of profile {self.profile!r} could not be loaded ({exc}); the secret "
-                              "scan uses the secret variables of the environment, .env and sandbox.env")
+        except RunbookError as exc:  # bad input: refused before anything is written or changed
+            raise RunRefused(f"{exc}\nnothing was run or changed") from None
+        secrets.update(self.settings.secret_values())
         for source, values in _secret_variable_sources(self.environ):
             for name in SECRET_VARIABLES:
                 value = values.get(name)
