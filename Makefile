@@ -38,9 +38,10 @@ run: venv
 	$(RUNBOOK) sandbox down; exit $$status
 
 # JupyterLab on the notebooks; their kernels (this venv's Python) import the installed runbook_lib.
+# jupyter/jupyter_server_config.py saves the notebooks without their outputs (records go to outputs/).
 lab: venv
 	$(RUNBOOK) sandbox up
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --config jupyter/jupyter_server_config.py notebooks/
 
 sandbox-up: venv
 	$(RUNBOOK) sandbox up
