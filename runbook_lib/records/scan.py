@@ -9,6 +9,10 @@ over the JSON-escaped form (a JSON output rendered in HTML); base64 and URL-safe
 the three alignments, so the value is found inside a longer encoded text such as the `user:password`
 of a Basic-auth header; and the leading and trailing half of a long value (a value cut short before
 it could be masked: `text[:120]`, `...[-40:]`).
+
+Credentials the runner does not know are also found by their shape (`SHAPES`): Supabase access
+tokens, Prefect API keys, GitHub tokens, and every JWT whose role is not `anon` (a service_role key;
+the anon key is public by design and stays).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote, quote_plus
 
-from runbook_lib.core.secrets import MIN_SECRET_LENGTH
+from runbook_lib.core.secrets import JWT, MIN_SECRET_LENGTH, jwt_role
 from runbook_lib.records.manifest import SecretFinding, SecretScan
 
 # A value this long or longer is also looked for cut short (its first and last half, at least this long).
@@ -30,6 +34,31 @@ TRUNCATED_MIN = 12
 BASE64_MIN = 8
 
 _PERCENT = re.compile(r"%[0-9A-F]{2}")
+
+# Credentials recognised by their shape alone (label -> pattern), whatever their value.
+SHAPES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
+    ("a Supabase access token (by shape)", re.compile(rb"\bsbp_[A-Za-z0-9]{20,}")),
+    ("a Prefect API key (by shape)", re.compile(rb"\bpnu_[A-Za-z0-9]{20,}")),
+    ("a GitHub token (by shape)", re.compile(rb"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{22,})")),
+)
+_JWT = re.compile(JWT.pattern.encode())
+
+
+def _mask_shapes(data: bytes, names: list[str]) -> bytes:
+    for label, pattern in SHAPES:
+        data, hits = pattern.subn(f"[redacted:{label}]".encode(), data)
+        if hits and label not in names:
+            names.append(label)
+
+    def jwt(match: re.Match[bytes]) -> bytes:
+        role = jwt_role(match.group(0).decode("ascii", "replace"))
+        if not role or role == "anon":  # the anon key is public; a token without a role is no Supabase key
+            return match.group(0)
+        label = f"a JWT with role {role!r} (by shape)"
+        if label not in names:
+            names.append(label)
+        return f"[redacted:{label}]".encode()
+    return _JWT.sub(jwt, data)
 
 
 def _html_forms(text: str) -> set[str]:
@@ -128,6 +157,7 @@ def scan_for_secrets(run_dir: Path, secrets: dict[str, str], *, also: Iterable[P
             data, hits = pattern.subn(f"[redacted:{name}]".encode(), data)
             if hits and name not in names:
                 names.append(name)
+        data = _mask_shapes(data, names)
         if names:
             path.write_bytes(data)
             findings.extend(SecretFinding(file=_shown(path, run_dir, relative_to), secret=name) for name in names)

@@ -97,3 +97,19 @@ def test_short_and_absent_values_find_nothing_and_other_places_are_scanned(tmp_p
     }
     assert scan.scanned_files == 3
     assert value not in (interactive / "03_deploy.json").read_text()
+
+
+def test_credentials_the_runner_does_not_know_are_found_by_their_shape(tmp_path: Path):
+    planted = sandbox_like_secrets()
+    anon = jwt.encode({"iss": "supabase", "role": "anon"}, planted["SUPABASE_JWT_SECRET"])
+    text = "\n".join([planted["PREFECT_API_KEY"], planted["SUPABASE_ACCESS_TOKEN"], planted["GITHUB_TOKEN"],
+                      planted["SUPABASE_SERVICE_ROLE_KEY"], f"anon: {anon}", "pnu_short", "plain text"])
+    (tmp_path / "record.txt").write_text(text)
+    scan = scan_for_secrets(tmp_path, {})  # knows no value
+    assert {f.secret for f in scan.findings} == {
+        "a Prefect API key (by shape)", "a Supabase access token (by shape)", "a GitHub token (by shape)",
+        "a JWT with role 'service_role' (by shape)"}
+    masked = (tmp_path / "record.txt").read_text()
+    for name in ("PREFECT_API_KEY", "SUPABASE_ACCESS_TOKEN", "GITHUB_TOKEN", "SUPABASE_SERVICE_ROLE_KEY"):
+        assert planted[name] not in masked, name
+    assert anon in masked and "pnu_short" in masked and "plain text" in masked  # public key and non-keys stay

@@ -1,0 +1,107 @@
+"""Bad inputs through the runner against the sandbox (the rows of tests/unit/test_core_settings.py's
+matrix, and the runner's own flags and parameters): each is refused before anything is changed, with a
+message naming the setting and where it came from; the stand-ins' request logs prove that no request
+(or, for a step that started, no write) reached Prefect, Supabase or git."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+SERVICES = ("prefect", "supabase", "git")
+
+
+def _log_lines(sandbox) -> dict[str, list[dict]]:
+    out = {}
+    for service in SERVICES:
+        path = sandbox.request_log_path(service)
+        out[service] = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return out
+
+
+def _sandbox_copy(sandbox, tmp_path: Path, **replace: str) -> str:
+    """A sandbox.env like the sandbox's, some values replaced (the services stay the sandbox's)."""
+    values = {k: v for k, v in dotenv_values(sandbox.state / "sandbox.env").items() if v is not None}
+    values.update(replace)
+    directory = tmp_path / "sbx-copy"
+    directory.mkdir()
+    (directory / "sandbox.env").write_text("".join(f"{k}={json.dumps(v)}\n" for k, v in values.items()))
+    return str(directory)
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runbook_lib", "run", "--profile", "sandbox", "--confirm", *args],
+                          cwd=PROJECT_ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=timeout)
+
+
+CASES = {
+    "deployment_name_with_slash": (
+        {"RUNBOOK_DEPLOYMENT__NAME": "orchestrator/prod"}, [],
+        ["deployment.name", "environment variable RUNBOOK_DEPLOYMENT__NAME", "cannot contain '/'"]),
+    "infinite_timeout": (
+        {"RUNBOOK_E2E__TRIGGER_TIMEOUT_SECONDS": "inf"}, [],
+        ["e2e.trigger_timeout_seconds", "environment variable RUNBOOK_E2E__TRIGGER_TIMEOUT_SECONDS", "finite"]),
+    "env_reference_off_the_allow_list": (
+        {"RUNBOOK_DEPLOYMENT__ENV": '{"WHO": "${HOME}"}'}, [],
+        ["deployment.env.WHO", "environment variable RUNBOOK_DEPLOYMENT__ENV", "allow-list"]),
+    "blank_blueprint_slug": (
+        {"RUNBOOK_E2E__BLUEPRINT": '[""]'}, [], ["e2e.blueprint", "RUNBOOK_E2E__BLUEPRINT", "non-empty"]),
+    "non_finite_cell_timeout": ({}, ["--cell-timeout", "nan"], ["--cell-timeout nan", "finite positive"]),
+    "secret_parameter": ({}, ["-p", "api_key=abc"], ["refused -p parameter"]),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_bad_input_is_refused_before_any_request(sandbox, tmp_path, case):
+    env, args, says = CASES[case]
+    before = _log_lines(sandbox)
+    outputs = tmp_path / "outputs"
+    proc = _run(["--outputs-dir", str(outputs), *args], {"RUNBOOK_SANDBOX_DIR": str(sandbox.state), **env})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    message = " ".join(proc.stderr.split())
+    for fragment in says:
+        assert fragment in message, (fragment, proc.stderr)
+    assert not outputs.exists()  # nothing written
+    assert _log_lines(sandbox) == before  # no request at all reached a stand-in
+
+
+@pytest.mark.timeout(300)
+def test_a_service_role_key_as_anon_key_and_a_dsn_with_a_raw_slash_are_refused_unquoted(sandbox, tmp_path):
+    raw_password = "first-part/rest#x?y"
+    directory = _sandbox_copy(sandbox, tmp_path, SUPABASE_ANON_KEY=sandbox.supabase.service_role_key,
+                              DATABASE_URL=f"postgresql://postgres:{raw_password}@127.0.0.1:{sandbox.postgres.port}/postgres")
+    before = _log_lines(sandbox)
+    proc = _run(["--outputs-dir", str(tmp_path / "outputs")], {"RUNBOOK_SANDBOX_DIR": directory})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "supabase.anon_key" in text and "role 'service_role'" in text and "sandbox.env (SUPABASE_ANON_KEY)" in text
+    assert "database.url" in text and "not percent-encoded" in text and "sandbox.env (DATABASE_URL)" in text
+    assert sandbox.supabase.service_role_key not in text and "first-part" not in text
+    assert _log_lines(sandbox) == before
+    shutil.rmtree(directory)
+
+
+@pytest.mark.timeout(400)
+def test_a_bad_notebook_parameter_fails_its_step_before_any_write(sandbox, tmp_path):
+    before = _log_lines(sandbox)
+    outputs = tmp_path / "outputs"
+    proc = _run(["--outputs-dir", str(outputs), "--only", "04", "--run-id", "bad-param", "-p", "deployment_id=not-a-uuid"],
+                {"RUNBOOK_SANDBOX_DIR": str(sandbox.state)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    m = json.loads((outputs / "bad-param" / "manifest.json").read_text())
+    step = m["steps"][3] if len(m["steps"]) > 3 else m["steps"][-1]
+    assert step["status"] == "failed" and "deployment_id 'not-a-uuid' is not a UUID" in step["error"], step
+    after = _log_lines(sandbox)
+    new = {s: after[s][len(before[s]):] for s in SERVICES}
+    writes = [(s, r["method"], r["path"]) for s in SERVICES for r in new[s] if r["method"] not in ("GET", "HEAD", "OPTIONS")
+              and not (s == "prefect" and r["path"].endswith(("/filter", "/count", "/paginate")))]
+    assert writes == [], writes
