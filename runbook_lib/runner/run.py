@@ -530,28 +530,31 @@ class _Runner:
         return bool(found)
 
     def _secret_block_values(self, m: RunManifest) -> dict[str, str]:
-        """The values the Secret blocks hold in Prefect (they may differ from the environment's), by
-        label; a failed read is noted in the manifest, never fatal."""
+        """The values every Secret block of the workspace holds in Prefect (they may differ from the
+        environment's, and a block may hold a secret the settings never name), by label; a failed read
+        is noted in the manifest, never fatal."""
         settings = self.settings
         if settings is None or not settings.prefect.api_url or settings.prefect.api_key is None:
             return {}
         from runbook_lib.systems.prefect import PrefectApi
 
-        names = list(dict.fromkeys([settings.blocks.database_url, settings.blocks.modal_token_id,
-                                    settings.blocks.modal_token_secret, *settings.deployment.referenced_secret_blocks()]))
         values: dict[str, str] = {}
         try:
             api = PrefectApi.from_settings(settings, timeout=5.0, call_timeout=15.0)
-            for name in names:
-                value = api.read_secret_value(name)
-                if value and len(value) >= redaction.MIN_SECRET_LENGTH:
-                    values[f"secret block {name}"] = value
-                    pw = urlsplit(value).password if "://" in value else None
-                    if pw:
-                        values[f"secret block {name} (password)"] = unquote(pw)
+            docs = api.call("reading the Secret blocks' values for the secret scan",
+                            lambda c: c.read_block_documents_by_type("secret", limit=200, include_secrets=True))
         except Exception as exc:  # noqa: BLE001 - the scan goes on with the values it knows
             m.notes.append(f"the secret scan could not read the Secret blocks' values from Prefect "
                            f"({redaction.redact(str(exc))[:300]}); it used the values of the settings")
+            return {}
+        for doc in docs:
+            value = (doc.data or {}).get("value")
+            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            if not isinstance(value, str) or len(value) < redaction.MIN_SECRET_LENGTH:
+                continue
+            values[f"secret block {doc.name}"] = value
+            if "://" in value and urlsplit(value).password:
+                values[f"secret block {doc.name} (password)"] = unquote(urlsplit(value).password)
         return values
 
     def on_signal(self, signum: int, _frame: Any) -> None:

@@ -23,7 +23,9 @@ def _log_lines(sandbox) -> dict[str, list[dict]]:
     out = {}
     for service in SERVICES:
         path = sandbox.request_log_path(service)
-        out[service] = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        # The manager's health probes (/_sandbox/health) go on meanwhile: they are no request of the runbook.
+        out[service] = [r for r in lines if not r["path"].startswith("/_sandbox/")]
     return out
 
 
@@ -99,7 +101,10 @@ def test_a_bad_notebook_parameter_fails_its_step_before_any_write(sandbox, tmp_p
     assert proc.returncode == 1, proc.stdout + proc.stderr
     m = json.loads((outputs / "bad-param" / "manifest.json").read_text())
     step = m["steps"][3] if len(m["steps"]) > 3 else m["steps"][-1]
-    assert step["status"] == "failed" and "deployment_id 'not-a-uuid' is not a UUID" in step["error"], step
+    assert step["status"] == "failed" and "deployment_id.format" in step["error"], step
+    results = json.loads((outputs / "bad-param" / "04_update_edge_function_secret.json").read_text())
+    check = next(c for c in results["checks"] if c["id"] == "deployment_id.format")
+    assert check["status"] == "fail" and "'not-a-uuid' is not a UUID" in json.dumps(check), check
     after = _log_lines(sandbox)
     new = {s: after[s][len(before[s]):] for s in SERVICES}
     writes = [(s, r["method"], r["path"]) for s in SERVICES for r in new[s] if r["method"] not in ("GET", "HEAD", "OPTIONS")
