@@ -46,7 +46,9 @@ def execute_step(spec: dict[str, Any]) -> int:
         result = {"ok": False, "error_type": exc.ename, "error": exc.evalue}
     except BaseException as exc:  # CellTimeoutError, DeadKernelError, NoSuchKernel...: all failures
         message = str(exc).strip().split("\n")
-        result = {"ok": False, "error_type": type(exc).__name__, "error": " ".join(m.strip() for m in message[:3])[:1000]}
+        # Masked before it is cut short (a secret cut in two is no longer recognised).
+        result = {"ok": False, "error_type": type(exc).__name__,
+                  "error": redaction.redact(" ".join(m.strip() for m in message[:3]))[:1000]}
     result = redaction.redact_obj(result)
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(result))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 import httpx
 
 from runbook_lib.core.errors import SupabaseApiError
-from runbook_lib.core.secrets import register_secret
+from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.core.settings import RunbookSettings
 
 MAX_NAME_LENGTH = 256
@@ -220,8 +220,8 @@ def _message(response: httpx.Response, limit: int = 300) -> str:
     try:
         body = response.json()
         if isinstance(body, dict) and "message" in body:
-            return str(body["message"])[:limit]
+            return redact(str(body["message"]))[:limit]  # masked before it is cut short
     except ValueError:
         pass
-    text = response.text
+    text = redact(response.text)
     return text if len(text) <= limit else text[:limit] + "..."
