@@ -7,7 +7,7 @@ JupyterLab kernel stepping through a notebook all take the same lock for the sam
 The file names its holder (pid, run id or step, kind); a holder that died releases it (flock), and
 what it left in the file tells the next holder which run to mark interrupted and scan.
 A runner hands its lock to its step processes with `HELD_BY_ENV` (its pid): a step started by the
-runner that holds the lock of its target does not take it again.
+runner (or by any process up its parents) that holds the lock of its target does not take it again.
 """
 
 from __future__ import annotations
@@ -129,12 +129,21 @@ def hold_for_step(settings: Any, step: str, run_dir: Path, environ: Mapping[str,
     if lock.held:
         lock.update(step=step, run_dir=str(run_dir))
         return lock
-    runner = env.get(HELD_BY_ENV)
-    if runner and str(lock.holder().get("pid")) == runner:
-        return None
+    holder = str(lock.holder().get("pid", ""))
+    if holder and (holder == env.get(HELD_BY_ENV) or holder in _ancestors()):
+        return None  # started by the runner (or the process) that holds the target's lock
     lock.acquire(kind="interactive session", profile=settings.profile, step=step, run_dir=str(run_dir))
     _held[target] = lock
     return lock
+
+
+def _ancestors() -> set[str]:
+    import psutil
+
+    try:
+        return {str(p.pid) for p in psutil.Process().parents()}
+    except psutil.Error:
+        return set()
 
 
 def release_step_lock(lock: TargetLock | None) -> None:
