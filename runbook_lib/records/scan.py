@@ -44,7 +44,33 @@ SHAPES: tuple[tuple[str, re.Pattern[bytes]], ...] = (
 _JWT = re.compile(JWT.pattern.encode())
 
 
+_BASE64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{24,}={0,2}")
+
+
+def _shaped(data: bytes) -> list[str]:
+    """The labels of the credentials `data` holds by their shape (see `SHAPES`, non-anon JWTs)."""
+    found = [label for label, pattern in SHAPES if pattern.search(data)]
+    for match in _JWT.finditer(data):
+        role = jwt_role(match.group(0).decode("ascii", "replace"))
+        if role and role != "anon":
+            found.append(f"a JWT with role {role!r} (by shape)")
+    return found
+
+
 def _mask_shapes(data: bytes, names: list[str]) -> bytes:
+    # Inside base64 first (a Basic-auth header, an encoded payload): the whole encoded run is masked.
+    def encoded(match: re.Match[bytes]) -> bytes:
+        run = match.group(0)
+        try:
+            decoded = base64.b64decode(run + b"=" * (-len(run) % 4), altchars=b"-_" if b"-" in run or b"_" in run else None)
+        except ValueError:
+            return run
+        labels = _shaped(decoded) if decoded.isascii() else []
+        for label in labels:
+            if f"{label} (base64)" not in names:
+                names.append(f"{label} (base64)")
+        return f"[redacted:{labels[0]} (base64)]".encode() if labels else run
+    data = _BASE64_RUN.sub(encoded, data)
     for label, pattern in SHAPES:
         data, hits = pattern.subn(f"[redacted:{label}]".encode(), data)
         if hits and label not in names:

@@ -113,3 +113,18 @@ def test_credentials_the_runner_does_not_know_are_found_by_their_shape(tmp_path:
     for name in ("PREFECT_API_KEY", "SUPABASE_ACCESS_TOKEN", "GITHUB_TOKEN", "SUPABASE_SERVICE_ROLE_KEY"):
         assert planted[name] not in masked, name
     assert anon in masked and "pnu_short" in masked and "plain text" in masked  # public key and non-keys stay
+
+
+def test_unknown_credentials_inside_base64_are_found_by_their_shape(tmp_path: Path):
+    planted = sandbox_like_secrets()
+    anon = jwt.encode({"iss": "supabase", "role": "anon"}, planted["SUPABASE_JWT_SECRET"])
+    lines = [_basic("u", planted["SUPABASE_SERVICE_ROLE_KEY"]), _basic("x-access-token", planted["GITHUB_TOKEN"]),
+             base64.urlsafe_b64encode(f"k={planted['PREFECT_API_KEY']}".encode()).decode(),
+             _basic("u", anon), base64.b64encode(b"just some harmless text, long enough").decode()]
+    (tmp_path / "r.txt").write_text("\n".join(lines))
+    scan = scan_for_secrets(tmp_path, {})
+    assert {f.secret for f in scan.findings} == {"a JWT with role 'service_role' (by shape) (base64)",
+                                                 "a GitHub token (by shape) (base64)", "a Prefect API key (by shape) (base64)"}
+    text = (tmp_path / "r.txt").read_text().splitlines()
+    assert text[0] == "Authorization: Basic [redacted:a JWT with role 'service_role' (by shape) (base64)]"
+    assert text[3:] == lines[3:]  # the anon key and harmless base64 stay
