@@ -228,9 +228,9 @@ class _Runner:
 
     def _known_secrets(self) -> dict[str, str]:
         """Every secret value known here, by name, for the -p check, redaction and the secret scan: the
-        profile's settings (Secret block values are the values of these settings), plus any secret
-        variable set in the environment, `.env` or the sandbox's sandbox.env, so the scan still
-        knows them when the settings do not load."""
+        profile's settings, plus any secret variable set in the environment, `.env` or the sandbox's
+        sandbox.env under another value (the scan adds the Secret blocks' live values at the end).
+        Settings that do not load refuse the run (RunRefused): nothing is written or changed."""
         secrets: dict[str, str] = {}
         try:
             self.settings = load_settings(self.profile, environ=self.environ)
