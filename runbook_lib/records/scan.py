@@ -23,7 +23,7 @@ import json
 import re
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_to_bytes
 
 from runbook_lib.core.secrets import JWT, MIN_SECRET_LENGTH, jwt_role
 from runbook_lib.records.manifest import SecretFinding, SecretScan
@@ -45,6 +45,7 @@ _JWT = re.compile(JWT.pattern.encode())
 
 
 _BASE64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{24,}={0,2}")
+_PERCENT_RUN = re.compile(rb"(?:[A-Za-z0-9._~+-]|%[0-9A-Fa-f]{2}){24,}")  # linear: no nested optional groups
 
 
 def _shaped(data: bytes) -> list[str]:
@@ -71,6 +72,15 @@ def _mask_shapes(data: bytes, names: list[str]) -> bytes:
                 names.append(f"{label} (base64)")
         return f"[redacted:{labels[0]} (base64)]".encode() if labels else run
     data = _BASE64_RUN.sub(encoded, data)
+
+    def percent(match: re.Match[bytes]) -> bytes:  # URL-encoded: looked at decoded
+        run = match.group(0)
+        labels = _shaped(unquote_to_bytes(run)) if b"%" in run else []
+        for label in labels:
+            if f"{label} (URL-encoded)" not in names:
+                names.append(f"{label} (URL-encoded)")
+        return f"[redacted:{labels[0]} (URL-encoded)]".encode() if labels else run
+    data = _PERCENT_RUN.sub(percent, data)
     for label, pattern in SHAPES:
         data, hits = pattern.subn(f"[redacted:{label}]".encode(), data)
         if hits and label not in names:
@@ -136,11 +146,15 @@ def secret_forms(value: str) -> set[str]:
     forms |= _html_forms(value) | _html_forms(as_json)
     if len(value) >= BASE64_MIN:
         forms |= _base64_cores(value)
-    if len(value) >= 2 * TRUNCATED_MIN - 4:  # cut short: its first or last half (at least TRUNCATED_MIN characters)
-        half = max(TRUNCATED_MIN, len(value) // 2)
-        for part in (value[:half], value[-half:]):
-            forms |= {part, json.dumps(part)[1:-1]}
-    return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
+    return {f for f in forms | partial_forms(value) if len(f) >= MIN_SECRET_LENGTH}
+
+
+def partial_forms(value: str) -> set[str]:
+    """A long value cut short: its first or last half (at least TRUNCATED_MIN characters), raw or JSON-escaped."""
+    if len(value) < 2 * TRUNCATED_MIN - 4:
+        return set()
+    half = max(TRUNCATED_MIN, len(value) // 2)
+    return {form for part in (value[:half], value[-half:]) for form in (part, json.dumps(part)[1:-1])}
 
 
 def _files(places: Iterable[Path]) -> list[Path]:
@@ -161,9 +175,12 @@ def scan_for_secrets(run_dir: Path, secrets: dict[str, str], *, also: Iterable[P
     shape, the value is gone) and report it by file (relative to `run_dir`, else to `relative_to`)
     and name."""
     secrets = {name: v for name, v in secrets.items() if v and len(v) >= MIN_SECRET_LENGTH}
-    # Longest forms first, so that a secret containing another one (or its own half) is masked whole.
-    needles = sorted(((form.encode(), name) for name, v in secrets.items() for form in secret_forms(v)),
-                     key=lambda item: len(item[0]), reverse=True)
+    # Whole values first (longest first, so that a secret containing another one is masked whole), in
+    # every form, URL-encoded ones included; then what is left of a value cut short.
+    whole = sorted(((form.encode(), name) for name, v in secrets.items() for form in secret_forms(v) - partial_forms(v)),
+                   key=lambda item: len(item[0]), reverse=True)
+    halves = sorted(((form.encode(), name) for name, v in secrets.items() for form in partial_forms(v)),
+                    key=lambda item: len(item[0]), reverse=True)
     patterns = [(url_encoded_pattern(v), name) for name, v in sorted(secrets.items(), key=lambda kv: -len(kv[1]))]
     findings: list[SecretFinding] = []
     run_dir = Path(run_dir)
@@ -174,20 +191,26 @@ def scan_for_secrets(run_dir: Path, secrets: dict[str, str], *, also: Iterable[P
         except OSError:
             continue
         names: list[str] = []
-        for needle, name in needles:
-            if needle in data:
-                data = data.replace(needle, f"[redacted:{name}]".encode())
-                if name not in names:
-                    names.append(name)
+        data = _replace(data, whole, names)
         for pattern, name in patterns:
             data, hits = pattern.subn(f"[redacted:{name}]".encode(), data)
             if hits and name not in names:
                 names.append(name)
+        data = _replace(data, halves, names)
         data = _mask_shapes(data, names)
         if names:
             path.write_bytes(data)
             findings.extend(SecretFinding(file=_shown(path, run_dir, relative_to), secret=name) for name in names)
     return SecretScan(scanned_files=len(files), secrets_known=sorted(secrets), findings=findings)
+
+
+def _replace(data: bytes, needles: list[tuple[bytes, str]], names: list[str]) -> bytes:
+    for needle, name in needles:
+        if needle in data:
+            data = data.replace(needle, f"[redacted:{name}]".encode())
+            if name not in names:
+                names.append(name)
+    return data
 
 
 def _shown(path: Path, run_dir: Path, relative_to: Path | None) -> str:

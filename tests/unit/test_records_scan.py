@@ -128,3 +128,15 @@ def test_unknown_credentials_inside_base64_are_found_by_their_shape(tmp_path: Pa
     text = (tmp_path / "r.txt").read_text().splitlines()
     assert text[0] == "Authorization: Basic [redacted:a JWT with role 'service_role' (by shape) (base64)]"
     assert text[3:] == lines[3:]  # the anon key and harmless base64 stay
+
+
+def test_an_unknown_service_role_key_url_encoded_and_a_url_encoded_known_value_are_masked_whole(tmp_path: Path):
+    planted = sandbox_like_secrets()
+    encode = lambda v: "".join(c if c.isalnum() else "%%%02x" % ord(c) for c in v)  # noqa: E731
+    known = "as-" + secrets.token_hex(16)
+    (tmp_path / "r.txt").write_text(encode(json.dumps({"SERVICE": planted["SUPABASE_SERVICE_ROLE_KEY"], "M": known})))
+    scan = scan_for_secrets(tmp_path, {"MODAL_TOKEN_SECRET": known})
+    text = (tmp_path / "r.txt").read_text()
+    assert known[:12] not in text and encode(known)[:16] not in text, text  # the head of a known value too
+    assert "eyJ" not in text, text
+    assert "a JWT with role 'service_role' (by shape) (URL-encoded)" in {f.secret for f in scan.findings}
