@@ -281,6 +281,7 @@ class _Runner:
                     self._scan(self.manifest)
                     self.save()
                     render_index(self.manifest, self.run_dir)
+                    self._rescan_final_records()
             finally:
                 lock.release()
 
@@ -498,6 +499,7 @@ class _Runner:
         m.attempts[-1].status, m.attempts[-1].ended_at = status, m.ended_at
         self.save()
         render_index(m, self.run_dir)
+        self._rescan_final_records()
         code = {"passed": EXIT_PASSED, "failed": EXIT_FAILED, "rejected": EXIT_FAILED,
                 "not_confirmed": EXIT_FAILED}.get(status, 128 + (self.killed_by or 0))
         for step in m.steps:
@@ -516,6 +518,7 @@ class _Runner:
             if value not in secrets.values():
                 secrets[label] = value
                 redaction.register_secret(value, label)
+        self._scan_secrets = secrets
         root = project.project_root()
         places = [root / "outputs" / "runs", self.outputs_dir / "runs"]
         places += sorted(self.notebooks_dir.glob("*.ipynb")) + [self.notebooks_dir / ".ipynb_checkpoints"]
@@ -528,6 +531,11 @@ class _Runner:
             if getattr(self, "progress", None) is not None:
                 self.progress.note(f"SECRET FOUND: {listing}; the values were masked in those files")
         return bool(found)
+
+    def _rescan_final_records(self) -> None:
+        """The manifest and index written after the scan quote errors (a step's exception text): they are
+        masked in place by the same scan (a credential known by its shape only is no registered secret)."""
+        scan_for_secrets(self.run_dir, self._scan_secrets, also=(), relative_to=None)
 
     def _secret_block_values(self, m: RunManifest) -> dict[str, str]:
         """The values every Secret block of the workspace holds in Prefect (they may differ from the
