@@ -39,11 +39,12 @@ run: venv
 
 # JupyterLab on the notebooks over the sandbox: kernels are this venv's Python (they import runbook_lib)
 # and see the sandbox profile (<sandbox dir>/sandbox.env; RUNBOOK_SANDBOX_DIR moves it). JupyterLab
-# prints its URL with the token. One Ctrl-C stops it and its kernels; the sandbox stays up with its
+# prints its URL with the token. jupyter/jupyter_server_config.py saves notebooks without their outputs
+# (records go to outputs/). One Ctrl-C stops it and its kernels; the sandbox stays up with its
 # state (`make sandbox-down` stops it). LAB_ARGS adds JupyterLab options, e.g. LAB_ARGS=--no-browser.
 lab: venv
 	$(RUNBOOK) sandbox up
-	env -u RUNBOOK_HEADLESS RUNBOOK_PROFILE=sandbox $(VENV)/bin/jupyter lab --ServerApp.answer_yes=True \
+	env -u RUNBOOK_HEADLESS RUNBOOK_PROFILE=sandbox $(VENV)/bin/jupyter lab --config jupyter/jupyter_server_config.py --ServerApp.answer_yes=True \
 		$(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS) notebooks/
 
 sandbox-up: venv

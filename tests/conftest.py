@@ -31,6 +31,25 @@ def make_state_dir(prefix: str = "rbsb-") -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_lock_dir() -> Iterator[None]:
+    """The targets' locks (core.locks) of this session, in a directory of its own: a concurrent test
+    session aiming at a same-named target never finds its lock held (the runners it starts inherit it)."""
+    import os
+
+    from runbook_lib.core.locks import LOCK_DIR_ENV
+
+    path = tempfile.mkdtemp(prefix="rblocks-", dir="/tmp")
+    previous = os.environ.get(LOCK_DIR_ENV)
+    os.environ[LOCK_DIR_ENV] = path
+    yield
+    if previous is None:
+        os.environ.pop(LOCK_DIR_ENV, None)
+    else:
+        os.environ[LOCK_DIR_ENV] = previous
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def sandbox_dir() -> Path:
     path = make_state_dir()

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from runbook_lib.core import paths as project
 from runbook_lib.core.errors import SettingsError
 from runbook_lib.core.settings import (
-    _ENV_REFERENCE, _LOOPBACK, _PROFILE_NAME, DEFAULT_PROFILE, ENV_SETTINGS, OVERRIDE_PREFIX, PROFILE_ENV,
+    _ENV_REFERENCE, _LOOPBACK, _PROFILE_NAME, DEFAULT_ENV_REFERENCES, DEFAULT_PROFILE, ENV_SETTINGS, OVERRIDE_PREFIX, PROFILE_ENV,
     SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV, URL_SETTINGS, RunbookSettings, one_message,
 )
 
@@ -237,12 +237,16 @@ _BUILT_FROM = {
 
 
 def _interpolate_env_references(flat: dict[str, tuple[Any, str]], env: Mapping[str, tuple[str, str]], problems: list[str]) -> None:
-    """Replace `${NAME}` in deployment.env values with NAME's value (non-secret names only)."""
+    """Replace `${NAME}` in deployment.env values with NAME's value: only names on the allow-list
+    (deployment.env_references_allowed), never a secret; anything else is refused, naming the key."""
     if "deployment.env" not in flat:
         return
     values, origin = flat["deployment.env"]
     if not isinstance(values, dict):
         return
+    allowed, allowed_origin = flat.get("deployment.env_references_allowed", (list(DEFAULT_ENV_REFERENCES), "default"))
+    if not isinstance(allowed, list):
+        return  # the model refuses it, naming where it came from
     resolved = {}
     for key, value in values.items():
         if not isinstance(value, str):
@@ -254,10 +258,20 @@ def _interpolate_env_references(flat: dict[str, tuple[Any, str]], env: Mapping[s
                     f"deployment.env.{key} ({origin}) would put the secret {ref} in clear into the deployment's "
                     "job variables: use a Secret block placeholder {{ prefect.blocks.secret.<name> }}"
                 )
+            elif ref not in allowed:
+                problems.append(
+                    f"deployment.env.{key} ({origin}) refers to ${{{ref}}}, which is not on the allow-list of "
+                    f"deployment.env_references_allowed ({allowed_origin}: {', '.join(allowed) or 'empty'}): the job "
+                    "variables are readable by anyone who can read the deployment; add the name there if it is not a secret"
+                )
             elif ref not in env or env[ref][0] == "":
                 problems.append(f"deployment.env.{key} ({origin}) refers to ${{{ref}}}, which is not set")
         resolved[key] = _ENV_REFERENCE.sub(lambda m: env.get(m.group(1), ("",))[0], value)
     flat["deployment.env"] = (resolved, origin)
+
+
+# Settings whose refused value may be a credential (a token in a URL, a service_role key): never quoted.
+_NEVER_ECHOED = frozenset({"source.repo_url", "supabase.anon_key"})
 
 
 def _explain(exc: ValidationError, flat: dict[str, tuple[Any, str]], hints: _Hints) -> list[str]:
@@ -277,7 +291,8 @@ def _explain(exc: ValidationError, flat: dict[str, tuple[Any, str]], hints: _Hin
         if where is None and len(loc) == 1:  # a whole-section check: name the section's sources
             where = ", ".join(sorted({o for p, (_, o) in flat.items() if p.startswith(loc[0] + ".")})) or "defaults"
         item = path + "".join(f"[{p}]" for p in loc[2:])
-        shown = "" if path in SECRET_SETTINGS or "input" not in err or len(loc) == 1 else f" = {err['input']!r}"
+        hidden = path in SECRET_SETTINGS or path in _NEVER_ECHOED or "input" not in err or len(loc) == 1
+        shown = "" if hidden else f" = {err['input']!r}"
         fix = hints.where(path) if len(loc) > 1 else "fix the values it is built from"
         lines.append(f"{item}{shown} (from {where or 'default'}) {msg}; {fix}")
     return lines

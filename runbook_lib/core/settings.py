@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runbook_lib.core.errors import ParameterError, RequirementError, SettingsError
-from runbook_lib.core.values import parse_uuid, validate_requirements
+from runbook_lib.core.secrets import jwt_role
+from runbook_lib.core.values import parse_dsn, parse_uuid, validate_requirements
 
 # The settings a production user exports, and the setting each one fills.
 ENV_SETTINGS: dict[str, str] = {
@@ -55,6 +56,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# The non-secret variables the flow reads (contract.md, flows/src/orchestrator.py): the default of
+# deployment.env_references_allowed.
+DEFAULT_ENV_REFERENCES = ("ENRICHMENT_DISPATCH_URL",)
 
 
 def git_clone_url(url: str) -> tuple[str, bool]:
@@ -157,6 +161,11 @@ class SourceSettings(_Section):
         if value is None:
             return None
         parts = urlsplit(value)
+        if parts.password or (parts.username and parts.scheme in ("http", "https")):
+            # Never echoed: git would put it on its command line (ps) and the deployment's pull step.
+            raise ValueError("carries credentials (user:token@): they would reach git's command line and the "
+                             "deployment's pull step, readable by anyone; use the public URL without them (step 02 "
+                             "pushes with GITHUB_TOKEN, passed to git out of its command line)")
         if parts.scheme in ("http", "https", "ssh", "git") and parts.hostname:
             return value
         if parts.scheme == "file" or re.match(r"^[\w.-]+@[\w.-]+:", value):
@@ -202,6 +211,27 @@ class DeploymentSettings(_Section):
     runtime_python: str = "3.12"
     # Step 03 starts one flow run of the deployment after deploying (its `smoke_run` parameter overrides).
     smoke_run: bool = False
+    # The only environment variables `${NAME}` in `env` may bring into the job variables (readable by
+    # anyone who can read the deployment): the non-secret ones the flow reads (contract.md).
+    env_references_allowed: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_REFERENCES))
+
+    @field_validator("name")
+    @classmethod
+    def _deployment_name(cls, value: str) -> str:
+        return _object_name(value, "a deployment name")
+
+    @field_validator("work_pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        return _object_name(value, "a work pool name")
+
+    @field_validator("env_references_allowed")
+    @classmethod
+    def _allowed_names(cls, value: list[str]) -> list[str]:
+        bad = [k for k in value if not _ENV_NAME.match(k)]
+        if bad:
+            raise ValueError(f"invalid environment variable name(s) {bad}")
+        return value
 
     @field_validator("pip_packages")
     @classmethod
@@ -238,6 +268,17 @@ class DeploymentSettings(_Section):
         return found
 
 
+def _object_name(value: str, what: str) -> str:
+    """A Prefect object's name (deployment, work pool): Prefect refuses '/', '%', '&', '>', '<' in it,
+    and '/' would split `<flow>/<deployment>` lookups."""
+    if not value or not value.strip() or value != value.strip():
+        raise ValueError(f"{what} must be non-empty, without surrounding spaces")
+    bad = sorted({c for c in value if c in "/%&<>\\" or not c.isprintable()})
+    if bad:
+        raise ValueError(f"{what} cannot contain {' '.join(repr(c) for c in bad)}")
+    return value
+
+
 class BlockNames(_Section):
     """Names of the Secret blocks the runtime needs; each holds the value of one setting."""
 
@@ -271,6 +312,18 @@ class SupabaseSettings(_Section):
     function_secrets: list[str] = Field(default_factory=list)
 
     _check_urls = field_validator("api_url", "functions_url", "edge_function_url")(_http_url)
+
+    @field_validator("anon_key")
+    @classmethod
+    def _anon(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        role = jwt_role(value)
+        if role != "anon":  # the value is never echoed: a service_role key here is a secret
+            found = f"a JWT with role {role!r}" if role else "not a JWT"
+            raise ValueError(f"must be the project's anon key (a JWT with role 'anon'), but it is {found}; "
+                             "a service_role key would be written into the trigger's SQL and the records")
+        return value
 
     @field_validator("project_ref")
     @classmethod
@@ -315,17 +368,12 @@ class DatabaseSettings(_Section):
     @classmethod
     def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
-            parts = urlsplit(value.get_secret_value())
-            if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-                raise ValueError("is not a PostgreSQL connection URL (postgresql://...)")
+            parse_dsn(value.get_secret_value())  # its ValueError never quotes the DSN
         return value
 
     @property
     def password(self) -> str | None:
-        if self.url is None:
-            return None
-        pw = urlsplit(self.url.get_secret_value()).password
-        return unquote(pw) if pw else None
+        return parse_dsn(self.url.get_secret_value()).password if self.url is not None else None
 
 
 class ModalSettings(_Section):
@@ -393,7 +441,17 @@ class FallbackSettings(_Section):
     # true: the runbook starts the worker here as a background process (pid file, log);
     # false: it prints the command and writes a service definition for the worker's host.
     start_worker: bool = False
-    worker_start_timeout_seconds: float = Field(default=90, gt=0)
+    worker_start_timeout_seconds: float = Field(default=90, gt=0, allow_inf_nan=False)
+
+    @field_validator("deployment_name")
+    @classmethod
+    def _deployment_name(cls, value: str) -> str:
+        return _object_name(value, "a deployment name")
+
+    @field_validator("work_pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        return _object_name(value, "a work pool name")
     worker_query_seconds: int = Field(default=10, ge=1)  # how often the worker polls for runs
 
 

@@ -1,11 +1,13 @@
 """Parsing of the values a person types: notebook parameters (papermill and the runner may pass
-text), deployment ids, pip requirement strings. One parser per kind, used everywhere; a bad value raises a RunbookError
+text), deployment ids, pip requirement strings, database URLs. One parser per kind, used everywhere; a bad value raises a RunbookError
 subclass naming the parameter (nothing is changed)."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any, Iterable
+from urllib.parse import unquote, urlsplit
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
@@ -37,7 +39,10 @@ def parse_uuid(value: Any, what: str = "deployment_id") -> str:
     try:
         return str(uuid.UUID(str(value).strip()))
     except (ValueError, AttributeError, TypeError):
-        raise ParameterError(f"{what} {str(value)[:80]!r} is not a UUID") from None
+        # Masked before it is cut short: a secret cut in two would no longer be recognised.
+        from runbook_lib.core.secrets import redact
+
+        raise ParameterError(f"{what} {redact(str(value))[:80]!r} is not a UUID") from None
 
 
 def parse_requirement(text: str) -> Requirement:
@@ -70,3 +75,49 @@ def validate_requirements(texts: Iterable[str]) -> list[Requirement]:
     if problems:
         raise RequirementError("; ".join(problems))
     return parsed
+
+
+@dataclass(frozen=True)
+class Dsn:
+    """A PostgreSQL URL's parts (the password percent-decoded). Never printed: it holds the password."""
+
+    user: str | None
+    password: str | None
+    host: str
+    port: int
+    database: str
+
+    def __repr__(self) -> str:  # a traceback or a debugger never shows the password
+        return f"Dsn(host={self.host!r}, port={self.port}, database={self.database!r})"
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}/{self.database}"
+
+
+def parse_dsn(text: str) -> Dsn:
+    """A `postgresql://user:password@host:port/database` URL, or a ValueError saying what is wrong
+    WITHOUT quoting any part of it (a misplaced character may be the password's)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("is empty")
+    scheme, sep, rest = text.strip().partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        raise ValueError("is not a PostgreSQL connection URL (postgresql://user:password@host:port/database)")
+    userinfo, at, _ = rest.rpartition("@")
+    if at and any(c in userinfo for c in "/?#"):
+        raise ValueError("has a '/', '?' or '#' in its user or password that is not percent-encoded: write them "
+                         "as %2F, %3F and %23 (e.g. urllib.parse.quote(password, safe=''))")
+    if "@" in userinfo:
+        raise ValueError("has an '@' in its user or password that is not percent-encoded: write it as %40")
+    parts = urlsplit(text.strip())
+    if not parts.hostname:
+        raise ValueError("has no host (postgresql://user:password@host:port/database)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    return Dsn(user=unquote(parts.username) if parts.username else None,
+               password=unquote(parts.password) if parts.password else None,
+               host=parts.hostname, port=port or 5432, database=parts.path.lstrip("/") or "postgres")

@@ -22,6 +22,7 @@ from runbook_lib.checks.base import Check, CheckReport
 from runbook_lib.core import paths as project
 from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import NotConfirmed, RunbookError
+from runbook_lib.core.locks import hold_for_step, release_step_lock
 from runbook_lib.core.profiles import load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings
 from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
@@ -70,6 +71,7 @@ class StepContext:
         self.root = root
         self.results = StepResults(step=name, profile=settings.profile)
         self.gate: ConfirmationGate | None = None
+        self.target_lock: Any = None  # the target's lock (core.locks), held from start_step to finish
         self.save()
 
     @property
@@ -155,6 +157,12 @@ class StepContext:
             changed = decision.decision == "approved"  # approved, but another plan
             self._refuse(("not_confirmed" if changed else refusal_status(decision)) or "not_confirmed", exc)
             raise
+        if self.target_lock is None and read_only(self.name):  # a read-only step about to change something
+            try:
+                self.target_lock = hold_for_step(self.settings, self.name, self.run_dir)
+            except RunbookError as exc:
+                self._refuse("failed", exc)
+                raise
 
     def _refuse(self, status: str, exc: BaseException) -> None:
         self.results.status = status  # type: ignore[assignment]
@@ -190,6 +198,7 @@ class StepContext:
         self.results.error = str(exc)
         self.results.finished_at = now()
         self.save()
+        release_step_lock(self.target_lock)
 
     def finish(self) -> StepResults:
         """Mark the step passed (unless it already failed or its change was refused) and show its summary."""
@@ -197,8 +206,23 @@ class StepContext:
             self.results.status = "passed"
         self.results.finished_at = now()
         self.save()
+        release_step_lock(self.target_lock)
         show(self.results.report)
         return self.results
+
+
+def read_only(step: str) -> bool:
+    """Whether `step` changes nothing unless a gate approves (its output's READ_ONLY)."""
+    return any(kind.STEP == step and kind.READ_ONLY for kind in _outputs())
+
+
+def _outputs() -> list[type[StepOutput]]:
+    found, todo = [], list(StepOutput.__subclasses__())
+    while todo:
+        kind = todo.pop()
+        found.append(kind)
+        todo.extend(kind.__subclasses__())
+    return [k for k in found if "STEP" in k.__dict__ or hasattr(k, "STEP")]
 
 
 def start_step(
@@ -230,4 +254,11 @@ def start_step(
         failed.save(directory)
         raise
     register_settings_secrets(settings)
-    return StepContext(name, settings, directory, confirm, root)
+    try:  # one change at a time per target: the runner's lock (core.locks), also for JupyterLab
+        lock = None if read_only(name) else hold_for_step(settings, name, directory, environ)
+    except RunbookError as exc:
+        StepResults(step=name, profile=profile_name, status="failed", error=str(exc), finished_at=now()).save(directory)
+        raise
+    ctx = StepContext(name, settings, directory, confirm, root)
+    ctx.target_lock = lock
+    return ctx

@@ -31,6 +31,9 @@ class StepOutput(BaseModel):
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
     STEP: ClassVar[str]
+    # A read-only step changes nothing unless one of its gates approves a change: it takes the
+    # target's lock (core.locks) only then, so it can run beside a run that is changing the target.
+    READ_ONLY: ClassVar[bool] = False
 
     def values(self) -> dict[str, Any]:
         """The fields that are set, as JSON values (what the step's results record)."""
@@ -39,6 +42,7 @@ class StepOutput(BaseModel):
 
 class PrerequisitesOutput(StepOutput):
     STEP: ClassVar[str] = "01_verify_prerequisites"
+    READ_ONLY: ClassVar[bool] = True
     trigger_function: str | None = None
     trigger_function_digest: str | None = None  # sha256 of its source: the health check's baseline
 
@@ -125,6 +129,7 @@ class FallbackOutput(StepOutput):
 
 class HealthOutput(StepOutput):
     STEP: ClassVar[str] = "06_health_check"
+    READ_ONLY: ClassVar[bool] = True
     verdict: str | None = None  # ok | drift | fail
     exit_code: int | None = None  # 0 | 1 | 2
     baseline: dict[str, Any] | None = None  # where the compared values came from (a run, or the profile)

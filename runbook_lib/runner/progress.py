@@ -60,7 +60,7 @@ class Progress:
 
     def finished(self, step: Step, record: StepRecord) -> None:
         error = f" ({record.error_type}: {record.error})" if record.error_type else ""
-        self.state[step.name] = (record.status, None, record.duration_seconds or 0.0, redaction.redact(error.strip(" ()")[:120]))
+        self.state[step.name] = (record.status, None, record.duration_seconds or 0.0, redaction.redact(error.strip(" ()"))[:120])
         if not self.live:
             self.note(f"[{self._pos(step)}] {step.name}: {record.status} in {record.duration_seconds or 0:.1f} s{error}")
 

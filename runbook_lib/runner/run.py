@@ -13,9 +13,10 @@ papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_l
   metadata says. A step whose confirmation gate refused its change is `not_confirmed` (headless
   without --confirm) or `rejected` (confirm=False, or Reject), as its StepResults say, and so is
   the run. The run stops at the first step that did not pass; later steps stay `not_run`.
-- One run per profile at a time: `<outputs>/.locks/<profile>.lock` is held with flock and names
-  the holder (pid, run id). A lock left by a runner that died is taken over with a note; the run
-  it names is marked `interrupted` and its leftover step process is stopped.
+- One run per target at a time (core.locks: the Prefect workspace and the Supabase project, in a
+  per-user lock directory, whatever the profile or --outputs-dir; JupyterLab steps take the same
+  lock). A lock left by a runner that died is taken over with a note; the run it names is marked
+  `interrupted`, its leftover step process is stopped, and its records are scanned for secrets.
 - SIGTERM/SIGINT stop the step gracefully and mark the step and the run `killed`: the runner forwards
   the signal to the step's process, which interrupts the kernel (KeyboardInterrupt in the running
   cell: its cleanup runs, e.g. step 05 deletes its test batch) and kills it only after a grace period
@@ -24,7 +25,10 @@ papermill and keeps the records of the run in `outputs/<run-id>/` (see runbook_l
   interrupts its kernel the same way.
 - `--from STEP` resumes a run (the same run directory: `--run-id`, default the profile's latest
   run): the steps before it must have passed and are kept as "passed earlier".
-- Before the run ends, every file it wrote is scanned for the secrets it knows.
+- Before the run ends, whatever the outcome (passed, failed, killed, the runner's own fault), every
+  file it wrote is scanned for the secrets it knows (records.scan: every encoded form), with the
+  values of the Secret blocks read from Prefect, and so are the interactive run directories
+  (`outputs/runs/`) and the notebooks JupyterLab saves in the notebooks directory.
 
 Exit codes: 0 every selected step passed; 1 a step failed, a required change was refused (not
 confirmed, rejected) or a secret was found; 2 refused before running (bad option, lock held);
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import platform
 import re
@@ -58,6 +63,7 @@ import psutil
 from runbook_lib.core import paths as project
 from runbook_lib.core import secrets as redaction
 from runbook_lib.core.errors import RunbookError
+from runbook_lib.core.locks import HELD_BY_ENV
 from runbook_lib.core.profiles import available_profiles, load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 from runbook_lib.notebook.gate import HEADLESS_ENV
@@ -65,7 +71,7 @@ from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord
 from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
 from runbook_lib.runner.index import render_index, render_notebook_html
-from runbook_lib.runner.lock import ProfileLock, _read_json, _same_process, kill_tree
+from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
 from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
@@ -173,6 +179,8 @@ class _Runner:
         self.kill_now = False  # a second SIGTERM/SIGINT: no grace
         self.worker: psutil.Process | None = None
         self.notes: list[str] = []
+        self.settings: Any = None
+        self.scanned = False
 
     # -- preparation: everything that can refuse happens before anything is written ---------------
     def prepare(self) -> None:
@@ -180,8 +188,8 @@ class _Runner:
             raise RunRefused(f"unknown profile {self.profile!r}; profiles: {', '.join(available_profiles())}")
         if self.from_step and self.only:
             raise RunRefused("--from and --only cannot be combined")
-        if self.cell_timeout is not None and self.cell_timeout <= 0:
-            raise RunRefused("--cell-timeout must be a positive number of seconds")
+        if self.cell_timeout is not None and not (math.isfinite(self.cell_timeout) and self.cell_timeout > 0):
+            raise RunRefused(f"--cell-timeout {self.cell_timeout}: must be a finite positive number of seconds")
         if not self.notebooks_dir.is_dir():
             raise RunRefused(f"notebooks directory {self.notebooks_dir} does not exist")
         self.secrets = self._known_secrets()
@@ -228,15 +236,15 @@ class _Runner:
 
     def _known_secrets(self) -> dict[str, str]:
         """Every secret value known here, by name, for the -p check, redaction and the secret scan: the
-        profile's settings (Secret block values are the values of these settings), plus any secret
-        variable set in the environment, `.env` or the sandbox's sandbox.env, so the scan still
-        knows them when the settings do not load."""
+        profile's settings, plus any secret variable set in the environment, `.env` or the sandbox's
+        sandbox.env under another value (the scan adds the Secret blocks' live values at the end).
+        Settings that do not load refuse the run (RunRefused): nothing is written or changed."""
         secrets: dict[str, str] = {}
         try:
-            secrets.update(load_settings(self.profile, environ=self.environ).secret_values())
-        except RunbookError as exc:
-            self.notes.append(f"the settings of profile {self.profile!r} could not be loaded ({exc}); the secret "
-                              "scan uses the secret variables of the environment, .env and sandbox.env")
+            self.settings = load_settings(self.profile, environ=self.environ)
+        except RunbookError as exc:  # bad input: refused before anything is written or changed
+            raise RunRefused(f"{exc}\nnothing was run or changed") from None
+        secrets.update(self.settings.secret_values())
         for source, values in _secret_variable_sources(self.environ):
             for name in SECRET_VARIABLES:
                 value = values.get(name)
@@ -252,8 +260,8 @@ class _Runner:
 
     # -- the run ----------------------------------------------------------------------------------
     def run(self) -> RunOutcome:
-        lock = ProfileLock(self.outputs_dir, self.profile)
-        lock.acquire(self.run_id)
+        lock = RunLock(self.settings, self.profile, self.environ)
+        lock.acquire(self.run_id, run_dir=str(self.run_dir))
         self.lock = lock
         self.manifest: RunManifest | None = None
         try:
@@ -276,26 +284,44 @@ class _Runner:
                 self.save()
             raise
         finally:
-            lock.release()
+            try:
+                if self.manifest is not None and not self.scanned:  # the runner's own fault: scan all the same
+                    self._scan(self.manifest)
+                    self.save()
+                    render_index(self.manifest, self.run_dir)
+                    self._rescan_final_records()
+            finally:
+                lock.release()
 
     def _take_over(self, previous: Mapping[str, Any]) -> None:
         """The lock file was left by a runner that died: say so, stop its step process, and mark
         its run interrupted."""
         if not previous.get("run_id"):
+            if previous.get("run_dir") and Path(previous["run_dir"]).is_dir():  # a JupyterLab kernel that died
+                self._scan_taken_over(Path(previous["run_dir"]), f"step {previous.get('step', '?')} (interactive)")
             return
         alive = _same_process(previous.get("pid"), previous.get("create_time")) is not None
         self.notes.append(
-            f"took over the lock of profile {self.profile!r} left by run {previous['run_id']} "
+            f"took over the lock of {self.lock.target} left by run {previous['run_id']} "
             f"(pid {previous.get('pid')}, {'alive but not holding it' if alive else 'no longer running'})"
         )
         leftover = _same_process(previous.get("worker_pid"), previous.get("worker_create_time"))
         if leftover is not None:
             kill_tree(leftover)
             self.notes.append(f"stopped the leftover step process {leftover.pid} of run {previous['run_id']}")
-        run_dir = self.outputs_dir / str(previous["run_id"])
+        run_dir = Path(previous.get("run_dir") or self.outputs_dir / str(previous["run_id"]))
         if _RUN_ID.match(str(previous["run_id"])) and (run_dir / "manifest.json").is_file():
             self._mark_interrupted(run_dir, f"the runner (pid {previous.get('pid')}) stopped without finishing; "
                                             f"found by run {self.run_id} at {now().isoformat()}")
+        if run_dir.is_dir():  # a killed run never scanned its records: scan them now
+            self._scan_taken_over(run_dir, f"run {previous['run_id']}")
+
+    def _scan_taken_over(self, run_dir: Path, what: str) -> None:
+        found = scan_for_secrets(run_dir, self.secrets)
+        self.notes.append(f"scanned the records of {what} in {run_dir} ({found.scanned_files} files): "
+                          + ("; ".join(f"{f.file} contained the value of {f.secret} (masked)" for f in found.findings)
+                             or "no secret found"))
+        self.takeover_findings = [f"{run_dir.name}/{f.file}" for f in found.findings]
 
     @staticmethod
     def _mark_interrupted(run_dir: Path, why: str) -> None:
@@ -366,6 +392,7 @@ class _Runner:
                 "result": str(result_path), "interrupt_grace": self.interrupt_grace}
         env = dict(self.environ)
         env[HEADLESS_ENV] = "1"
+        env[HELD_BY_ENV] = str(os.getpid())  # the step's start_step does not take the target's lock again
         root = str(project.project_root())
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root])
 
@@ -478,19 +505,15 @@ class _Runner:
                 status = stopped.status if stopped.status in REFUSED else "failed"
         # The secret scan sees every file this run wrote, before the final records are saved
         # (those are written redacted).
-        m.secret_scan = scan_for_secrets(self.run_dir, self.secrets)
-        if m.secret_scan.findings:
-            listing = "; ".join(f"{f.file} contained the value of {f.secret}" for f in m.secret_scan.findings)
-            m.error = (m.error + "; " if m.error else "") + f"secret scan: {listing} (masked in place)"
-            if status == "passed":
-                status = "failed"
-            self.progress.note(f"SECRET FOUND: {listing}; the values were masked in those files")
+        if self._scan(m) and status == "passed":
+            status = "failed"
         m.status = status
         m.ended_at = now()
         m.duration_seconds = round((m.ended_at - m.attempts[-1].started_at).total_seconds(), 3)
         m.attempts[-1].status, m.attempts[-1].ended_at = status, m.ended_at
         self.save()
         render_index(m, self.run_dir)
+        self._rescan_final_records()
         code = {"passed": EXIT_PASSED, "failed": EXIT_FAILED, "rejected": EXIT_FAILED,
                 "not_confirmed": EXIT_FAILED}.get(status, 128 + (self.killed_by or 0))
         for step in m.steps:
@@ -500,6 +523,61 @@ class _Runner:
         self.progress.note(f"run {self.run_id}: {status}" + (f" ({m.error})" if m.error else "")
                            + f"; records in {self.run_dir / 'index.html'}")
         return RunOutcome(self.run_id, self.run_dir, status, code, m)
+
+    def _scan(self, m: RunManifest) -> bool:
+        """The secret scan (see the module doc); True when a secret was found (and masked)."""
+        self.scanned = True
+        secrets = dict(self.secrets)
+        for label, value in self._secret_block_values(m).items():
+            if value not in secrets.values():
+                secrets[label] = value
+                redaction.register_secret(value, label)
+        self._scan_secrets = secrets
+        root = project.project_root()
+        places = [root / "outputs" / "runs", self.outputs_dir / "runs"]
+        places += sorted(self.notebooks_dir.glob("*.ipynb")) + [self.notebooks_dir / ".ipynb_checkpoints"]
+        m.secret_scan = scan_for_secrets(self.run_dir, secrets, also=places, relative_to=root)
+        found = [f"{f.file} contained the value of {f.secret}" for f in m.secret_scan.findings]
+        found += [f"{f} (a run taken over)" for f in getattr(self, "takeover_findings", [])]
+        if found:
+            listing = "; ".join(found)
+            m.error = (m.error + "; " if m.error else "") + f"secret scan: {listing} (masked in place)"
+            if getattr(self, "progress", None) is not None:
+                self.progress.note(f"SECRET FOUND: {listing}; the values were masked in those files")
+        return bool(found)
+
+    def _rescan_final_records(self) -> None:
+        """The manifest and index written after the scan quote errors (a step's exception text): they are
+        masked in place by the same scan (a credential known by its shape only is no registered secret)."""
+        scan_for_secrets(self.run_dir, self._scan_secrets, also=(), relative_to=None)
+
+    def _secret_block_values(self, m: RunManifest) -> dict[str, str]:
+        """The values every Secret block of the workspace holds in Prefect (they may differ from the
+        environment's, and a block may hold a secret the settings never name), by label; a failed read
+        is noted in the manifest, never fatal."""
+        settings = self.settings
+        if settings is None or not settings.prefect.api_url or settings.prefect.api_key is None:
+            return {}
+        from runbook_lib.systems.prefect import PrefectApi
+
+        values: dict[str, str] = {}
+        try:
+            api = PrefectApi.from_settings(settings, timeout=5.0, call_timeout=15.0)
+            docs = api.call("reading the Secret blocks' values for the secret scan",
+                            lambda c: c.read_block_documents_by_type("secret", limit=200, include_secrets=True))
+        except Exception as exc:  # noqa: BLE001 - the scan goes on with the values it knows
+            m.notes.append(f"the secret scan could not read the Secret blocks' values from Prefect "
+                           f"({redaction.redact(str(exc))[:300]}); it used the values of the settings")
+            return {}
+        for doc in docs:
+            value = (doc.data or {}).get("value")
+            value = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+            if not isinstance(value, str) or len(value) < redaction.MIN_SECRET_LENGTH:
+                continue
+            values[f"secret block {doc.name}"] = value
+            if "://" in value and urlsplit(value).password:
+                values[f"secret block {doc.name} (password)"] = unquote(urlsplit(value).password)
+        return values
 
     def on_signal(self, signum: int, _frame: Any) -> None:
         """SIGTERM/SIGINT: the step loop forwards it to the step's process (a graceful interrupt of the

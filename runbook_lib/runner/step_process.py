@@ -99,7 +99,8 @@ def execute_step(spec: dict[str, Any]) -> int:
         result = {"ok": False, "error_type": exc.ename, "error": exc.evalue}
     except BaseException as exc:  # CellTimeoutError, DeadKernelError, NoSuchKernel...: all failures
         message = str(exc).strip().split("\n")
-        result = {"ok": False, "error_type": type(exc).__name__, "error": " ".join(m.strip() for m in message[:3])[:1000]}
+        result = {"ok": False, "error_type": type(exc).__name__, 
+                  "error": redaction.redact(" ".join(m.strip() for m in message[:3]))[:1000]}  # masked, then cut short
     finally:
         stopper.finished.set()
     if stopper.why is not None:

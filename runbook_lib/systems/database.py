@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import dict_row
@@ -23,6 +22,7 @@ from psycopg.rows import dict_row
 from runbook_lib.core.errors import DatabaseError
 from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.core.settings import RunbookSettings
+from runbook_lib.core.values import parse_dsn
 
 TRIGGER_NAME = "trigger_batch_ready"
 TRIGGER_FUNCTION = "public.notify_prefect_on_batch_insert"
@@ -69,10 +69,12 @@ class Database:
     def __init__(self, dsn: str, *, connect_timeout: int = 10):
         self._dsn = dsn
         self.connect_timeout = connect_timeout
-        parts = urlsplit(dsn)
-        if parts.password:
-            register_secret(parts.password, "DATABASE_PASSWORD")
-        self.where = f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+        try:
+            parts = parse_dsn(dsn)
+        except ValueError as exc:  # its message never quotes the DSN
+            raise DatabaseError(f"the database URL {exc}") from None
+        register_secret(parts.password, "DATABASE_PASSWORD")
+        self.where = f"{parts.host}:{parts.port}/{parts.database}"
 
     @classmethod
     def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "Database":

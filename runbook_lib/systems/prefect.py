@@ -246,7 +246,7 @@ async def _or_none(awaitable: Awaitable[T]) -> T | None:
 
 def _short_body(response: httpx.Response, limit: int = 300) -> str:
     try:
-        text = response.text
+        text = redact(response.text)  # masked before it is cut short (a cut secret is no longer recognised)
     except Exception:
         return ""
     return text if len(text) <= limit else text[:limit] + "..."

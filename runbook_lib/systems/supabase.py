@@ -245,10 +245,10 @@ def _message(response: httpx.Response, limit: int = 300) -> str:
     try:
         body = response.json()
         if isinstance(body, dict) and "message" in body:
-            return str(body["message"])[:limit]
+            return redact(str(body["message"]))[:limit]  # masked before it is cut short
     except ValueError:
         pass
-    text = response.text
+    text = redact(response.text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

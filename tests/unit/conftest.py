@@ -107,7 +107,7 @@ def write_sandbox_env(directory: Path, **extra: str) -> Path:
         "SUPABASE_ACCESS_TOKEN": "sbp_sandboxtoken0123456789",
         "SUPABASE_PROJECT_REF": "abcdefghijklmnopqrst",
         "SUPABASE_FUNCTIONS_URL": "http://127.0.0.1:5000/functions/v1",
-        "SUPABASE_ANON_KEY": "eyJhbGciOiJIUzI1NiJ9.anon.sig",
+        "SUPABASE_ANON_KEY": "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiYW5vbiJ9.sig",  # role anon
         "RUNBOOK_REPO_URL": "http://127.0.0.1:5200/bencrane/data-enrichment-orchestration-v1.git",
         "ENRICHMENT_DISPATCH_URL": "http://127.0.0.1:5100",
         "MODAL_TOKEN_ID": "ak-sandbox0123",

@@ -245,8 +245,15 @@ def test_a_url_without_git_warns_and_the_runbook_uses_it_with_git(run_group, mon
     }
 
 
-def test_a_url_with_credentials_fails_and_everything_that_needs_it_skips(run_group):
-    report = run_group(source__repo_url="https://deploy:hunter2secret@github.com/owner/flows.git")
+def test_a_url_with_credentials_fails_and_everything_that_needs_it_skips(make_settings):
+    # The settings refuse such a URL when they load (test_core_settings); the check is a second line.
+    settings = make_settings()
+    settings.source = settings.source.model_copy(update={"repo_url": "https://deploy:hunter2secret@github.com/owner/flows.git"})
+    facts = Facts(settings, STEP)
+    try:
+        report = run_checks(facts, GROUP)
+    finally:
+        facts.close()
     failed = report.get("source.repo_url")
     assert failed.status is Status.FAIL
     assert failed.detail.startswith("the repository URL carries credentials")

@@ -167,3 +167,20 @@ def test_log_records_and_streams_are_redacted():
 def test_runbook_errors_are_redacted_when_created():
     redaction.register_secret("ghp_errorsecret42", "GITHUB_TOKEN")
     assert "ghp_errorsecret42" not in str(RunbookError("clone with ghp_errorsecret42 failed"))
+
+
+def test_error_bodies_are_masked_before_they_are_cut_short():
+    """A secret straddling the cut (a 300-character excerpt of a response body) is masked whole: cut
+    first, its head would no longer be recognised and would reach the message."""
+    import httpx
+
+    from runbook_lib.core import secrets as redaction
+    from runbook_lib.systems.prefect import _short_body
+    from runbook_lib.systems.supabase import _message
+
+    secret = "pnu_" + "q7" * 20
+    redaction.register_secret(secret, "PREFECT_API_KEY")
+    body = "e" * 290 + secret + " trailing"
+    for text in (_short_body(httpx.Response(500, text=body)), _message(httpx.Response(500, text=body)),
+                 _message(httpx.Response(500, json={"message": body}))):
+        assert "pnu_q7q7" not in text and len(text) <= 303, text

@@ -48,6 +48,11 @@ CELLS = {
     "exit0": [START.format(name="exit0"), "import sys\nsys.exit(0)", "ctx.finish()"],
     "slow": [START.format(name="slow"), "import time\ntime.sleep(120)", "ctx.finish()"],
     "fast": [START.format(name="fast"), "ctx.finish()"],
+    # Writes the API key into its record (bypassing the redaction), then runs until it is killed.
+    "leakslow": [START.format(name="leakslow"),
+                 "import os, time\nsecret = [l for l in open(os.path.join(os.environ['RUNBOOK_SANDBOX_DIR'], 'sandbox.env'))"
+                 " if l.startswith('PREFECT_API_KEY')][0]\nopen(os.path.join(run_dir, 'leak.txt'), 'w').write(secret)\n"
+                 "(ctx.run_dir / 'slow.json').write_text('{}')\ntime.sleep(120)", "ctx.finish()"],
     # Bypasses the runbook's redaction: reads the sandbox settings file and prints it raw.
     "leak": ["import os\nprint(open(os.path.join(os.environ['RUNBOOK_SANDBOX_DIR'], 'sandbox.env')).read())"],
 }
@@ -254,8 +259,13 @@ def test_a_second_run_is_refused_and_sigterm_kills_the_step(tmp_path, sbx):
 
         second = cli(["--only", "02", "--notebooks-dir", str(nbs), "--outputs-dir", str(out)], sbx)
         assert second.returncode == 2
-        assert "another run holds the lock for profile 'sandbox': run long" in second.stderr
-        assert sorted(p.name for p in out.iterdir()) == [".locks", "long"]  # the refused run wrote nothing
+        assert "another run is changing the same target" in second.stderr
+        assert "run long of profile 'sandbox'" in second.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["long"]  # the refused run wrote nothing
+        # The lock is the target's, not the outputs directory's: another --outputs-dir is refused too.
+        elsewhere = cli(["--only", "02", "--notebooks-dir", str(nbs), "--outputs-dir", str(tmp_path / "other")], sbx)
+        assert elsewhere.returncode == 2 and "run long of profile 'sandbox'" in elsewhere.stderr
+        assert not (tmp_path / "other").exists()
 
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=30) == 128 + signal.SIGTERM
@@ -293,7 +303,10 @@ def test_after_sigkill_the_manifest_says_running_and_the_next_run_marks_it_inter
 
     nxt = cli(["--only", "fast", "--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "next"], sbx)
     assert nxt.returncode == 0, nxt.stdout + nxt.stderr
-    assert "took over the lock of profile 'sandbox' left by run doomed" in nxt.stdout
+    assert "took over the lock of prefect" in nxt.stdout
+    notes = manifest(out / "next")["notes"]
+    assert any(n.startswith("took over the lock of prefect http://127.0.0.1:4201/api/accounts/") and "left by run doomed" in n
+               for n in notes), notes
     m = manifest(out / "doomed")
     assert m["status"] == "interrupted" and steps_of(m)["01_slow"]["status"] == "interrupted"
     assert any("stopped without finishing" in n for n in m["notes"])
@@ -361,3 +374,71 @@ def test_the_ci_example_runs_production_with_secrets_from_the_secret_store_only(
     upload = next(s for s in job["steps"] if s.get("uses", "").startswith("actions/upload-artifact"))
     assert upload["if"] == "always()" and upload["with"]["path"] == "outputs/${{ env.RUN_ID }}/"
     assert '--run-id "$RUN_ID"' in step["run"] and job["environment"] == "production"
+
+
+def _leakslow_running(run_dir: Path) -> dict | None:
+    try:
+        m = manifest(run_dir)
+    except (OSError, ValueError):
+        return None
+    running = [s for s in m["steps"] if s["status"] == "running"]
+    return running[0] if running and (run_dir / "leak.txt").is_file() else None
+
+
+@pytest.mark.timeout(150)
+def test_a_killed_run_is_scanned_sigterm_at_once_sigkill_by_the_run_that_takes_its_lock_over(tmp_path, sbx):
+    nbs = make_notebooks(tmp_path / "nb", ["leakslow", "fast"])
+    out = tmp_path / "out"
+    # SIGTERM: the runner scans in its finally, before it exits.
+    first = cli(["--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "termed"], sbx, background=True)
+    try:
+        wait_for(lambda: _leakslow_running(out / "termed"), 60, "the leaking step to run")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if first.poll() is None:
+            first.kill()
+    m = manifest(out / "termed")
+    assert m["status"] == "killed"
+    assert {(f["file"], f["secret"]) for f in m["secret_scan"]["findings"]} >= {("leak.txt", "PREFECT_API_KEY")}
+    assert API_KEY not in (out / "termed" / "leak.txt").read_text()
+
+    # SIGKILL: nothing runs in the runner; the next run on the same target takes the lock over and scans it.
+    doomed = cli(["--notebooks-dir", str(nbs), "--outputs-dir", str(tmp_path / "out2"), "--run-id", "doomed"], sbx,
+                 background=True)
+    try:
+        wait_for(lambda: _leakslow_running(tmp_path / "out2" / "doomed"), 60, "the leaking step to run")
+        doomed.kill()
+        doomed.wait(timeout=10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    assert API_KEY in (tmp_path / "out2" / "doomed" / "leak.txt").read_text()  # not scanned yet
+    nxt = cli(["--only", "fast", "--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "next"], sbx)
+    assert nxt.returncode == 1, nxt.stdout + nxt.stderr  # a secret was found (in the run taken over)
+    assert API_KEY not in (tmp_path / "out2" / "doomed" / "leak.txt").read_text()
+    m = manifest(out / "next")
+    assert steps_of(m)["02_fast"]["status"] == "passed"
+    assert any("scanned the records of run doomed" in n and "leak.txt contained the value of PREFECT_API_KEY" in n
+               for n in m["notes"]), m["notes"]
+    assert "doomed/leak.txt (a run taken over)" in m["error"]
+    assert manifest(tmp_path / "out2" / "doomed")["status"] == "interrupted"
+
+
+@pytest.mark.timeout(90)
+def test_the_scan_covers_interactive_runs_and_notebooks_saved_with_outputs(tmp_path, sbx):
+    nbs = make_notebooks(tmp_path / "nb", ["fast"])
+    scratch = nbformat.v4.new_notebook()
+    scratch.cells = [nbformat.v4.new_code_cell("print(key)", outputs=[nbformat.v4.new_output(
+        "stream", name="stdout", text=f"Authorization: Basic {__import__('base64').b64encode(f'x:{API_KEY}'.encode()).decode()}\n")])]
+    nbformat.write(scratch, nbs / "scratch.ipynb")
+    out = tmp_path / "out"
+    interactive = out / "runs" / "interactive-sandbox"
+    interactive.mkdir(parents=True)
+    (interactive / "03_deploy.json").write_text(json.dumps({"error": f"connecting to postgres://u:{DB_PASSWORD}@h/db"}))
+    outcome = run_runbook("sandbox", run_id="r", notebooks_dir=nbs, outputs_dir=out, environ=sbx, handle_signals=False)
+    assert outcome.status == "failed" and outcome.manifest.step("01_fast").status == "passed"
+    found = {(f.file.rsplit("/", 1)[-1], f.secret.split(" ")[0]) for f in outcome.manifest.secret_scan.findings}
+    assert {("scratch.ipynb", "PREFECT_API_KEY"), ("03_deploy.json", "DATABASE_PASSWORD")} <= found, found
+    assert DB_PASSWORD not in (interactive / "03_deploy.json").read_text()
+    assert "[redacted:PREFECT_API_KEY" in (nbs / "scratch.ipynb").read_text()
