@@ -371,8 +371,8 @@ def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[
     """Stop every service; return pids of stragglers the sweep had to kill.
 
     Services stop at the same time, each given its short grace (`ServiceDef.stop_timeout`) before its
-    process group is killed, except that what others need (Postgres, the Prefect server, the fault
-    proxy) stops in a later wave, after what needs it: a worker's last API calls still get answers."""
+    process group is killed, except that what other processes need (`needs`: Postgres, the fault proxy)
+    stops in a second wave, once those are gone."""
     cfg = SandboxConfig.load_or_create(state_dir)
     state = read_state(cfg)
     recs = state.get("services", {})
@@ -388,7 +388,7 @@ def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[
 
     left = list(running)
     while left:
-        needed = {n for svc in left for n in [*svc.needs, *svc.after_start_needs]}
+        needed = {n for svc in left for n in svc.needs}
         wave = [svc for svc in left if svc.name not in needed] or left
         threads = [threading.Thread(target=stop, args=(svc,), name=f"down-{svc.name}") for svc in wave]
         for t in threads:
