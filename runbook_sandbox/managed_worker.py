@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,7 @@ async def wait_for_pool(cfg: SandboxConfig, timeout: float = POOL_WAIT_SECONDS) 
 
 
 async def serve(cfg: SandboxConfig) -> None:
+    began = time.monotonic()
     from .prefect_server import without_iri_formats
 
     without_iri_formats()
@@ -176,7 +178,10 @@ async def serve(cfg: SandboxConfig) -> None:
     from .managed_worker_type import ManagedWorker
 
     write_base_job_template(cfg)  # for the gateway's set-up, which may then skip importing the worker
+    imported = time.monotonic()
     await wait_for_pool(cfg)
+    print(f"managed_worker: imports {imported - began:.1f}s; pool ready after {time.monotonic() - imported:.1f}s more",
+          flush=True)
     blocked = managed_runtime.write_blocked_modules(cfg.path("prefect", "managed-image-blocked-modules.json"))
     worker = ManagedWorker(
         work_pool_name=cfg.prefect.work_pool,

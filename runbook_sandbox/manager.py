@@ -202,7 +202,6 @@ class _Start:
         self.errors: dict[str, SandboxError] = {}  # service -> why it failed (its own fault)
         self.skipped: dict[str, str] = {}  # service -> the failed service it needed
         self.lock = threading.Lock()
-        self.failed = threading.Event()
         self.t0 = time.monotonic()
 
     def echo(self, line: str) -> None:
@@ -223,6 +222,20 @@ class _Start:
                 return name
         return None
 
+    def failed_dependency(self, svc: ServiceDef) -> str | None:
+        """A service `svc` needs (for its start or its set-up, directly or not) that failed, if any."""
+        seen: set[str] = set()
+        todo = [*svc.needs, *svc.after_start_needs]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in self.todo:
+                continue
+            seen.add(name)
+            if name in self.errors or name in self.skipped:
+                return name
+            todo += [*self.todo[name].needs, *self.todo[name].after_start_needs]
+        return None
+
     def run(self, svc: ServiceDef) -> None:
         try:
             blocked = self.wait_for(svc, svc.needs)
@@ -234,10 +247,8 @@ class _Start:
             self.skipped[svc.name] = str(exc)
         except SandboxError as exc:
             self.errors[svc.name] = exc
-            self.failed.set()
         except Exception as exc:  # a bug in a prepare hook, say: still named after its service
             self.errors[svc.name] = SandboxError(f"{svc.name}: start failed: {type(exc).__name__}: {exc}")
-            self.failed.set()
         finally:
             self.done[svc.name].set()
 
@@ -259,7 +270,7 @@ class _Start:
         with self.lock:
             self.state["services"][svc.name] = rec
         self.save()
-        _wait_healthy(cfg, svc, rec, abandon=self.failed)
+        _wait_healthy(cfg, svc, rec, abandon=lambda: self.failed_dependency(svc))
         healthy_at = time.monotonic()
         blocked = self.wait_for(svc, svc.after_start_needs)
         if blocked:
@@ -306,7 +317,10 @@ def _start_all(cfg: SandboxConfig, todo: list[ServiceDef], state: dict, echo: Ca
         raise SandboxError(message) from run.errors[failed[0]]
 
 
-def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict, abandon: threading.Event | None = None) -> None:
+def _wait_healthy(
+    cfg: SandboxConfig, svc: ServiceDef, rec: dict, abandon: Callable[[], str | None] | None = None
+) -> None:
+    """Wait for `svc`'s health probe; give up (_Blocked) when `abandon()` names a failed service it needs."""
     deadline = time.monotonic() + svc.start_timeout
     reason = "not checked"
     delay = 0.05
@@ -324,10 +338,10 @@ def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict, abandon: threa
             reason = f"{type(exc).__name__}: {exc}"
         if reason is None:
             return
-        if abandon is not None and abandon.wait(delay):
-            raise _Blocked(reason)
-        elif abandon is None:
-            time.sleep(delay)
+        blocked = abandon() if abandon is not None else None
+        if blocked:
+            raise _Blocked(blocked)
+        time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
     raise SandboxError(
         f"{svc.name} did not become healthy within {svc.start_timeout:.0f}s ({reason}). "
