@@ -134,8 +134,15 @@ def sandbox_rss(marker: str) -> tuple[int, int]:
     """(resident bytes summed over the sandbox's processes, how many): every process carrying the
     sandbox's marker, Postgres's backends, Deno and flow runs included. Shared pages count once per
     process, as `ps` shows them: an upper bound."""
-    total = count = 0
+    found: dict[int, psutil.Process] = {}
     for p in processes.processes_of(marker):
+        found[p.pid] = p
+        try:  # Postgres's backends overwrite their environment (their ps title): found as children
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            continue
+    total = count = 0
+    for p in found.values():
         try:
             total += p.memory_info().rss
             count += 1
