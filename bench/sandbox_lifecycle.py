@@ -85,7 +85,7 @@ def main() -> None:
     print(f"  down                        {fmt(s_down)}   goal <= 2 s; processes left after down: {max(left)}")
     print(f"  resident memory once up     {fmt(s_rss, 'MiB', 0)} over {max(nproc)} processes   goal <= 1024 MiB")
     print("  per service, median seconds (waited = until what it needs was up; start = spawn to healthy; "
-          "after = its after_start hook):")
+          "setup_waited = until what its set-up needs was up; after_start = its set-up hook):")
     rows = []
     for name, figures in per_service.items():
         cells = {key: stats(values)["median"] for key, values in figures.items()}

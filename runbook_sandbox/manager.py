@@ -275,6 +275,7 @@ class _Start:
         blocked = self.wait_for(svc, svc.after_start_needs)
         if blocked:
             raise _Blocked(blocked)
+        setup_at = time.monotonic()
         if svc.after_start:
             try:
                 svc.after_start(cfg)
@@ -283,11 +284,13 @@ class _Start:
         end = time.monotonic()
         rec.update(
             healthy=True,
-            # Seconds: from `up`'s start to this one's spawn, spawn to healthy, the after_start hook.
+            # Seconds: from `up`'s start to this one's spawn, spawn to healthy, healthy to its set-up's
+            # needs being up, the after_start hook.
             timing={
                 "waited": round(began - self.t0, 2),
                 "start": round(healthy_at - began, 2),
-                "after_start": round(end - healthy_at, 2),
+                "setup_waited": round(setup_at - healthy_at, 2),
+                "after_start": round(end - setup_at, 2),
             },
         )
         self.save()
