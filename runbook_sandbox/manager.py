@@ -282,7 +282,7 @@ class _Start:
             except Exception as exc:
                 raise SandboxError(f"{svc.name}: set-up after start failed: {type(exc).__name__}: {exc}") from exc
         end = time.monotonic()
-        rec.update(
+        timing = dict(
             healthy=True,
             # Seconds: from `up`'s start to this one's spawn, spawn to healthy, healthy to its set-up's
             # needs being up, the after_start hook.
@@ -293,6 +293,8 @@ class _Start:
                 "after_start": round(end - setup_at, 2),
             },
         )
+        with self.lock:  # another thread may be writing the state file from the same dict
+            rec.update(timing)
         self.save()
         self.echo(f"  {svc.name:16} up  {end - began:5.1f}s       {rec['url']}")
 
@@ -305,6 +307,20 @@ def _start_all(cfg: SandboxConfig, todo: list[ServiceDef], state: dict, echo: Ca
         unknown = [n for n in [*svc.needs, *svc.after_start_needs] if n not in known]
         if unknown:
             raise SandboxError(f"{svc.name}: needs unknown service(s) {unknown}")
+    by_name = {svc.name: svc for svc in services()}
+
+    def cycle(name: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        if name in path:
+            return (*path, name)
+        svc = by_name[name]
+        for need in [*svc.needs, *svc.after_start_needs]:
+            if need != name and (found := cycle(need, (*path, name))):
+                return found
+        return None
+
+    for svc in todo:
+        if found := cycle(svc.name, ()):
+            raise SandboxError(f"{svc.name}: its needs form a cycle: {' -> '.join(found)}")
     run = _Start(cfg, todo, state, echo)
     threads = [threading.Thread(target=run.run, args=(svc,), name=f"up-{svc.name}", daemon=True) for svc in todo]
     for t in threads:

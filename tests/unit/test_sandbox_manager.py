@@ -100,3 +100,10 @@ def test_down_stops_everything_quickly_and_leaves_nothing(tmp_path, stack):
     assert processes.processes_of(cfg.instance_id) == []
     names = [ln.split()[0] for ln in lines]
     assert names.index("base") > names.index("on_top")  # what others need stops after them
+
+
+def test_needs_in_a_cycle_are_refused_before_anything_starts(tmp_path, stack):
+    stack += [fake("egg", needs=["hen"]), fake("hen", needs=["egg"])]
+    with pytest.raises(manager.SandboxError, match="cycle: egg -> hen -> egg"):
+        manager.up(tmp_path, echo=lambda s: None)
+    assert manager.read_state(SandboxConfig.load_or_create(tmp_path))["services"] == {}
