@@ -55,6 +55,8 @@ def server_env(cfg: SandboxConfig) -> dict[str, str]:
         "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",  # no flow pauses
         "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "true",  # a run on a paused pool shows as Late
         "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "5",
+        # Two pooled connections kept open, more only while busy (each is a Postgres backend, ~20 MiB).
+        "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "2",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
