@@ -27,6 +27,7 @@ from runbook_lib.core import processes
 from runbook_lib.core.paths import project_root
 
 ROOT = project_root()
+LOAD_AT_START = os.getloadavg()[0]  # when the benchmark script started
 RESULTS_DIR = Path(os.environ.get("RUNBOOK_BENCH_RESULTS", ROOT / "outputs" / "bench"))
 
 
@@ -46,13 +47,12 @@ def fmt(s: dict | None, unit: str = "s", digits: int = 1) -> str:
 
 
 def machine() -> dict:
-    load = os.getloadavg()
     return {
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_1m_at_start": round(load[0], 2),
+        "load_1m_at_start": round(LOAD_AT_START, 2),
         "python": platform.python_version(),
     }
 
