@@ -53,8 +53,14 @@ sandbox-up: venv
 sandbox-down: venv
 	$(RUNBOOK) sandbox down
 
+# Every benchmark (bench/), then one table of their figures (bench/report.py). The lifecycle and the
+# orchestrator benchmarks start sandboxes of their own; the others share one sandbox, brought down after.
 bench: venv
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	$(PY) bench/sandbox_lifecycle.py
+	$(PY) bench/orchestrator_throughput.py
+	$(RUNBOOK) sandbox up
+	status=0; for b in runbook e2e_latency deploy_overhead health_check; do $(PY) bench/$$b.py || status=$$?; done; \
+	$(RUNBOOK) sandbox down; $(PY) bench/report.py; exit $$status
 
 # Re-resolve pyproject.toml's ranges from scratch in a throwaway venv and rewrite constraints.txt
 # (its comment header kept). Picks the newest versions the ranges allow: review the diff, then

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import record, stats  # noqa: E402
 
 
 def command_line(outputs: Path) -> tuple[float, int]:
@@ -94,6 +97,8 @@ def measure(args: argparse.Namespace) -> None:
         runs.append(seconds)
         print(f"runbook health #{i + 1}: {seconds:6.2f} s (exit {code})")
     print(f"median: {statistics.median(runs):.2f} s (goal <= 10 s)")
+    record("health_check", [{"figure": "runbook health (command line)", "stats": stats(runs), "unit": "s",
+                             "goal": "<= 10 s"}])
     print("in-process, slowest first:")
     for seconds, what in sorted(per_check(), reverse=True)[:8]:
         print(f"  {seconds:6.2f} s  {what}")

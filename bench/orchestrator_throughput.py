@@ -8,9 +8,9 @@ nothing (so the figures measure the database path, not Modal):
       connection and one single-row UPDATE ... WHERE status = 'PENDING', commit, then dispatch
       (measured on a sample and extrapolated, it is too slow for 10,000);
   (c) the floor: one UPDATE of all 10,000 rows.
-Goal: (a) >= 20x (b) and (a) within 3x of (c).
+Goals (issue 14): (a) >= 100x (b) and (c)/(a) <= 2x at batch_size 50, robustly over repeated runs.
 
-Usage: python bench/orchestrator_throughput.py [--items 10000] [--baseline-sample 400]
+Usage: python bench/orchestrator_throughput.py [--items 10000] [--baseline-sample 400] [--runs 3]
 Uses DATABASE_URL when set (touching only its own client's rows, deleted afterwards); otherwise starts
 the sandbox's Postgres in a temporary directory and stops it at the end.
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 import psycopg2
 
 from runbook_lib.core.paths import project_root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fmt, record, stats  # noqa: E402
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 
@@ -168,34 +170,51 @@ def run_floor(dsn: str, fx: Fixture, n: int) -> float:
     return n / elapsed
 
 
+def measure(orch, dsn: str, fx: Fixture, args) -> tuple[float, float, dict[int, float]]:
+    """One measurement: (floor, baseline, orchestrator rate per batch size), items/s."""
+    floor = max(run_floor(dsn, fx, args.items) for _ in range(args.repeats))
+    baseline = run_baseline(dsn, fx, args.items, args.baseline_sample)
+    ours = {size: max(run_orchestrator(orch, dsn, fx, args.items, size) for _ in range(args.repeats))
+            for size in (int(s) for s in args.batch_sizes.split(","))}
+    return floor, baseline, ours
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--baseline-sample", type=int, default=400)
     parser.add_argument("--batch-sizes", default="50,500", help="chunk sizes to measure (a) with")
     parser.add_argument("--repeats", type=int, default=3, help="(a) and (c): best of this many runs")
+    parser.add_argument("--runs", type=int, default=3, help="whole measurements, reported as min/median/max")
     args = parser.parse_args()
     orch = load_orchestrator()
+    runs = []
     with database() as dsn:
         fx = Fixture(connect(dsn))
         try:
             run_floor(dsn, fx, 1000)  # warm-up: caches, plans, the audit trigger
-            floor = max(run_floor(dsn, fx, args.items) for _ in range(args.repeats))
-            baseline = run_baseline(dsn, fx, args.items, args.baseline_sample)
-            ours = {size: max(run_orchestrator(orch, dsn, fx, args.items, size) for _ in range(args.repeats))
-                    for size in (int(s) for s in args.batch_sizes.split(","))}
+            runs = [measure(orch, dsn, fx, args) for _ in range(args.runs)]
         finally:
             fx.cleanup()
             fx.conn.close()
-    print(f"Orchestrator dispatch throughput, {args.items:,} PENDING items, no-op dispatcher, "
-          f"best of {args.repeats} for (a) and (c); all scoped to the benchmark's own batch")
-    print(f"  (b) baseline, production pattern  {baseline:10,.0f} items/s  "
+    print(f"Orchestrator dispatch throughput, {args.items:,} PENDING items, no-op dispatcher, {args.runs} runs "
+          f"(each: best of {args.repeats} for (a) and (c)); min / median / max; scoped to the benchmark's own batch")
+    floors, baselines = stats([r[0] for r in runs]), stats([r[1] for r in runs])
+    print(f"  (b) baseline, production pattern  {fmt(baselines, 'items/s', 0)}  "
           f"(measured on {args.baseline_sample} items, extrapolated)")
-    print(f"  (c) floor, one set-based UPDATE   {floor:10,.0f} items/s")
-    for size, rate in ours.items():
-        print(f"  (a) orchestrator, batch_size={size:<5} {rate:10,.0f} items/s   "
-              f"(a)/(b) = {rate / baseline:6.1f}x (goal >= 20x)   "
-              f"(c)/(a) = {floor / rate:5.2f}x (goal <= 3x)")
+    print(f"  (c) floor, one set-based UPDATE   {fmt(floors, 'items/s', 0)}")
+    figures = []
+    for size in runs[0][2]:
+        rate = stats([r[2][size] for r in runs])
+        over_b = stats([r[2][size] / r[1] for r in runs])  # pair by pair, within one run
+        c_over_a = stats([r[0] / r[2][size] for r in runs])
+        print(f"  (a) orchestrator, batch_size={size:<5} {fmt(rate, 'items/s', 0)}")
+        print(f"      (a)/(b) = {fmt(over_b, 'x', 1)} (goal >= 100x)   (c)/(a) = {fmt(c_over_a, 'x', 2)} (goal <= 2x)")
+        figures += [
+            {"figure": f"orchestrator (a)/(b), batch {size}", "stats": over_b, "unit": "x", "goal": ">= 100x"},
+            {"figure": f"orchestrator (c)/(a), batch {size}", "stats": c_over_a, "unit": "x", "goal": "<= 2x"},
+        ]
+    record("orchestrator_throughput", figures, items=args.items)
 
 
 if __name__ == "__main__":

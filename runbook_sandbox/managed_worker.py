@@ -18,81 +18,72 @@ The runtime is this machine's Python 3.11; production's managed image runs Pytho
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import anyio
-import anyio.abc
-import anyio.to_thread
 import httpx
 import psutil
-from pydantic import Field
-from prefect.workers.process import ProcessJobConfiguration, ProcessVariables, ProcessWorker, ProcessWorkerResult
 
-from . import managed_runtime
 from .config import SandboxConfig, config_from_argv
 from .service import ServiceDef, recorded_pid
 
-DEFAULT_IMAGE = "prefecthq/prefect-client:3-python3.12"
+# The worker type, imported when used (`managed_worker_type`): ManagedWorker, ManagedJobConfiguration,
+# ManagedVariables, DEFAULT_IMAGE.
+_TYPE_NAMES = {"ManagedWorker", "ManagedJobConfiguration", "ManagedVariables", "DEFAULT_IMAGE"}
 
 
-class ManagedJobConfiguration(ProcessJobConfiguration):
-    pip_packages: list[str] = Field(default_factory=list)
-    image: Optional[str] = Field(default=None)
+def __getattr__(name: str) -> Any:
+    if name in _TYPE_NAMES:
+        from . import managed_worker_type
+
+        return getattr(managed_worker_type, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ManagedVariables(ProcessVariables):
-    pip_packages: list[str] = Field(
-        default_factory=list,
-        title="Pip Packages",
-        description="Requirement strings installed with pip when a flow run starts.",
-    )
-    image: Optional[str] = Field(
-        default=DEFAULT_IMAGE,
-        title="Image",
-        description="The runtime image (emulated here: this machine's Python with prefect).",
-    )
+def _template_key() -> str:
+    """What the base job template depends on: the installed Prefect and the worker type's source."""
+    source = (Path(__file__).parent / "managed_worker_type.py").read_bytes()
+    return f"prefect {importlib.metadata.version('prefect')} / {hashlib.sha256(source).hexdigest()}"
 
 
-class ManagedWorker(ProcessWorker):
-    """Runs flow runs of a `prefect:managed` pool in the emulated managed runtime."""
-
-    type = "prefect:managed"
-    job_configuration = ManagedJobConfiguration
-    job_configuration_variables = ManagedVariables
-    _description = "Prefect Cloud's managed execution, emulated on loopback by the runbook sandbox."
-    _display_name = "Prefect Managed (sandbox)"
-
-    def __init__(self, *args: Any, blocked_modules_file: Path, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._blocked_modules_file = blocked_modules_file
-
-    async def run(
-        self,
-        flow_run: Any,
-        configuration: ManagedJobConfiguration,
-        task_status: Optional[anyio.abc.TaskStatus[int]] = None,
-    ) -> ProcessWorkerResult:
-        logger = self.get_flow_run_logger(flow_run)
-        logger.info(
-            "Managed runtime: image %s (emulated by this machine's Python with prefect)",
-            configuration.image or DEFAULT_IMAGE,
-        )
-        try:
-            target = await anyio.to_thread.run_sync(
-                managed_runtime.ensure_environment, configuration.pip_packages, logger.info
-            )
-        except managed_runtime.ManagedEnvironmentError as exc:
-            logger.error("%s", exc)
-            raise
-        configuration.env.update(managed_runtime.runtime_environment(target, self._blocked_modules_file))
-        return await super().run(flow_run, configuration, task_status)
+def _template_cache(cfg: SandboxConfig) -> Path:
+    return cfg.path("prefect", "managed-base-job-template.json")
 
 
-def base_job_template() -> dict[str, Any]:
-    """The pool's base job template: the process worker's, plus `pip_packages` and `image`."""
-    return ManagedWorker.get_default_base_job_template()
+def write_base_job_template(cfg: SandboxConfig) -> dict[str, Any]:
+    """Compute the template (imports Prefect's worker) and keep it in the sandbox's state."""
+    from .managed_worker_type import base_job_template as compute
+
+    template = compute()
+    tmp = _template_cache(cfg).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": _template_key(), "template": template}))
+    tmp.replace(_template_cache(cfg))
+    return template
+
+
+def base_job_template(cfg: SandboxConfig | None = None) -> dict[str, Any]:
+    """The pool's base job template: the process worker's, plus `pip_packages` and `image`.
+
+    With `cfg`, read from the sandbox's state when written there for this Prefect and this worker
+    type (the worker process writes it as it starts), so the gateway's set-up need not import the
+    worker; else computed, and kept."""
+    if cfg is None:
+        from .managed_worker_type import base_job_template as compute
+
+        return compute()
+    try:
+        cached = json.loads(_template_cache(cfg).read_text())
+        if cached.get("key") == _template_key():
+            return cached["template"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        pass
+    return write_base_job_template(cfg)
 
 
 def worker_name(cfg: SandboxConfig) -> str:
@@ -155,7 +146,42 @@ def health(cfg: SandboxConfig) -> str | None:
     return None
 
 
+POOL_WAIT_SECONDS = 300.0
+
+
+async def wait_for_pool(cfg: SandboxConfig, timeout: float = POOL_WAIT_SECONDS) -> None:
+    """Wait until the gateway answers for the pool: `sandbox up` starts this process beside the Prefect
+    server, so its imports overlap the server's start; the gateway creates the pool once that is up."""
+    url = f"{cfg.prefect_api_url}/work_pools/{cfg.prefect.work_pool}"
+    headers = {"Authorization": f"Bearer {cfg.prefect.api_key}"}
+    deadline = anyio.current_time() + timeout
+    last = "no answer yet"
+    async with httpx.AsyncClient(timeout=5, trust_env=False, headers=headers) as http:
+        while anyio.current_time() < deadline:
+            try:
+                r = await http.get(url)
+                if r.status_code == 200:
+                    return
+                last = f"{url} answered {r.status_code}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__} from {url}"
+            await anyio.sleep(0.1)
+    raise SystemExit(f"managed worker: the pool {cfg.prefect.work_pool} did not appear within {timeout:.0f}s ({last})")
+
+
 async def serve(cfg: SandboxConfig) -> None:
+    began = time.monotonic()
+    from .prefect_server import without_iri_formats
+
+    without_iri_formats()
+    from . import managed_runtime
+    from .managed_worker_type import ManagedWorker
+
+    write_base_job_template(cfg)  # for the gateway's set-up, which may then skip importing the worker
+    imported = time.monotonic()
+    await wait_for_pool(cfg)
+    print(f"managed_worker: imports {imported - began:.1f}s; pool ready after {time.monotonic() - imported:.1f}s more",
+          flush=True)
     blocked = managed_runtime.write_blocked_modules(cfg.path("prefect", "managed-image-blocked-modules.json"))
     worker = ManagedWorker(
         work_pool_name=cfg.prefect.work_pool,
@@ -168,10 +194,14 @@ async def serve(cfg: SandboxConfig) -> None:
 
 SERVICE = ServiceDef(
     name="managed_worker",
+    # Its process starts (imports) beside the Prefect server and waits for the pool (`serve`); it is
+    # up once the gateway created the pool and the worker polled it.
+    needs=["fault_proxy"],
+    after_start_needs=["prefect_gateway"],
     health=health,
     url=lambda cfg: f"{cfg.prefect_api_url}/work_pools/{cfg.prefect.work_pool}",
     env=worker_env,
-    start_timeout=90,
+    start_timeout=240,  # counted from its spawn, so it includes the Prefect server's first migrations
 )
 
 

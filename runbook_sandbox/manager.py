@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -83,6 +84,8 @@ def _process_env(cfg: SandboxConfig, svc: ServiceDef) -> dict[str, str]:
         {
             processes.INSTANCE_ENV: cfg.instance_id,
             "PYTHONUNBUFFERED": "1",
+            # Fewer glibc malloc arenas in threaded processes (uvicorn, the Prefect server): less resident memory.
+            "MALLOC_ARENA_MAX": "2",
             "RUNBOOK_SANDBOX_DIR": cfg.state_dir,
             # `python -m runbook_sandbox.<module>` runs with cwd=<state>: make the package importable.
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
@@ -182,9 +185,83 @@ def up(
             if not processes.port_is_free(_get_port_attr(cfg, dotted)):
                 _set_port_attr(cfg, dotted, processes.free_port())
     cfg.save()
-    for svc in todo:
-        if svc.prepare:
-            svc.prepare(cfg)
+    _start_all(cfg, todo, state, echo)
+    _write_env(cfg)
+    return state
+
+
+class _Blocked(SandboxError):
+    """A service not started (or not finished) because another one failed."""
+
+
+class _Start:
+    """One `up`'s services starting at once, each in its own thread once what it needs is up."""
+
+    def __init__(self, cfg: SandboxConfig, todo: list[ServiceDef], state: dict, echo: Callable[[str], None]):
+        self.cfg, self.state, self._echo = cfg, state, echo
+        self.todo = {svc.name: svc for svc in todo}
+        self.done = {name: threading.Event() for name in self.todo}
+        self.errors: dict[str, SandboxError] = {}  # service -> why it failed (its own fault)
+        self.skipped: dict[str, str] = {}  # service -> the failed service it needed
+        self.lock = threading.Lock()
+        self.t0 = time.monotonic()
+
+    def echo(self, line: str) -> None:
+        with self.lock:
+            self._echo(line)
+
+    def save(self) -> None:
+        with self.lock:
+            write_state(self.cfg, self.state)
+
+    def wait_for(self, svc: ServiceDef, names: list[str]) -> str | None:
+        """Wait until the services `names` (those this `up` starts) are up; the first one that failed, if any."""
+        for name in names:
+            if name == svc.name or name not in self.todo:
+                continue
+            self.done[name].wait()
+            if name in self.errors or name in self.skipped:
+                return name
+        return None
+
+    def failed_dependency(self, svc: ServiceDef) -> str | None:
+        """A service `svc` needs (for its start or its set-up, directly or not) that failed, if any."""
+        seen: set[str] = set()
+        todo = [*svc.needs, *svc.after_start_needs]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in self.todo:
+                continue
+            seen.add(name)
+            if name in self.errors or name in self.skipped:
+                return name
+            todo += [*self.todo[name].needs, *self.todo[name].after_start_needs]
+        return None
+
+    def run(self, svc: ServiceDef) -> None:
+        try:
+            blocked = self.wait_for(svc, svc.needs)
+            if blocked:
+                self.skipped[svc.name] = blocked
+                return
+            self._start(svc)
+        except _Blocked as exc:
+            self.skipped[svc.name] = str(exc)
+        except SandboxError as exc:
+            self.errors[svc.name] = exc
+        except Exception as exc:  # a bug in a prepare hook, say: still named after its service
+            self.errors[svc.name] = SandboxError(f"{svc.name}: start failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.done[svc.name].set()
+
+    def _start(self, svc: ServiceDef) -> None:
+        cfg = self.cfg
+        began = time.monotonic()
+        try:
+            if svc.prepare:
+                svc.prepare(cfg)
+        except Exception as exc:
+            raise SandboxError(f"{svc.name}: preparing the start failed: {type(exc).__name__}: {exc}") from exc
         argv = svc.argv(cfg)
         pid = None
         if argv:
@@ -192,24 +269,82 @@ def up(
                 argv, log_path=cfg.log_path(svc.name), env=_process_env(cfg, svc), cwd=cfg.state, user=svc.user
             )
         rec = {"url": svc.url(cfg), "pid": pid, "log": str(cfg.log_path(svc.name)), "healthy": False}
-        recs[svc.name] = rec
-        write_state(cfg, state)
-        _wait_healthy(cfg, svc, rec)
+        with self.lock:
+            self.state["services"][svc.name] = rec
+        self.save()
+        _wait_healthy(cfg, svc, rec, abandon=lambda: self.failed_dependency(svc))
+        healthy_at = time.monotonic()
+        blocked = self.wait_for(svc, svc.after_start_needs)
+        if blocked:
+            raise _Blocked(blocked)
+        setup_at = time.monotonic()
         if svc.after_start:
             try:
                 svc.after_start(cfg)
             except Exception as exc:
                 raise SandboxError(f"{svc.name}: set-up after start failed: {type(exc).__name__}: {exc}") from exc
-        rec["healthy"] = True
-        write_state(cfg, state)
-        echo(f"  {svc.name:16} up               {rec['url']}")
-    _write_env(cfg)
-    return state
+        end = time.monotonic()
+        timing = dict(
+            healthy=True,
+            # Seconds: from `up`'s start to this one's spawn, spawn to healthy, healthy to its set-up's
+            # needs being up, the after_start hook.
+            timing={
+                "waited": round(began - self.t0, 2),
+                "start": round(healthy_at - began, 2),
+                "setup_waited": round(setup_at - healthy_at, 2),
+                "after_start": round(end - setup_at, 2),
+            },
+        )
+        with self.lock:  # another thread may be writing the state file from the same dict
+            rec.update(timing)
+        self.save()
+        self.echo(f"  {svc.name:16} up  {end - began:5.1f}s       {rec['url']}")
 
 
-def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict) -> None:
+def _start_all(cfg: SandboxConfig, todo: list[ServiceDef], state: dict, echo: Callable[[str], None]) -> None:
+    """Start `todo` (in SERVICE_MODULES order), each as soon as its `needs` are up; raise SandboxError
+    naming every service that failed on its own account (with its log tail) once all have settled."""
+    known = {svc.name for svc in services()}
+    for svc in todo:
+        unknown = [n for n in [*svc.needs, *svc.after_start_needs] if n not in known]
+        if unknown:
+            raise SandboxError(f"{svc.name}: needs unknown service(s) {unknown}")
+    by_name = {svc.name: svc for svc in services()}
+
+    def cycle(name: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        if name in path:
+            return (*path, name)
+        svc = by_name[name]
+        for need in [*svc.needs, *svc.after_start_needs]:
+            if need != name and (found := cycle(need, (*path, name))):
+                return found
+        return None
+
+    for svc in todo:
+        if found := cycle(svc.name, ()):
+            raise SandboxError(f"{svc.name}: its needs form a cycle: {' -> '.join(found)}")
+    run = _Start(cfg, todo, state, echo)
+    threads = [threading.Thread(target=run.run, args=(svc,), name=f"up-{svc.name}", daemon=True) for svc in todo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if run.errors:
+        failed = [svc.name for svc in todo if svc.name in run.errors]
+        message = "\n\n".join(str(run.errors[name]) for name in failed)
+        waiting = sorted(name for name in run.skipped)
+        if waiting:
+            message += f"\n(not started, since a service they need failed: {', '.join(waiting)})"
+        raise SandboxError(message) from run.errors[failed[0]]
+
+
+def _wait_healthy(
+    cfg: SandboxConfig, svc: ServiceDef, rec: dict, abandon: Callable[[], str | None] | None = None
+) -> None:
+    """Wait for `svc`'s health probe; give up (_Blocked) when `abandon()` names a failed service it needs."""
     deadline = time.monotonic() + svc.start_timeout
     reason = "not checked"
+    delay = 0.05
     while time.monotonic() < deadline:
         pid = rec.get("pid")
         if pid and not processes.is_alive(pid):
@@ -224,7 +359,11 @@ def _wait_healthy(cfg: SandboxConfig, svc: ServiceDef, rec: dict) -> None:
             reason = f"{type(exc).__name__}: {exc}"
         if reason is None:
             return
-        time.sleep(0.2)
+        blocked = abandon() if abandon is not None else None
+        if blocked:
+            raise _Blocked(blocked)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
     raise SandboxError(
         f"{svc.name} did not become healthy within {svc.start_timeout:.0f}s ({reason}). "
         f"Last lines of {cfg.log_path(svc.name)}:\n" + processes.log_tail(cfg.log_path(svc.name))
@@ -264,16 +403,34 @@ def stop_service(name: str, state_dir: Path | None = None) -> None:
 
 
 def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[str], None] = print) -> list[int]:
-    """Stop every service in reverse order; return pids of stragglers the sweep had to kill."""
+    """Stop every service; return pids of stragglers the sweep had to kill.
+
+    Services stop at the same time, each given its short grace (`ServiceDef.stop_timeout`) before its
+    process group is killed, except that what other processes need (`needs`: Postgres, the fault proxy)
+    stops in a second wave, once those are gone."""
     cfg = SandboxConfig.load_or_create(state_dir)
     state = read_state(cfg)
     recs = state.get("services", {})
-    for svc in reversed(services()):
-        rec = recs.get(svc.name)
-        if not rec:
-            continue
+    running = [svc for svc in services() if recs.get(svc.name)]
+    lock = threading.Lock()
+
+    def stop(svc: ServiceDef) -> None:
+        rec = recs[svc.name]
+        began = time.monotonic()
         processes.stop(rec.get("pid"), svc.stop_signal, svc.stop_timeout)
-        echo(f"  {svc.name:16} stopped")
+        with lock:
+            echo(f"  {svc.name:16} stopped {time.monotonic() - began:4.1f}s")
+
+    left = list(running)
+    while left:
+        needed = {n for svc in left for n in svc.needs}
+        wave = [svc for svc in left if svc.name not in needed] or left
+        threads = [threading.Thread(target=stop, args=(svc,), name=f"down-{svc.name}") for svc in wave]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        left = [svc for svc in left if svc not in wave]
     leftovers = processes.sweep(cfg.instance_id)
     if leftovers:
         echo(f"  killed {len(leftovers)} leftover process(es): {leftovers}")

@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
 SERVICE = ServiceDef(
     name="pgnet_relay",
+    needs=["postgres"],  # the net schema (postgres.after_start's migrations)
     health=health,
     url=lambda cfg: f"LISTEN {CHANNEL} -> net._http_response",
     prepare=lambda cfg: heartbeat_path(cfg).unlink(missing_ok=True),

@@ -333,7 +333,7 @@ def ensure_work_pool(cfg: SandboxConfig) -> None:
     """Create the managed pool, or bring its base job template up to date (its paused state stays)."""
     from .managed_worker import base_job_template  # here: the gateway's own process needs no worker code
 
-    template = base_job_template()
+    template = base_job_template(cfg)
     with api(cfg) as client:
         r = client.post(
             "work_pools/",
@@ -402,6 +402,7 @@ SERVICE = ServiceDef(
     health=health,
     url=lambda cfg: cfg.prefect_api_url,
     after_start=after_start,
+    after_start_needs=["prefect_server", "fault_proxy"],  # the pool and blocks, through the public URL
     exports=exports,
     start_timeout=30,
 )

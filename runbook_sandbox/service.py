@@ -23,6 +23,12 @@ from .config import SandboxConfig
 @dataclass
 class ServiceDef:
     name: str
+    # Services that must be up (healthy, after_start done) before this one's process starts, and those
+    # its after_start needs besides itself. Only services started by the same `up` are waited for (one
+    # already running is up; one left out by `only` is the caller's choice). Independent services start
+    # at the same time.
+    needs: list[str] = field(default_factory=list)
+    after_start_needs: list[str] = field(default_factory=list)
     # Config attributes holding this service's ports, e.g. ["supabase.port"]; allocated free.
     ports: list[str] = field(default_factory=list)
     # argv of the process; default `python -m runbook_sandbox.<module> --config <config.json>`.

@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 INSTANCE_ENV = "RUNBOOK_SANDBOX_INSTANCE"  # the default marker: the sandbox instance a process belongs to
-STOP_GRACE = 3.0  # seconds `stop` lets a process group end after its signal, before SIGKILL
+STOP_GRACE = 1.5  # seconds `stop` lets a process group end after its signal, before SIGKILL
 KILL_WAIT = 5.0  # seconds to wait for killed processes to be gone
 
 

@@ -34,6 +34,7 @@ from dotenv import dotenv_values
 from runbook_lib.core import processes as process
 from runbook_sandbox import managed_runtime, manager, prefect_gateway
 from runbook_sandbox.config import SandboxConfig
+from tests.conftest import wait_for
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 ENTRYPOINT = "src/orchestrator.py:orchestrator_main"
@@ -448,8 +449,15 @@ def test_paused_pool_holds_runs_until_resumed(sandbox, api, deployments):
     assert api.patch(pool, json={"is_paused": True}).status_code == 204
     try:
         assert api.get(pool).json()["status"] == "PAUSED"
+        requests = sandbox.request_log_path("prefect")
+        seen = len(requests.read_text().splitlines())
         run = create_flow_run(sandbox, deployments["probe-ok"], probe_parameters(sandbox))
-        time.sleep(5)  # five polls of the worker
+
+        def polls() -> int:
+            lines = [json.loads(line) for line in requests.read_text().splitlines()[seen:]]
+            return sum(1 for line in lines if line["path"].endswith(f"/{pool}/get_scheduled_flow_runs"))
+
+        wait_for(lambda: polls() >= 5, 60, "five polls of the paused pool by the worker")
         held = api.get(f"flow_runs/{run['id']}").json()
         assert held["state"]["type"] == "SCHEDULED", held["state"]
         assert "submitting flow run" not in run_logs(api, run["id"])

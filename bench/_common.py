@@ -1,0 +1,180 @@
+"""What the benchmarks share: a sandbox to measure against, the sandbox's memory, statistics, and the
+results file each benchmark writes for `bench/report.py` (the one table `make bench` prints).
+
+A benchmark uses the sandbox named by RUNBOOK_SANDBOX_DIR (or .sandbox/) when it is up, else starts
+one in a temporary directory and stops it at the end. Figures are whole-process wall times on this
+machine: quote medians, and the machine's load with them (`machine()`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+
+from runbook_lib.core import processes
+from runbook_lib.core.paths import project_root
+
+ROOT = project_root()
+LOAD_AT_START = os.getloadavg()[0]  # when the benchmark script started
+RESULTS_DIR = Path(os.environ.get("RUNBOOK_BENCH_RESULTS", ROOT / "outputs" / "bench"))
+
+
+def stats(values: list[float]) -> dict[str, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"min": None, "median": None, "max": None, "n": 0}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def fmt(s: dict | None, unit: str = "s", digits: int = 1) -> str:
+    if not s or s.get("median") is None:
+        return "n/a"
+    if s["n"] == 1:
+        return f"{s['median']:.{digits}f} {unit}"
+    return f"{s['median']:.{digits}f} {unit} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f}, n={s['n']})"
+
+
+def machine() -> dict:
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_1m_at_start": round(LOAD_AT_START, 2),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def record(name: str, figures: list[dict], **extra) -> Path:
+    """Write this benchmark's figures (rows: figure, value, goal, note) for bench/report.py."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    data = {"benchmark": name, "at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
+            "load_1m_at_end": round(os.getloadavg()[0], 2), "figures": figures, **extra}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# -- the sandbox ---------------------------------------------------------------------------------------
+
+
+def runbook_cli(*args: str, env: dict | None = None, timeout: float = 900) -> tuple[float, subprocess.CompletedProcess]:
+    """Run `python -m runbook_lib ...` as a user would; (wall seconds, completed process)."""
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "runbook_lib", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+    return time.monotonic() - began, proc
+
+
+def sandbox_is_up(state_dir: Path) -> bool:
+    from runbook_sandbox import manager
+
+    if not (state_dir / "sandbox.json").exists():
+        return False
+    return all(row["healthy"] for row in manager.status(state_dir))
+
+
+@contextmanager
+def sandbox() -> Iterator[Path]:
+    """The state directory of a running sandbox: the user's when up, else one of our own for the duration."""
+    from runbook_sandbox.config import default_state_dir
+
+    mine = Path(os.environ.get("RUNBOOK_SANDBOX_DIR") or default_state_dir())
+    if sandbox_is_up(mine):
+        yield mine
+        return
+    state = Path(tempfile.mkdtemp(prefix="runbook-bench-"))
+    env = {"RUNBOOK_SANDBOX_DIR": str(state)}
+    try:
+        _, proc = runbook_cli("sandbox", "up", env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"sandbox up failed:\n{proc.stdout}\n{proc.stderr}")
+        yield state
+    finally:
+        runbook_cli("sandbox", "down", "--purge", env=env)
+
+
+def sandbox_env(state_dir: Path) -> dict[str, str]:
+    """The environment a user's shell has after sourcing sandbox.env."""
+    from dotenv import dotenv_values
+
+    values = dotenv_values(state_dir / "sandbox.env")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def instance_id(state_dir: Path) -> str:
+    from runbook_sandbox.config import SandboxConfig
+
+    return SandboxConfig.load_or_create(state_dir).instance_id
+
+
+def sandbox_rss(marker: str) -> tuple[int, int]:
+    """(resident bytes summed over the sandbox's processes, how many): every process carrying the
+    sandbox's marker, Postgres's backends, Deno and flow runs included. Shared pages count once per
+    process, as `ps` shows them: an upper bound."""
+    found: dict[int, psutil.Process] = {}
+    for p in processes.processes_of(marker):
+        found[p.pid] = p
+        try:  # Postgres's backends overwrite their environment (their ps title): found as children
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            continue
+    total = count = 0
+    for p in found.values():
+        try:
+            total += p.memory_info().rss
+            count += 1
+        except psutil.Error:
+            continue
+    return total, count
+
+
+class PeakRss:
+    """Samples the sandbox's resident memory in a thread while a block runs; `.peak` in bytes."""
+
+    def __init__(self, marker: str, interval: float = 0.5):
+        self.marker, self.interval = marker, interval
+        self.peak = self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, n = sandbox_rss(self.marker)
+            if rss > self.peak:
+                self.peak, self.peak_processes = rss, n
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mib(n: float) -> float:
+    return n / 2**20

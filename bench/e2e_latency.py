@@ -1,0 +1,77 @@
+"""Launch -> pg_net response -> flow run created -> running -> first IN_PROGRESS -> all IN_PROGRESS,
+for a batch of 100 items, over repeated launches: step 05 (end-to-end test) run alone against the
+sandbox, its timeline (ms from the launch, `steps/e2e/timeline.py`) read from the run's manifest.
+
+The deployment is the profile's (by name): a first whole run (01-04, --no-setup skips it) deploys it,
+points the Edge Function at it and warms the managed-environment cache. Goal (issue 14): launch -> all
+100 items IN_PROGRESS <= 5 s with a warm cache, the flow run picked up within ~1 s of its creation.
+
+Usage: python bench/e2e_latency.py [--launches 5] [--items 100] [--no-setup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import fmt, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
+
+E2E = "05_end_to_end_test"
+EVENTS = [  # (timeline key, label)
+    ("pg_net_response", "launch -> pg_net response"),
+    ("flow_run_created", "launch -> flow run created"),
+    ("flow_run_running", "launch -> flow run running"),
+    ("first_in_progress", "launch -> first item IN_PROGRESS"),
+    ("last_in_progress", "launch -> all items IN_PROGRESS"),
+    ("completed", "launch -> all items COMPLETED"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launches", type=int, default=5)
+    parser.add_argument("--items", type=int, default=100)
+    parser.add_argument("--no-setup", action="store_true", help="the profile's deployment is already deployed")
+    args = parser.parse_args()
+    outputs = Path(tempfile.mkdtemp(prefix="runbook-bench-e2e-"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    timelines: list[dict] = []
+    with sandbox() as state:
+        env = {**sandbox_env(state), "RUNBOOK_SANDBOX_DIR": str(state)}
+        if not args.no_setup:
+            _, proc = runbook_cli("run", "--profile", "sandbox", "--confirm", "--run-id", f"e2e-{stamp}-setup",
+                                  "--outputs-dir", str(outputs), env=env, timeout=1800)
+            if proc.returncode != 0:
+                raise SystemExit(f"the set-up run failed; see {outputs}:\n{proc.stdout[-3000:]}")
+        for i in range(args.launches):
+            run_id = f"e2e-{stamp}-{i}"
+            _, proc = runbook_cli("run", "--profile", "sandbox", "--confirm", "--only", E2E, "--run-id", run_id,
+                                  "-p", f"n_items={args.items}", "--outputs-dir", str(outputs), env=env, timeout=900)
+            manifest = json.loads((outputs / run_id / "manifest.json").read_text())
+            values = next(s for s in manifest["steps"] if s["step"] == E2E)["results"]
+            timeline = values.get("timeline") or {}
+            if proc.returncode != 0:
+                print(f"  launch {i} ended {manifest['status']}: {values.get('failed_link')}; see {outputs / run_id}")
+            timelines.append({k: (v / 1000 if v is not None else None) for k, v in timeline.items()})
+    print(f"end-to-end latency, {args.items} items, {args.launches} launches of step 05 (seconds from the launch)")
+    figures = []
+    for key, label in EVENTS:
+        s = stats([t.get(key) for t in timelines])
+        goal = "<= 5 s" if key == "last_in_progress" else None
+        print(f"  {label:36} {fmt(s, 's', 2)}" + (f"   goal {goal}" if goal else ""))
+        figures.append({"figure": f"e2e {label}", "stats": s, "unit": "s", "goal": goal})
+    picked = stats([t["flow_run_running"] - t["flow_run_created"] for t in timelines
+                    if t.get("flow_run_running") is not None and t.get("flow_run_created") is not None])
+    print(f"  {'flow run created -> running':36} {fmt(picked, 's', 2)}   goal ~1 s")
+    figures.append({"figure": "e2e flow run created -> running", "stats": picked, "unit": "s", "goal": "~1 s"})
+    record("e2e_latency", figures, items=args.items)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The whole runbook, 01-05, with the sandbox up: `runbook run --profile sandbox --confirm` as a user
+runs it, repeated; each step's duration from the run's manifest (median, min, max), the whole run's
+wall time, and the sandbox's peak resident memory while it ran.
+
+The first run warms the managed-environment cache (its pip_packages) and is counted apart, unless
+--no-warmup. Goals (issue 14): 01-05 <= 40 s with the cache warm; the sandbox <= 1 GiB resident at its peak.
+
+Usage: python bench/runbook.py [--repeats 3] [--no-warmup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PeakRss, fmt, instance_id, mib, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
+
+
+def one_run(state: Path, outputs: Path, run_id: str) -> tuple[float, dict, float]:
+    """(wall seconds, manifest, peak sandbox RSS in MiB) of one whole run."""
+    env = {**sandbox_env(state), "RUNBOOK_SANDBOX_DIR": str(state)}
+    with PeakRss(instance_id(state)) as peak:
+        seconds, proc = runbook_cli("run", "--profile", "sandbox", "--confirm", "--run-id", run_id,
+                                    "--outputs-dir", str(outputs), env=env, timeout=1800)
+    manifest = json.loads((outputs / run_id / "manifest.json").read_text())
+    if proc.returncode != 0:
+        failed = [s["step"] for s in manifest["steps"] if s["status"] not in ("passed", "not_run")]
+        print(f"  run {run_id} ended {manifest['status']} (steps {failed}); see {outputs / run_id}")
+    return seconds, manifest, mib(peak.peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-warmup", action="store_true", help="count every run (the cache is already warm)")
+    args = parser.parse_args()
+    outputs = Path(tempfile.mkdtemp(prefix="runbook-bench-runs-"))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    walls, peaks, statuses = [], [], []
+    steps: dict[str, list[float]] = {}
+    with sandbox() as state:
+        if not args.no_warmup:
+            seconds, manifest, peak = one_run(state, outputs, f"bench-{stamp}-warmup")
+            print(f"  warm-up run (managed environment cache filled): {seconds:.1f} s, {manifest['status']}")
+            peaks.append(peak)
+        for i in range(args.repeats):
+            seconds, manifest, peak = one_run(state, outputs, f"bench-{stamp}-{i}")
+            walls.append(seconds)
+            peaks.append(peak)
+            statuses.append(manifest["status"])
+            for step in manifest["steps"]:
+                if step.get("duration_seconds") is not None:
+                    steps.setdefault(step["step"], []).append(step["duration_seconds"])
+    s_wall, s_peak = stats(walls), stats(peaks)
+    print(f"whole runbook 01-05 against the sandbox, {args.repeats} runs ({', '.join(statuses)}), runs in {outputs}")
+    for name, values in steps.items():
+        print(f"  {name:34} {fmt(stats(values))}")
+    print(f"  {'whole run (runner command)':34} {fmt(s_wall)}   goal <= 40 s")
+    print(f"  {'sandbox peak RSS during the runs':34} {fmt(s_peak, 'MiB', 0)}   goal <= 1024 MiB")
+    figures = [{"figure": f"step {name}", "stats": stats(values), "unit": "s"} for name, values in steps.items()]
+    figures += [
+        {"figure": "runbook 01-05, whole run", "stats": s_wall, "unit": "s", "goal": "<= 40 s",
+         "note": ", ".join(sorted(set(statuses)))},
+        {"figure": "sandbox peak RSS during make run", "stats": s_peak, "unit": "MiB", "goal": "<= 1024 MiB"},
+    ]
+    record("runbook", figures)
+
+
+if __name__ == "__main__":
+    main()

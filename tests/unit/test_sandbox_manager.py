@@ -1,0 +1,109 @@
+"""The manager's start and stop, over tiny real processes standing for services (no sandbox): what
+needs nothing starts at once, a service waits for what it needs, a failure names its service with
+its log tail and what needed it is not started, and `down` leaves nothing running."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from runbook_lib.core import processes
+from runbook_sandbox import manager
+from runbook_sandbox.config import SandboxConfig
+from runbook_sandbox.service import ServiceDef
+
+# Touches its flag file (argv[2]) once the flag of what it needs (argv[1], or "-") exists, then idles.
+IDLE = (
+    "import pathlib, sys, time\n"
+    "need, flag = sys.argv[1], pathlib.Path(sys.argv[2])\n"
+    "if need != '-' and not pathlib.Path(need).exists():\n"
+    "    sys.exit('started before ' + need)\n"
+    "flag.touch()\n"
+    "time.sleep(120)\n"
+)
+
+
+def flag(cfg: SandboxConfig, name: str) -> Path:
+    return cfg.state / f"{name}.flag"
+
+
+def fake(name: str, *, needs: list[str] | None = None, script: str = IDLE, after_start=None) -> ServiceDef:
+    need = (needs or ["-"])[0]
+
+    def command(cfg: SandboxConfig) -> list[str]:
+        return [sys.executable, "-c", script, str(flag(cfg, need)) if need != "-" else "-", str(flag(cfg, name))]
+
+    def health(cfg: SandboxConfig) -> str | None:
+        return None if flag(cfg, name).exists() else "no flag yet"
+
+    return ServiceDef(name=name, needs=needs or [], command=command, health=health, after_start=after_start,
+                      start_timeout=30, module=name)
+
+
+@pytest.fixture
+def stack(tmp_path, monkeypatch):
+    defs: list[ServiceDef] = []
+    monkeypatch.setattr(manager, "services", lambda: defs)
+    yield defs
+    manager.down(tmp_path, echo=lambda s: None)
+
+
+def test_independent_services_start_together_and_a_dependent_waits(tmp_path, stack):
+    stack += [fake("slow_base", script="import time; time.sleep(1.5)\n" + IDLE), fake("free"),
+              fake("dependent", needs=["slow_base"])]
+    lines: list[str] = []
+    state = manager.up(tmp_path, echo=lines.append)
+    timing = {name: rec["timing"] for name, rec in state["services"].items()}
+    assert all(rec["healthy"] for rec in state["services"].values())
+    assert timing["free"]["waited"] < 1.0 and timing["slow_base"]["waited"] < 1.0
+    assert timing["dependent"]["waited"] >= timing["slow_base"]["start"]  # spawned once slow_base was up
+    assert [ln.split()[0] for ln in lines][-1] == "dependent"
+    # A second `up` finds them running and starts nothing.
+    again: list[str] = []
+    manager.up(tmp_path, echo=again.append)
+    assert all("already running" in ln for ln in again) and len(again) == 3
+
+
+def test_a_failed_service_is_named_with_its_log_and_what_needs_it_is_not_started(tmp_path, stack):
+    stack += [fake("broken", script="import sys; print('cannot bind the port'); sys.exit(3)"),
+              fake("needs_broken", needs=["broken"]), fake("fine")]
+    with pytest.raises(manager.SandboxError) as failed:
+        manager.up(tmp_path, echo=lambda s: None)
+    message = str(failed.value)
+    assert "broken exited during start-up" in message and "cannot bind the port" in message
+    assert "not started" in message and "needs_broken" in message
+    recs = manager.read_state(SandboxConfig.load_or_create(tmp_path))["services"]
+    assert "needs_broken" not in recs  # never spawned
+    assert recs["fine"]["healthy"] is True  # what does not depend on it is up
+
+
+def test_an_after_start_failure_names_its_service(tmp_path, stack):
+    def seed(cfg: SandboxConfig) -> None:
+        raise RuntimeError("the seed went wrong")
+
+    stack += [fake("seeded", after_start=seed)]
+    with pytest.raises(manager.SandboxError, match="seeded: set-up after start failed: RuntimeError: the seed went wrong"):
+        manager.up(tmp_path, echo=lambda s: None)
+
+
+def test_down_stops_everything_quickly_and_leaves_nothing(tmp_path, stack):
+    # One service ignores SIGTERM: its group is killed after the grace period.
+    stubborn = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + IDLE
+    stack += [fake("base"), fake("on_top", needs=["base"]), fake("stubborn", script=stubborn)]
+    manager.up(tmp_path, echo=lambda s: None)
+    cfg = SandboxConfig.load_or_create(tmp_path)
+    assert len(processes.processes_of(cfg.instance_id)) == 3
+    lines: list[str] = []
+    assert manager.down(tmp_path, echo=lines.append) == []
+    assert processes.processes_of(cfg.instance_id) == []
+    names = [ln.split()[0] for ln in lines]
+    assert names.index("base") > names.index("on_top")  # what others need stops after them
+
+
+def test_needs_in_a_cycle_are_refused_before_anything_starts(tmp_path, stack):
+    stack += [fake("egg", needs=["hen"]), fake("hen", needs=["egg"])]
+    with pytest.raises(manager.SandboxError, match="cycle: egg -> hen -> egg"):
+        manager.up(tmp_path, echo=lambda s: None)
+    assert manager.read_state(SandboxConfig.load_or_create(tmp_path))["services"] == {}
