@@ -32,7 +32,9 @@ class LockHeld(RunbookError):
 
 
 def lock_dir(environ: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if environ is None else environ
+    """Where the locks live: the process's environment, with `environ` (say, the layers a step's
+    settings were loaded from) over it; a lock directory is never lost by passing another mapping."""
+    env = {**os.environ, **(environ or {})}
     if env.get(LOCK_DIR_ENV):
         return Path(env[LOCK_DIR_ENV]).expanduser().resolve()
     state = Path(env.get("XDG_STATE_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "state")
