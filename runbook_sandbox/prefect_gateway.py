@@ -46,6 +46,7 @@ import contextlib
 import hmac
 import json
 import time
+from http import HTTPStatus
 
 import httpx
 import websockets
@@ -60,8 +61,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from runbook_lib.core import processes
 
 from .config import SandboxConfig, config_from_argv
-from http import HTTPStatus
-
 from .http_common import AdminTokenMiddleware, RequestLog, RequestLogMiddleware, ServiceFaults, bearer_token
 from .service import ServiceDef
 
