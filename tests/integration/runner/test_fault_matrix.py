@@ -107,18 +107,23 @@ def assert_record_saved_and_clean(sandbox, outcome: Outcome, steps: list[str]) -
     assert_no_secrets_under(outcome.run_dir, known_secrets(sandbox))
 
 
-def assert_failed_at(sandbox, outcome: Outcome, step: str, check_id: str, *words: str) -> dict[str, Any]:
-    """`step` failed (exit code non-zero) on the failed check `check_id`, whose detail (or the step's
-    error) has each of `words`; every later step of the sequence is not_run; the record is saved.
-    Returns the failed check."""
+def assert_failed_at(sandbox, outcome: Outcome, step: str, check_id: str | None, *words: str) -> dict[str, Any]:
+    """`step` failed (exit code non-zero) on the failed check `check_id` (None: the step's error alone,
+    when the step stops before any check), whose detail (or the step's error) has each of `words`;
+    every later step of the sequence is not_run; the record is saved. Returns the failed check (or
+    the step's record)."""
     assert outcome.code != 0, outcome.out[-3000:]
     assert (outcome.run_dir / "manifest.json").is_file(), outcome.out[-3000:]
     m = outcome.manifest
     assert m["status"] == "failed", (m["status"], m.get("error"))
     record = outcome.step(step)
     assert record["status"] == "failed", record
-    assert {"id": check_id, "status": "fail"}.items() <= next(c for c in record["checks"] if c["id"] == check_id).items()
-    failed = outcome.check(step, check_id)
+    if check_id is None:
+        failed = {"detail": "", "remediation": record["error"]}
+    else:
+        assert next(c for c in record["checks"] if c["id"] == check_id)["status"] == "fail", record["checks"]
+        failed = outcome.check(step, check_id)
+    assert record["error"] and outcome.results(step)["status"] == "failed"
     evidence = f"{failed['detail']}\n{record['error']}"
     for word in words:
         assert word.lower() in evidence.lower(), f"{word!r} not in the failure of {step}:\n{evidence}"
@@ -310,9 +315,9 @@ def test_git_server_down_fails_step_02_and_nothing_is_pushed(sandbox, sandbox_fa
     since = marks(sandbox)
     with sandbox_fault("git", "down"):
         outcome = run(sandbox, tmp_path, "--only", "02", flow_branch=False)
-    failed = next(c for c in outcome.results(MERGE)["checks"] if c["status"] == "fail")
-    assert_failed_at(sandbox, outcome, MERGE, failed["id"], sandbox.git_base_url.split("//", 1)[1])
-    assert outcome.results(MERGE)["gate"] is None or outcome.step(MERGE)["gate"] is None  # no plan was offered
+    # It stops at the first fetch, before any check: the error names git and the repository's URL.
+    assert_failed_at(sandbox, outcome, MERGE, None, "git", "unable to access", sandbox.git_base_url)
+    assert outcome.step(MERGE)["gate"] is None  # no plan was offered
     assert writes_since(sandbox, since) == {}
 
 
@@ -324,8 +329,8 @@ def test_database_down_fails_step_05_before_anything_is_launched(sandbox, manage
     since = marks(sandbox)
     with sandbox_fault("database", "down"):
         outcome = run(sandbox, tmp_path, "--only", "05", "-p", f"deployment_id={managed}", *E2E_FAST)
-    failed = next(c for c in outcome.results(E2E)["checks"] if c["status"] == "fail")
-    assert_failed_at(sandbox, outcome, E2E, failed["id"], "database")
+    # It stops at its first read of the database, before any check: the error names it and DATABASE_URL.
+    assert_failed_at(sandbox, outcome, E2E, None, "database: cannot connect", "Connection refused", "DATABASE_URL")
     assert outcome.results(E2E)["values"].get("batch_id") is None
     assert writes_since(sandbox, since) == {}
 
@@ -353,7 +358,7 @@ def test_worker_absent_fails_step_05_at_link_4(sandbox, settings, managed, datab
         finally:
             if outcome is not None and (outcome.run_dir / f"{E2E}.json").is_file():
                 cancel_runs_of(settings, outcome.results(E2E)["values"].get("flow_run_id"))
-    link = assert_failed_at(sandbox, outcome, E2E, e2e.LINK_WORK_POOL, "never started", settings.prefect.work_pool)
+    link = assert_failed_at(sandbox, outcome, E2E, e2e.LINK_WORK_POOL, "never started", settings.deployment.work_pool)
     assert "worker" in link["remediation"]
     assert batch_gone(database, outcome.results(E2E)["values"]["batch_id"])
 
