@@ -167,7 +167,8 @@ def writes_since(sandbox, since: dict[str, int]) -> dict[str, list[str]]:
     supabase = [f"{e['method']} {e['path']}" for e in requests_since(sandbox, "supabase", since["supabase"])
                 if e["method"] in WRITES and e["path"].endswith("/secrets")]
     git = [e["path"] for e in requests_since(sandbox, "git", since["git"]) if "receive-pack" in e["path"]]
-    modal = [f"{e['method']} {e['path']}" for e in requests_since(sandbox, "modal", since["modal"]) if e["method"] in WRITES]
+    modal = [f"{e['method']} {e['path']}" for e in requests_since(sandbox, "modal", since["modal"])
+             if e["method"] in WRITES]
     return {k: v for k, v in {"prefect": prefect, "supabase": supabase, "git": git, "modal": modal}.items() if v}
 
 
@@ -248,8 +249,7 @@ def test_prefect_api_down_fails_step_03_before_any_write(sandbox, managed, sandb
     since = marks(sandbox)
     with sandbox_fault("prefect_api", "down"):
         outcome = run(sandbox, tmp_path, "--only", "03")
-    failed = next(c for c in outcome.results(DEPLOY)["checks"] if c["status"] == "fail")
-    assert_failed_at(sandbox, outcome, DEPLOY, failed["id"], "prefect")
+    assert_failed_at(sandbox, outcome, DEPLOY, "prefect.api", "cannot reach the Prefect API", "ConnectError")
     assert writes_since(sandbox, since) == {}
 
 
@@ -367,9 +367,11 @@ def test_worker_absent_fails_step_05_at_link_4(sandbox, settings, managed, datab
 def test_modal_down_fails_step_05_at_link_5_with_the_items_cause(sandbox, managed, database, sandbox_fault, tmp_path):
     with sandbox_fault("modal", "down"):
         outcome = run(sandbox, tmp_path, "--only", "05", "-p", f"deployment_id={managed}", *E2E_FAST)
-    assert_failed_at(sandbox, outcome, E2E, e2e.LINK_ITEMS)
+    link = assert_failed_at(sandbox, outcome, E2E, e2e.LINK_ITEMS, "dispatch failed", sandbox.modal_url,
+                            "Connection refused")
+    assert "Modal" in link["remediation"]
     values = outcome.results(E2E)["values"]
-    assert values["stuck_items"], values
+    assert [(g["status"], g["count"]) for g in values["stuck_items"]] == [("PENDING", 3)], values  # ready for a retry
     assert batch_gone(database, values["batch_id"])
 
 
