@@ -237,6 +237,15 @@ def cancel_runs_of(settings, flow_run_id: str | None) -> None:
         flow_run_id, Cancelled(message="fault matrix: worker stopped on purpose"), force=True))
 
 
+def assert_no_change_applied(run_dir: Path) -> None:
+    """The Edge Function secret's change history records no applied change: absent, or (write-ahead)
+    every change recorded ahead was finalised `not_applied`."""
+    path = run_dir / "edge_function_secret_history.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    last = {e.get("change_id"): e.get("status") for e in entries}
+    assert all(status == "not_applied" for status in last.values()), entries
+
+
 def batch_gone(database, batch_id: str | None) -> bool:
     return batch_id is None or not database.query("SELECT 1 FROM public.batches WHERE id = %s", (batch_id,))
 
@@ -304,7 +313,7 @@ def test_supabase_401_at_the_write_fails_step_04_and_the_secret_is_unchanged(san
     assert outcome.step(SECRET_STEP)["gate"]["decision"] == "approved"
     assert function_digest(sandbox) == pending_secret_change
     assert writes_since(sandbox, since) == {"supabase": [f"POST {path}"]}  # the refused write, once
-    assert not (outcome.run_dir / "edge_function_secret_history.jsonl").exists()
+    assert_no_change_applied(outcome.run_dir)
 
 
 # -- git ----------------------------------------------------------------------------------------------
