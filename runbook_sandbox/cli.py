@@ -84,7 +84,7 @@ def down(state_dir: Optional[Path] = StateDir, purge: bool = typer.Option(False,
 @app.command("fault")
 def fault(
     service: str = typer.Argument(..., help="database, prefect_api, git, modal, supabase_api, edge_function; or all (with clear)."),
-    mode: str = typer.Argument(..., help="down, reset, slow, clear; error too for supabase_api and edge_function."),
+    mode: str = typer.Argument(..., help="down, reset, slow, clear; error too for supabase_api, edge_function and prefect_api."),
     delay_ms: Optional[int] = typer.Option(None, "--delay-ms", min=0, help="slow: the delay (default 3000 ms)."),
     status: Optional[int] = typer.Option(None, "--status", help="error: the HTTP status to answer."),
     count: Optional[int] = typer.Option(None, "--count", min=1, help="error: for this many requests (default: until cleared)."),

@@ -16,6 +16,8 @@ Services and how each is cut:
   (`http_common.ServiceFaults`); modes `down` (503, the service's own "unavailable" answer), `reset`
   (the connection drops mid-answer), `slow`, `error` (`status`, for `count` requests or until
   cleared), `clear`.
+- `prefect_api` also has `error` (`status`, `count`), answered by the Prefect gateway itself
+  (`prefect_gateway.cloud_error`: Cloud's body and headers), e.g. `error --status 503 --count 1`.
 Each call returns once the fault is in effect. Faults live in the running processes: a restarted
 proxy or stand-in starts with none.
 """
@@ -36,6 +38,15 @@ HTTP_LEVEL = ("supabase_api", "edge_function")
 SERVICES = PROXIED + HTTP_LEVEL
 MODES = ("down", "reset", "slow", "clear")
 HTTP_MODES = MODES + ("error",)
+GATEWAY_ERROR = ("prefect_api",)  # proxied services whose `error` mode their HTTP server answers
+
+
+def _modes(service: str) -> tuple[str, ...]:
+    return HTTP_MODES if service in HTTP_LEVEL or service in GATEWAY_ERROR else MODES
+
+
+def _gateway_endpoint(cfg: SandboxConfig, service: str) -> tuple[str, str]:
+    return f"http://127.0.0.1:{cfg.prefect.gateway_port}", f"{SERVICE_FAULTS_PATH}/{service}"
 
 
 class FaultError(RuntimeError):
@@ -69,20 +80,31 @@ def set_fault(service: str, mode: str, *, state_dir: Path | str | None = None, d
     """Set `service`'s fault to `mode` (see the module doc); returns the fault now in effect (None
     after `clear`). Raises FaultError for an unknown service or mode, or when the switch refuses."""
     cfg = SandboxConfig.load_or_create(Path(state_dir) if state_dir else None)
-    modes = HTTP_MODES if service in HTTP_LEVEL else MODES
+    modes = _modes(service)
     if service in SERVICES and mode not in modes:
         raise FaultError(f"{service}: unknown mode {mode!r}; known: {', '.join(modes)}")
-    base, path = _endpoint(cfg, service)
+    http_error = service in GATEWAY_ERROR and mode == "error"
+    if (status is not None or count is not None) and not (service in HTTP_LEVEL or http_error):
+        raise FaultError(f"{service}: --status/--count apply to the mode `error` of "
+                         f"{', '.join(HTTP_LEVEL + GATEWAY_ERROR)} only")
     body: dict = {"mode": mode}
     if delay_ms is not None:
         body["delay_ms"] = delay_ms
-    if service in HTTP_LEVEL:
-        if status is not None:
-            body["status"] = status
-        if count is not None:
-            body["count"] = count
-    elif status is not None or count is not None:
-        raise FaultError(f"{service}: --status/--count apply to HTTP-level faults only ({', '.join(HTTP_LEVEL)})")
+    if status is not None:
+        body["status"] = status
+    if count is not None:
+        body["count"] = count
+    if http_error:
+        return _put(cfg, service, mode, *_gateway_endpoint(cfg, service), body)
+    if service in GATEWAY_ERROR:
+        # One fault a service: a TCP-level mode (or clear) replaces the gateway's error, and the reverse.
+        # A gateway that does not run (a partial sandbox) has no fault to clear.
+        with contextlib.suppress(FaultError):
+            _put(cfg, service, "clear", *_gateway_endpoint(cfg, service), {"mode": "clear"})
+    return _put(cfg, service, mode, *_endpoint(cfg, service), body)
+
+
+def _put(cfg: SandboxConfig, service: str, mode: str, base: str, path: str, body: dict) -> dict | None:
     try:
         with admin_client(cfg, base) as client:
             r = client.put(path, json=body)
@@ -105,11 +127,18 @@ def active(*, state_dir: Path | str | None = None) -> dict[str, dict]:
     sources = [(cfg.supabase_api_url, SERVICE_FAULTS_PATH)]
     if cfg.proxy.control_port:
         sources.insert(0, (f"http://127.0.0.1:{cfg.proxy.control_port}", "/_sandbox/faults"))
+    if cfg.prefect.gateway_port:
+        sources.insert(0, (f"http://127.0.0.1:{cfg.prefect.gateway_port}", SERVICE_FAULTS_PATH))
+    gateway = f"http://127.0.0.1:{cfg.prefect.gateway_port}"
     for base, path in sources:
         try:
             with admin_client(cfg, base) as client:
                 r = client.get(path)
                 r.raise_for_status()
+        except httpx.ConnectError:
+            if base == gateway:
+                continue  # not running (a partial sandbox): no fault there
+            raise FaultError(f"cannot read the faults at {base}{path}: connection refused") from None
         except httpx.HTTPError as exc:
             raise FaultError(f"cannot read the faults at {base}{path}: {exc}") from None
         out.update(r.json())

@@ -402,8 +402,14 @@ class ServiceFaults:
     """Faults of the services behind one port, each known by its path prefixes (see the module doc).
     `down_answers` gives each service its own "unavailable" answer (status, JSON body)."""
 
-    def __init__(self, prefixes: dict[str, tuple[str, ...]], down_answers: dict[str, tuple[int, dict]]):
+    def __init__(self, prefixes: dict[str, tuple[str, ...]], down_answers: dict[str, tuple[int, dict]],
+                 error_answers: dict[str, Callable[[int], tuple[dict, dict[str, str]]]] | None = None,
+                 modes: tuple[str, ...] = SERVICE_FAULT_MODES):
+        """`error_answers`: per service, the (JSON body, headers) it answers an `error` fault's status
+        with (default `{"message": "Injected fault: status N"}`, no header); `modes`: what may be set."""
         self.prefixes, self.down_answers = prefixes, down_answers
+        self.error_answers = error_answers or {}
+        self.modes = modes
         self.table: dict[str, dict] = {}
 
     def parse(self, name: str, spec: object) -> dict | None:
@@ -412,8 +418,8 @@ class ServiceFaults:
         if not isinstance(spec, dict):
             raise BadRequest("Body must be a JSON object")
         mode = spec.get("mode")
-        if mode not in SERVICE_FAULT_MODES:
-            raise BadRequest(f'"mode" must be one of {list(SERVICE_FAULT_MODES)}')
+        if mode not in self.modes:
+            raise BadRequest(f'"mode" must be one of {list(self.modes)}')
         delay, status, count = spec.get("delay_ms"), spec.get("status"), spec.get("count")
         if delay is not None and (not _is_int(delay) or delay < 0):
             raise BadRequest('"delay_ms" must be a non-negative integer')
@@ -445,7 +451,10 @@ class ServiceFaults:
             if mode == "reset":
                 return _DroppedAnswer()
             if mode == "error":
-                return JSONResponse({"message": f"Injected fault: status {fault['status']}"}, status_code=fault["status"])
+                answer = self.error_answers.get(name)
+                body, headers = answer(fault["status"]) if answer else (
+                    {"message": f"Injected fault: status {fault['status']}"}, {})
+                return JSONResponse(body, status_code=fault["status"], headers=headers)
             return None  # slow: answered by the app, late
         return None
 

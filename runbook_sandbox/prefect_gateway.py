@@ -21,6 +21,14 @@ The clients pick their Cloud classes (which send the key at all on WebSockets) o
 PREFECT_API_URL starts with PREFECT_CLOUD_API_URL, so the sandbox exports PREFECT_CLOUD_API_URL
 = `http://127.0.0.1:<port>/api` next to PREFECT_API_URL and PREFECT_API_KEY.
 
+Faults (`/_sandbox/service-faults/prefect_api`, admin token; `runbook sandbox fault prefect_api error
+--status 503 --count 1`): the TCP-level modes (down, reset, slow) belong to the fault proxy in front of
+this gateway; the gateway answers the HTTP-level one, `error` (`http_common.ServiceFaults`): the next
+`count` requests under `/api/` (or all, until cleared) get `status` as Cloud answers it, FastAPI's
+`{"detail": <reason>}`, with `Retry-After: 1` on 429 and 503 (Cloud's rate limit and maintenance
+answers carry one; Prefect's client waits that long, then retries 408/429/502/503 up to
+PREFECT_CLIENT_MAX_RETRIES times). Such answers are logged with `"fault": true`.
+
 Each request is one JSON line in `cfg.request_log_path("prefect")` (`http_common.RequestLog`): time,
 method (`WEBSOCKET` for upgrades, logged once refused or connected through), path, status, duration;
 never headers, bodies, query strings or the key.
@@ -38,6 +46,7 @@ import contextlib
 import hmac
 import json
 import time
+from http import HTTPStatus
 
 import httpx
 import websockets
@@ -52,7 +61,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from runbook_lib.core import processes
 
 from .config import SandboxConfig, config_from_argv
-from .http_common import RequestLog, RequestLogMiddleware, bearer_token
+from .http_common import AdminTokenMiddleware, RequestLog, RequestLogMiddleware, ServiceFaults, bearer_token
 from .service import ServiceDef
 
 WORKSPACE_PATH = "/api/accounts/{account_id}/workspaces/{workspace_id}/{path:path}"
@@ -98,6 +107,27 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
     if named is not None:
         return named > 0
     return star is not None and star > 0
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+FAULT_SERVICE = "prefect_api"
+FAULT_MODES = ("error", "clear")  # down, reset, slow: the fault proxy's (TCP level)
+RETRY_AFTER_STATUSES = (429, 503)
+
+
+def cloud_error(status: int) -> tuple[dict, dict[str, str]]:
+    """The (body, headers) of Cloud's answer with `status`: FastAPI's `{"detail": ...}`."""
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    return {"detail": reason}, ({"Retry-After": "1"} if status in RETRY_AFTER_STATUSES else {})
+
+
+def service_faults() -> ServiceFaults:
+    return ServiceFaults({FAULT_SERVICE: ("/api/",)}, {FAULT_SERVICE: (503, cloud_error(503)[0])},
+                         error_answers={FAULT_SERVICE: cloud_error}, modes=FAULT_MODES)
 
 
 # -- the gateway -----------------------------------------------------------------------------------
@@ -278,6 +308,7 @@ async def _pipe(client: WebSocket, upstream) -> None:
 
 def create_app(cfg: SandboxConfig) -> Starlette:
     gateway = Gateway(cfg)
+    faults = service_faults()
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -294,11 +325,13 @@ def create_app(cfg: SandboxConfig) -> Starlette:
     return Starlette(
         routes=[
             Route("/_sandbox/health", health),
+            *faults.routes(),
             Route(WORKSPACE_PATH, gateway.http_proxy, methods=methods),
             WebSocketRoute(WORKSPACE_PATH, gateway.ws_proxy),
             Route("/{path:path}", not_found, methods=methods),
         ],
-        middleware=[Middleware(RequestLogMiddleware, log=gateway.log)],
+        middleware=[Middleware(RequestLogMiddleware, log=gateway.log, service_faults=faults),
+                    Middleware(AdminTokenMiddleware, token=cfg.admin_token, error_key="detail")],
         lifespan=lifespan,
     )
 

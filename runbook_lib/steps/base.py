@@ -41,11 +41,16 @@ class Step:
 
     @contextlib.contextmanager
     def failing(self) -> Iterator[None]:
-        """A RunbookError raised inside marks the step failed (with its message) and ends the cell."""
+        """A RunbookError raised inside marks the step failed (with its message) and ends the cell; so
+        does an interruption (Ctrl-C, or the runner's SIGTERM or death), which is recorded as such."""
         try:
             yield
         except RunbookError as exc:
             self.ctx.fail(exc)
+            raise
+        except KeyboardInterrupt:
+            self.ctx.fail(RunbookError(f"step {self.ctx.name!r} was interrupted (KeyboardInterrupt) before it "
+                                       "finished; nothing after that point ran"))
             raise
 
     def confirm(self, plan: Plan) -> None:

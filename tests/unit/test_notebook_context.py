@@ -216,3 +216,16 @@ def test_a_notebook_in_a_real_kernel_from_another_cwd(sandbox_environ, tmp_path,
     saved = StepResults.load(run_dir, "deploy")
     assert saved.status == "passed" and saved.values["action"] == "applied"
     assert saved.gate.decision == "approved" and saved.gate.mode == "parameter"
+
+
+def test_an_interrupted_step_is_recorded_failed_not_left_running(sandbox_environ, tmp_path):
+    """Ctrl-C, the runner's SIGTERM or its death interrupt the kernel: the results say so (else they
+    stay `running`, and a record of a killed run looks like one still going)."""
+    from runbook_lib.notebook.context import start_step
+    from runbook_lib.steps.base import Step
+
+    ctx = start_step("04_update_edge_function_secret", run_dir=tmp_path, environ=sandbox_environ, install_hooks=False)
+    with pytest.raises(KeyboardInterrupt), Step(ctx).failing():
+        raise KeyboardInterrupt
+    saved = StepResults.load(tmp_path, "04_update_edge_function_secret")
+    assert saved.status == "failed" and "interrupted (KeyboardInterrupt)" in saved.error and saved.finished_at

@@ -78,3 +78,30 @@ def test_the_switch_refuses_unknown_services_and_modes_before_any_request(tmp_pa
         faults.set_fault("git", "error", state_dir=tmp_path)
     with pytest.raises(faults.FaultError, match="no fault proxy"):
         faults.set_fault("database", "down", state_dir=tmp_path)  # a state dir with no sandbox
+
+
+def test_the_prefect_gateway_answers_an_error_fault_as_cloud_does_then_lets_requests_through():
+    from runbook_sandbox import prefect_gateway
+
+    sf = prefect_gateway.service_faults()
+    sf.table["prefect_api"] = sf.parse("prefect_api", {"mode": "error", "status": 503, "count": 1})
+    answer = asyncio.run(sf.take("/api/accounts/a/workspaces/w/deployments/filter"))
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert answer.body == b'{"detail":"Service Unavailable"}'
+    assert asyncio.run(sf.take("/api/accounts/a/workspaces/w/deployments/filter")) is None and sf.table == {}
+    sf.table["prefect_api"] = sf.parse("prefect_api", {"mode": "error", "status": 500})
+    answer = asyncio.run(sf.take("/api/accounts/a/workspaces/w/flows/x"))
+    assert answer.status_code == 500 and "retry-after" not in answer.headers
+    assert answer.body == b'{"detail":"Internal Server Error"}'
+    assert asyncio.run(sf.take("/_sandbox/health")) is None
+    with pytest.raises(BadRequest):
+        sf.parse("prefect_api", {"mode": "down"})  # the fault proxy's, at the TCP level
+
+
+def test_the_switch_takes_status_and_count_only_for_an_http_error(tmp_path):
+    with pytest.raises(faults.FaultError, match="apply to the mode `error`"):
+        faults.set_fault("prefect_api", "down", status=503, state_dir=tmp_path)
+    with pytest.raises(faults.FaultError, match="apply to the mode `error`"):
+        faults.set_fault("database", "down", count=1, state_dir=tmp_path)
+    with pytest.raises(faults.FaultError, match="prefect_api: the fault switch .* did not answer"):
+        faults.set_fault("prefect_api", "error", status=503, count=1, state_dir=tmp_path)  # no sandbox running
