@@ -67,7 +67,7 @@ from runbook_lib.core.locks import HELD_BY_ENV
 from runbook_lib.core.profiles import available_profiles, load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 from runbook_lib.notebook.gate import HEADLESS_ENV
-from runbook_lib.records.manifest import Attempt, RunManifest, StepRecord
+from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord
 from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
 from runbook_lib.runner.index import render_index, render_notebook_html
@@ -313,15 +313,24 @@ class _Runner:
         if _RUN_ID.match(str(previous["run_id"])) and (run_dir / "manifest.json").is_file():
             self._mark_interrupted(run_dir, f"the runner (pid {previous.get('pid')}) stopped without finishing; "
                                             f"found by run {self.run_id} at {now().isoformat()}")
-        if run_dir.is_dir():  # a killed run never scanned its records: scan them now
-            self._scan_taken_over(run_dir, f"run {previous['run_id']}")
+        if run_dir.is_dir():  # a killed run never scanned its records: scan them now, and say so in its manifest
+            found = self._scan_taken_over(run_dir, f"run {previous['run_id']}")
+            try:
+                m = RunManifest.load(run_dir)
+            except RunbookError:
+                return
+            if m.secret_scan is None:
+                m.secret_scan = found
+                m.save(run_dir)
+                render_index(m, run_dir)
 
-    def _scan_taken_over(self, run_dir: Path, what: str) -> None:
+    def _scan_taken_over(self, run_dir: Path, what: str) -> SecretScan:
         found = scan_for_secrets(run_dir, self.secrets)
         self.notes.append(f"scanned the records of {what} in {run_dir} ({found.scanned_files} files): "
                           + ("; ".join(f"{f.file} contained the value of {f.secret} (masked)" for f in found.findings)
                              or "no secret found"))
         self.takeover_findings = [f"{run_dir.name}/{f.file}" for f in found.findings]
+        return found
 
     @staticmethod
     def _mark_interrupted(run_dir: Path, why: str) -> None:
