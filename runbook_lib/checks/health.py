@@ -138,8 +138,9 @@ class HealthFacts(Facts):
         return self.fact("supabase_secrets", lambda: set(self.function_digests()))
 
     # -- database and Prefect ------------------------------------------------------------------
-    def database(self) -> Database:
-        return self.schema_database()[0]
+    def pipeline_database(self) -> Database:
+        """The pipeline's database, as database.connect reached it (skips naming that check when it failed)."""
+        return self.database_for()[0]
 
     def flow_runs(self) -> list[Any]:
         """The deployment's most recent flow runs, newest first."""
@@ -402,7 +403,7 @@ def _response_remediation(r: dict[str, Any]) -> str:
        proves="the pg_net responses (net._http_response) of the window hold no failure (non-2xx, timeout, error), "
               "or none since the latest success")
 def pg_net_responses(facts: HealthFacts) -> Outcome:
-    db = facts.need(facts.database, "database.connect", "a database connection")
+    db = facts.pipeline_database()
     h = facts.settings.health
     if not db.has_relation("net._http_response"):
         raise Skip("net._http_response does not exist (see database.pg_net)")
@@ -578,7 +579,7 @@ def _claim_evidence(facts: HealthFacts, summary: dict[str, Any]) -> str:
        proves="no workflow state has been QUEUED (claimed by the orchestrator) longer than its lease without being "
               "dispatched")
 def items_queued(facts: HealthFacts) -> Outcome:
-    db = facts.need(facts.database, "database.connect", "a database connection")
+    db = facts.pipeline_database()
     h = facts.settings.health
     lease, source = facts.queued_lease()
     summary = db.states_summary("QUEUED", older_than_seconds=lease, examples=h.examples)
@@ -599,7 +600,7 @@ def items_queued(facts: HealthFacts) -> Outcome:
        proves="no workflow state has been PENDING longer than the threshold without a flow run of the deployment "
               "started after it (the trigger not firing); older PENDING states a run skipped are warned")
 def items_pending(facts: HealthFacts) -> Outcome:
-    db = facts.need(facts.database, "database.connect", "a database connection")
+    db = facts.pipeline_database()
     h = facts.settings.health
     runs = facts.flow_runs()
     last = max((r.created for r in runs if r.created is not None), default=None)
@@ -631,7 +632,7 @@ def items_pending(facts: HealthFacts) -> Outcome:
 @check("health.items_failed", "No item FAILED in the window",
        proves="no workflow state became FAILED in the window")
 def items_failed(facts: HealthFacts) -> Outcome:
-    db = facts.need(facts.database, "database.connect", "a database connection")
+    db = facts.pipeline_database()
     h = facts.settings.health
     summary = db.states_summary("FAILED", changed_after=facts.since(), examples=h.examples)
     if not summary["count"]:

@@ -220,7 +220,7 @@ class HealthCheck(Step):
             return None
         s = self.settings
         with self.failing():
-            db = self.facts.database()
+            db = self.facts.pipeline_database()
             lease, _ = self.facts.queued_lease()
             states = db.queued_state_ids(lease)
         self.plan = RequeuePlan(states, lease, s.supabase.edge_function_url or "")
@@ -248,7 +248,7 @@ class HealthCheck(Step):
         reason = (f"runbook health ({who}, {datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ}): QUEUED longer than the "
                   f"orchestrator's lease ({plan.lease_seconds:.0f}s), never dispatched; reset to PENDING for a new flow run")
         try:
-            done = self.facts.database().requeue_queued([st["state_id"] for st in plan.states], plan.lease_seconds, reason)
+            done = self.facts.pipeline_database().requeue_queued([st["state_id"] for st in plan.states], plan.lease_seconds, reason)
         except RunbookError as exc:
             self.ctx.record_failure(REQUEUE.failed(str(exc)), exc)
             raise

@@ -91,7 +91,7 @@ def test_03_deploy_approved_in_jupyterlab_creates_the_deployment_it_shows(sandbo
     seen = nb.progress_seen()
     assert any("deploying" in s and "[done]" not in s for s in seen), seen
     assert seen[-1].endswith("[done]") and "done in" in seen[-1], seen
-    for code in ("_ = step.verify(plan, deployment_id)", "_ = step.smoke_run(deployment_id)", "results = ctx.finish()"):
+    for code in ("_ = step.verify(plan, deployment_id)", "_ = step.smoke_run(plan, deployment_id)", "results = ctx.finish()"):
         cell = nb.run(code)
         assert not nb.error(cell), f"{code}: {nb.error(cell)}"
     save_page(driver, artifacts, "applied", show=apply)

@@ -23,6 +23,7 @@ from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError, Su
 from runbook_lib.steps import edge_secret
 from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
+from runbook_sandbox.faults import admin_headers
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 from tests.integration.steps.test_deploy import (
     deploy_in_process,
@@ -62,7 +63,6 @@ def set_secret(sandbox, value: str) -> None:
 @contextlib.contextmanager
 def fault(sandbox, **spec: Any) -> Iterator[None]:
     """An injected answer of the Management API stand-in, cleared at the end whatever happens."""
-    from runbook_sandbox.faults import admin_headers
 
     with management(sandbox) as client:
         client.post("/_sandbox/faults", json=spec, headers=admin_headers(sandbox)).raise_for_status()
@@ -371,7 +371,8 @@ def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sa
     def upsert_then_break_reads(self, *args, **kwargs):
         result = real_upsert(self, *args, **kwargs)
         with management(sandbox) as client:  # from now on, every list of the secrets answers 500
-            client.post("/_sandbox/faults", json={"path": path, "method": "GET", "status": 500, "count": None})
+            client.post("/_sandbox/faults", json={"path": path, "method": "GET", "status": 500, "count": None},
+                        headers=admin_headers(sandbox)).raise_for_status()
         return result
 
     monkeypatch.setattr(SupabaseManagementApi, "upsert_secrets", upsert_then_break_reads)
@@ -380,7 +381,7 @@ def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sa
             secret_step(sandbox, runs / "2", a_overrides, a_id)
     finally:
         with management(sandbox) as client:
-            client.delete("/_sandbox/faults").raise_for_status()
+            client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
         monkeypatch.undo()
     assert current_digest(sandbox) == secret_digest(a_id)  # the write happened
     lines = [json.loads(line) for line in (runs / "2" / edge_secret.HISTORY_FILE).read_text().splitlines()]
