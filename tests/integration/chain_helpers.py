@@ -72,3 +72,27 @@ def run_chain_notebook(notebook: str, sandbox, run_dir: Path, parameters: dict[s
     """`notebook_runs.run_notebook` on the flow branch, with up to 600 s a cell."""
     return run_notebook(notebook, sandbox.state, run_dir, parameters, {**KERNEL_ENV, **(env or {})}, step=step,
                         timeout=600)
+
+
+# -- the Edge Function's secret, read and written over the Management API's HTTP (not the runbook's client) --
+
+FUNCTION_SECRET = "PREFECT_DEPLOYMENT_ID"
+
+
+def management(sandbox) -> httpx.Client:
+    return httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False,
+                        headers={"Authorization": f"Bearer {sandbox.supabase.access_token}"})
+
+
+def function_secret_digest(sandbox) -> str | None:
+    """The digest the Management API lists for PREFECT_DEPLOYMENT_ID (None when unset)."""
+    with management(sandbox) as client:
+        r = client.get(f"/v1/projects/{sandbox.supabase.project_ref}/secrets")
+        r.raise_for_status()
+    return next((row["value"] for row in r.json() if row["name"] == FUNCTION_SECRET), None)
+
+
+def set_function_secret(sandbox, value: str) -> None:
+    with management(sandbox) as client:
+        client.post(f"/v1/projects/{sandbox.supabase.project_ref}/secrets",
+                    json=[{"name": FUNCTION_SECRET, "value": value}]).raise_for_status()

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import psutil
 import pytest
 
@@ -34,7 +33,8 @@ from runbook_sandbox import manager
 from runbook_sandbox.faults import admin_headers
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from tests.conftest import PROJECT_ROOT, wait_for
-from tests.integration.chain_helpers import KERNEL_ENV
+from tests.integration.chain_helpers import KERNEL_ENV, function_secret_digest as function_digest, management
+from tests.integration.chain_helpers import set_function_secret
 from tests.integration.notebook_runs import assert_no_secrets_under
 
 SECRET = "PREFECT_DEPLOYMENT_ID"
@@ -173,24 +173,6 @@ def writes_since(sandbox, since: dict[str, int]) -> dict[str, list[str]]:
 
 
 # -- the Edge Function's secret -----------------------------------------------------------------------
-
-
-def management(sandbox) -> httpx.Client:
-    return httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False,
-                        headers={"Authorization": f"Bearer {sandbox.supabase.access_token}"})
-
-
-def function_digest(sandbox) -> str | None:
-    with management(sandbox) as client:
-        r = client.get(f"/v1/projects/{sandbox.supabase.project_ref}/secrets")
-        r.raise_for_status()
-    return next((row["value"] for row in r.json() if row["name"] == SECRET), None)
-
-
-def set_function_secret(sandbox, value: str) -> None:
-    with management(sandbox) as client:
-        client.post(f"/v1/projects/{sandbox.supabase.project_ref}/secrets",
-                    json=[{"name": SECRET, "value": value}]).raise_for_status()
 
 
 @pytest.fixture

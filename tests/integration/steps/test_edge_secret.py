@@ -24,6 +24,8 @@ from runbook_lib.steps import edge_secret
 from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from runbook_sandbox.faults import admin_headers
+from tests.integration.chain_helpers import function_secret_digest as current_digest, management
+from tests.integration.chain_helpers import set_function_secret as set_secret
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 from tests.integration.steps.test_deploy import (
     deploy_in_process,
@@ -40,24 +42,6 @@ SECRET = "PREFECT_DEPLOYMENT_ID"
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def management(sandbox) -> httpx.Client:
-    return httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False,
-                        headers={"Authorization": f"Bearer {sandbox.supabase.access_token}"})
-
-
-def current_digest(sandbox) -> str | None:
-    with management(sandbox) as client:
-        r = client.get(f"/v1/projects/{sandbox.supabase.project_ref}/secrets")
-        r.raise_for_status()
-    return next((row["value"] for row in r.json() if row["name"] == SECRET), None)
-
-
-def set_secret(sandbox, value: str) -> None:
-    with management(sandbox) as client:
-        client.post(f"/v1/projects/{sandbox.supabase.project_ref}/secrets",
-                    json=[{"name": SECRET, "value": value}]).raise_for_status()
 
 
 @contextlib.contextmanager
