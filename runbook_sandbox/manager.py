@@ -185,10 +185,11 @@ def up(
             if not processes.port_is_free(_get_port_attr(cfg, dotted)):
                 _set_port_attr(cfg, dotted, processes.free_port())
     # A service left out (`only`) still gets a port, so sandbox.env names a well-formed URL at which
-    # nothing answers (as a service that is down), not port 0, which the settings refuse.
+    # nothing answers (as a service that is down), not port 0, which the settings refuse. Not the fault
+    # proxy: its port 0 means "no proxy, connect directly" (config.ProxyConfig).
     for svc in services():
         for dotted in svc.ports:
-            if not _get_port_attr(cfg, dotted):
+            if not dotted.startswith("proxy.") and not _get_port_attr(cfg, dotted):
                 _set_port_attr(cfg, dotted, processes.free_port())
     cfg.save()
     _start_all(cfg, todo, state, echo)
