@@ -193,3 +193,15 @@ def database(settings):
     from runbook_lib.systems.database import Database
 
     return Database.from_settings(settings)
+
+
+@pytest.fixture(autouse=True)
+def _release_step_locks() -> Iterator[None]:
+    """A step started in a test (start_step) holds its target's lock until it finishes, as a kernel
+    would; a test that stops half-way must not leave the lock held by the test session (a later runner
+    test, or the browser tests' run, aiming at the same target would be refused)."""
+    yield
+    from runbook_lib.core import locks
+
+    for lock in list(locks._held.values()):
+        locks.release_step_lock(lock)

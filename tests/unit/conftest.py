@@ -133,14 +133,3 @@ def project_copy(tmp_path) -> Path:
     shutil.copytree(PROJECT_ROOT / "profiles", root / "profiles")
     return root
 
-
-@pytest.fixture(autouse=True)
-def _release_step_locks() -> Iterator[None]:
-    """A step started in a test (start_step) holds its target's lock until it finishes, as a kernel
-    would; a test that stops half-way must not leave the lock held by the test session (a later runner
-    test aiming at the same target would be refused)."""
-    yield
-    from runbook_lib.core import locks
-
-    for lock in list(locks._held.values()):
-        locks.release_step_lock(lock)

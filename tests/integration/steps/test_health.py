@@ -30,6 +30,7 @@ from runbook_lib.steps.health import HealthCheck
 from runbook_lib.steps.prerequisites import Prerequisites
 from runbook_lib.systems.database import TRIGGER_FUNCTION, TRIGGER_NAME, Database
 from runbook_lib.systems.prefect import prefect_settings
+from runbook_sandbox.faults import admin_headers
 from tests.conftest import PROJECT_ROOT, SEED_CLIENT_ID, wait_for
 from tests.integration.chain_helpers import FLOW_BRANCH, sandbox_settings, set_function_deployment_id
 from tests.integration.steps.test_deploy import gateway, step_context
@@ -144,7 +145,8 @@ def strand(db, batch_id: str, minutes: int) -> None:
 @contextlib.contextmanager
 def function_answers(sandbox, status: int) -> Iterator[None]:
     """The functions gateway answers every POST to the Edge Function with `status`."""
-    with httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False) as client:
+    with httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False,
+                      headers=admin_headers(sandbox)) as client:
         client.post("/_sandbox/faults", json={"path": FUNCTION_PATH, "status": status, "count": None,
                                               "method": "POST"}).raise_for_status()
         try:
