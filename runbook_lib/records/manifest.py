@@ -121,3 +121,15 @@ class RunManifest(BaseModel):
             raise RunbookError(f"run record {path} is unreadable: {exc}") from None
 
 
+def runs_of(outputs_dir: Path, profile: str) -> list[tuple[RunManifest, Path]]:
+    """The runs of `profile` recorded under `outputs_dir` (manifest, run directory), newest first;
+    an unreadable manifest is passed over."""
+    runs = []
+    for path in outputs_dir.glob("*/manifest.json"):
+        try:
+            m = RunManifest.model_validate_json(path.read_text())
+        except ValueError:
+            continue
+        if m.profile == profile:
+            runs.append((m, path.parent))
+    return sorted(runs, key=lambda r: r[0].started_at, reverse=True)

@@ -67,7 +67,7 @@ from runbook_lib.core.locks import HELD_BY_ENV
 from runbook_lib.core.profiles import available_profiles, load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 from runbook_lib.notebook.gate import HEADLESS_ENV
-from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord
+from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord, runs_of
 from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
 from runbook_lib.runner.index import render_index, render_notebook_html
@@ -149,15 +149,8 @@ def _secret_variable_sources(environ: Mapping[str, str]) -> list[tuple[str, Mapp
 
 
 def _latest_run(outputs_dir: Path, profile: str) -> str | None:
-    runs = []
-    for path in outputs_dir.glob("*/manifest.json"):
-        try:
-            m = RunManifest.model_validate_json(path.read_text())
-        except ValueError:
-            continue
-        if m.profile == profile:
-            runs.append((m.started_at, m.run_id))
-    return max(runs)[1] if runs else None
+    runs = runs_of(outputs_dir, profile)
+    return runs[0][0].run_id if runs else None
 
 
 class _Runner:

@@ -35,7 +35,7 @@ from runbook_lib.core.errors import NotConfirmed, ResultsError, RunbookError
 from runbook_lib.core.secrets import redact, redact_obj
 from runbook_lib.core.values import parse_flag
 from runbook_lib.notebook.context import StepContext, show, start_step
-from runbook_lib.records.manifest import RunManifest
+from runbook_lib.records.manifest import runs_of
 from runbook_lib.records.outputs import DeployOutput, E2EOutput, EdgeSecretOutput, HealthOutput, PrerequisitesOutput
 from runbook_lib.records.results import StepResults
 from runbook_lib.steps.base import Step
@@ -109,16 +109,10 @@ def find_baseline(profile: str, run_dir: Path | None, outputs_dir: Path, explici
         found = baseline_from(run_dir, f"this run ({run_dir.name})")
         if found is not None:
             return found
-    runs = []
-    for path in outputs_dir.glob("*/manifest.json"):
-        try:
-            m = RunManifest.model_validate_json(path.read_text())
-        except ValueError:
+    for m, path in runs_of(outputs_dir, profile):
+        if m.status != "passed":
             continue
-        if m.profile == profile and m.status == "passed":
-            runs.append((m.started_at, m, path.parent))
-    for started, m, path in sorted(runs, key=lambda r: r[0], reverse=True):
-        found = baseline_from(path, f"run {m.run_id} (passed, {started:%Y-%m-%d %H:%M} UTC)")
+        found = baseline_from(path, f"run {m.run_id} (passed, {m.started_at:%Y-%m-%d %H:%M} UTC)")
         if found is not None:
             return found
     return Baseline(source=f"the profile {profile!r} (no passing run recorded under {outputs_dir})")

@@ -54,8 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in mine:
         item.add_marker(pytest.mark.browser)
         if missing:
-            item.add_marker(pytest.mark.skip(
-                reason=f"no Chromium and chromedriver on this machine: install them with `{INSTALL}` (as root)"))
+            item.add_marker(pytest.mark.skip(reason=f"no Chromium and chromedriver on this machine: install them with `{INSTALL}` (as root)"))
 
 
 # -- artifacts ---------------------------------------------------------------------------------------

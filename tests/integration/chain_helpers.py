@@ -5,8 +5,9 @@ chain's notebooks through papermill."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -96,3 +97,17 @@ def set_function_secret(sandbox, value: str) -> None:
     with management(sandbox) as client:
         client.post(f"/v1/projects/{sandbox.supabase.project_ref}/secrets",
                     json=[{"name": FUNCTION_SECRET, "value": value}]).raise_for_status()
+
+
+@contextlib.contextmanager
+def scripted_answer(sandbox, **spec: Any) -> Iterator[None]:
+    """An answer of the Management API stand-in on one path and method (`http_common.ScriptedAnswers`),
+    cleared at the end whatever happens."""
+    from runbook_sandbox.faults import admin_headers
+
+    with management(sandbox) as client:
+        client.post("/_sandbox/faults", json=spec, headers=admin_headers(sandbox)).raise_for_status()
+        try:
+            yield
+        finally:
+            client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()

@@ -30,11 +30,10 @@ import pytest
 from runbook_lib.steps import e2e
 from runbook_lib.systems.supabase import secret_digest
 from runbook_sandbox import manager
-from runbook_sandbox.faults import admin_headers
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from tests.conftest import PROJECT_ROOT, wait_for
-from tests.integration.chain_helpers import KERNEL_ENV, function_secret_digest as function_digest, management
-from tests.integration.chain_helpers import set_function_secret
+from tests.integration.chain_helpers import KERNEL_ENV, function_secret_digest as function_digest
+from tests.integration.chain_helpers import scripted_answer, set_function_secret
 from tests.integration.notebook_runs import assert_no_secrets_under
 
 SECRET = "PREFECT_DEPLOYMENT_ID"
@@ -184,17 +183,6 @@ def pending_secret_change(sandbox, managed) -> Iterator[str]:
         yield secret_digest(STALE_DEPLOYMENT_ID)
     finally:
         set_function_secret(sandbox, managed)
-
-
-@contextlib.contextmanager
-def scripted_answer(sandbox, **spec: Any) -> Iterator[None]:
-    """An answer of the Management API stand-in on one path and method (`http_common.ScriptedAnswers`)."""
-    with management(sandbox) as client:
-        client.post("/_sandbox/faults", json=spec, headers=admin_headers(sandbox)).raise_for_status()
-        try:
-            yield
-        finally:
-            client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
 
 
 @contextlib.contextmanager

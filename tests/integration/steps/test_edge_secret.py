@@ -10,7 +10,6 @@ shared sandbox's secret is put back at the end of every test that changes it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from runbook_sandbox.faults import admin_headers
 from tests.integration.chain_helpers import function_secret_digest as current_digest, management
-from tests.integration.chain_helpers import set_function_secret as set_secret
+from tests.integration.chain_helpers import scripted_answer as fault, set_function_secret as set_secret
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
 from tests.integration.steps.test_deploy import (
     deploy_in_process,
@@ -42,18 +41,6 @@ SECRET = "PREFECT_DEPLOYMENT_ID"
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fault(sandbox, **spec: Any) -> Iterator[None]:
-    """An injected answer of the Management API stand-in, cleared at the end whatever happens."""
-
-    with management(sandbox) as client:
-        client.post("/_sandbox/faults", json=spec, headers=admin_headers(sandbox)).raise_for_status()
-        try:
-            yield
-        finally:
-            client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
 
 
 def secret_writes(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
