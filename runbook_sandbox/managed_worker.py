@@ -197,10 +197,11 @@ async def serve(cfg: SandboxConfig) -> None:
 
 SERVICE = ServiceDef(
     name="managed_worker",
-    # Its process starts (imports) beside the Prefect server and waits for the pool (`serve`); it is
-    # up once the gateway created the pool and the worker polled it.
-    needs=["fault_proxy"],
-    after_start_needs=["prefect_gateway"],
+    # Its process starts (imports) at once, beside the Prefect server and the fault proxy it reaches
+    # the gateway through, and waits for the pool (`serve`); it is up once the gateway created the
+    # pool and the worker polled it.
+    after_start_needs=["fault_proxy", "prefect_gateway"],
+    uses=["fault_proxy"],
     health=health,
     url=lambda cfg: f"{cfg.prefect_api_url}/work_pools/{cfg.prefect.work_pool}",
     env=worker_env,

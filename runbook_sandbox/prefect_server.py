@@ -215,6 +215,7 @@ SERVICE = ServiceDef(
     # Its process starts (imports Prefect) beside Postgres and waits for its database (`serve`), which
     # postgres.after_start creates; a Postgres that fails to start abandons the wait.
     after_start_needs=["postgres"],
+    uses=["postgres"],
     ports=["prefect.server_port"],
     health=health,
     url=lambda cfg: cfg.prefect_server_api_url,
