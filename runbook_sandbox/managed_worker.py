@@ -18,6 +18,7 @@ The runtime is this machine's Python 3.11; production's managed image runs Pytho
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -174,9 +175,11 @@ async def serve(cfg: SandboxConfig) -> None:
     from .prefect_server import without_iri_formats
 
     without_iri_formats()
+    gc.disable()  # as the Prefect server does: no collections while importing Prefect's worker
     from . import managed_runtime
     from .managed_worker_type import ManagedWorker
 
+    gc.enable()
     write_base_job_template(cfg)  # for the gateway's set-up, which may then skip importing the worker
     imported = time.monotonic()
     await wait_for_pool(cfg)
@@ -194,10 +197,11 @@ async def serve(cfg: SandboxConfig) -> None:
 
 SERVICE = ServiceDef(
     name="managed_worker",
-    # Its process starts (imports) beside the Prefect server and waits for the pool (`serve`); it is
-    # up once the gateway created the pool and the worker polled it.
-    needs=["fault_proxy"],
-    after_start_needs=["prefect_gateway"],
+    # Its process starts (imports) at once, beside the Prefect server and the fault proxy it reaches
+    # the gateway through, and waits for the pool (`serve`); it is up once the gateway created the
+    # pool and the worker polled it.
+    after_start_needs=["fault_proxy", "prefect_gateway"],
+    uses=["fault_proxy"],
     health=health,
     url=lambda cfg: f"{cfg.prefect_api_url}/work_pools/{cfg.prefect.work_pool}",
     env=worker_env,

@@ -313,7 +313,7 @@ def _start_all(cfg: SandboxConfig, todo: list[ServiceDef], state: dict, echo: Ca
     naming every service that failed on its own account (with its log tail) once all have settled."""
     known = {svc.name for svc in services()}
     for svc in todo:
-        unknown = [n for n in [*svc.needs, *svc.after_start_needs] if n not in known]
+        unknown = [n for n in [*svc.needs, *svc.after_start_needs, *svc.uses] if n not in known]
         if unknown:
             raise SandboxError(f"{svc.name}: needs unknown service(s) {unknown}")
     by_name = {svc.name: svc for svc in services()}
@@ -413,8 +413,8 @@ def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[
     """Stop every service; return pids of stragglers the sweep had to kill.
 
     Services stop at the same time, each given its short grace (`ServiceDef.stop_timeout`) before its
-    process group is killed, except that what other processes need (`needs`: Postgres, the fault proxy)
-    stops in a second wave, once those are gone."""
+    process group is killed, except that what other processes need (`needs` and `uses`: Postgres, the
+    fault proxy) stops in a second wave, once those are gone."""
     cfg = SandboxConfig.load_or_create(state_dir)
     state = read_state(cfg)
     recs = state.get("services", {})
@@ -430,7 +430,7 @@ def down(state_dir: Path | None = None, *, purge: bool = False, echo: Callable[[
 
     left = list(running)
     while left:
-        needed = {n for svc in left for n in svc.needs}
+        needed = {n for svc in left for n in [*svc.needs, *svc.uses]}
         wave = [svc for svc in left if svc.name not in needed] or left
         threads = [threading.Thread(target=stop, args=(svc,), name=f"down-{svc.name}") for svc in wave]
         for t in threads:

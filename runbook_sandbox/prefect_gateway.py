@@ -46,6 +46,7 @@ import contextlib
 import hmac
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
 import httpx
@@ -363,27 +364,30 @@ def api(cfg: SandboxConfig) -> httpx.Client:
 
 
 def ensure_work_pool(cfg: SandboxConfig) -> None:
-    """Create the managed pool, or bring its base job template up to date (its paused state stays)."""
+    """Create the managed pool, or bring its base job template up to date (its paused state stays).
+    On a sandbox that has it already, one read and nothing written."""
     from .managed_worker import base_job_template  # here: the gateway's own process needs no worker code
 
     template = base_job_template(cfg)
     with api(cfg) as client:
-        r = client.post(
-            "work_pools/",
-            json={"name": cfg.prefect.work_pool, "type": cfg.prefect.work_pool_type, "base_job_template": template},
-        )
-        if r.status_code == 409:
+        r = client.get(f"work_pools/{cfg.prefect.work_pool}")
+        if r.status_code == 404:
+            r = client.post(
+                "work_pools/",
+                json={"name": cfg.prefect.work_pool, "type": cfg.prefect.work_pool_type, "base_job_template": template},
+            )
+            if r.status_code != 409:  # 409: created meanwhile by someone else; read it as it is
+                r.raise_for_status()
+                return
             r = client.get(f"work_pools/{cfg.prefect.work_pool}")
-            r.raise_for_status()
-            if r.json().get("type") != cfg.prefect.work_pool_type:
-                raise RuntimeError(
-                    f"work pool {cfg.prefect.work_pool!r} exists with type {r.json().get('type')!r}, "
-                    f"not {cfg.prefect.work_pool_type!r}; delete it and run `sandbox up` again"
-                )
-            if r.json().get("base_job_template") != template:
-                client.patch(f"work_pools/{cfg.prefect.work_pool}", json={"base_job_template": template}).raise_for_status()
-        else:
-            r.raise_for_status()
+        r.raise_for_status()
+        if r.json().get("type") != cfg.prefect.work_pool_type:
+            raise RuntimeError(
+                f"work pool {cfg.prefect.work_pool!r} exists with type {r.json().get('type')!r}, "
+                f"not {cfg.prefect.work_pool_type!r}; delete it and run `sandbox up` again"
+            )
+        if r.json().get("base_job_template") != template:
+            client.patch(f"work_pools/{cfg.prefect.work_pool}", json={"base_job_template": template}).raise_for_status()
 
 
 def secret_values(cfg: SandboxConfig) -> dict[str, str]:
@@ -395,38 +399,59 @@ def secret_values(cfg: SandboxConfig) -> dict[str, str]:
 
 
 def ensure_secret_blocks(cfg: SandboxConfig) -> None:
-    """Create or update the Secret blocks through the REST API (values never printed)."""
+    """Create or update the Secret blocks through the REST API (values never printed). The existing ones
+    are read in one request; only a missing block or a changed value is written."""
+    wanted = secret_values(cfg)
     with api(cfg) as client:
-        r = client.get("block_types/slug/secret")
+        r = client.post(
+            "block_documents/filter",
+            json={
+                "block_types": {"slug": {"any_": ["secret"]}},
+                "block_documents": {"name": {"any_": list(wanted)}},
+                "include_secrets": True,
+            },
+        )
         r.raise_for_status()
-        block_type_id = r.json()["id"]
-        r = client.post("block_schemas/filter", json={"block_schemas": {"block_type_id": {"any_": [block_type_id]}}})
-        r.raise_for_status()
-        schemas = r.json()
-        if not schemas:
-            raise RuntimeError("the Prefect server has no schema for the Secret block type")
-        schema_id = schemas[0]["id"]
-        for name, value in secret_values(cfg).items():
-            r = client.get(f"block_types/slug/secret/block_documents/name/{name}")
-            if r.status_code == 404:
-                client.post(
-                    "block_documents/",
-                    json={
-                        "name": name, "data": {"value": value},
-                        "block_schema_id": schema_id, "block_type_id": block_type_id,
-                    },
-                ).raise_for_status()
+        existing = {doc["name"]: doc for doc in r.json()}
+        schema_id = block_type_id = None
+        for name, value in wanted.items():
+            doc = existing.get(name)
+            if doc is not None:
+                if (doc.get("data") or {}).get("value") != value:
+                    client.patch(
+                        f"block_documents/{doc['id']}",
+                        json={"data": {"value": value}, "merge_existing_data": False},
+                    ).raise_for_status()
                 continue
-            r.raise_for_status()
-            client.patch(
-                f"block_documents/{r.json()['id']}",
-                json={"data": {"value": value}, "merge_existing_data": False},
+            if schema_id is None:
+                schema_id, block_type_id = _secret_schema(client)
+            client.post(
+                "block_documents/",
+                json={
+                    "name": name, "data": {"value": value},
+                    "block_schema_id": schema_id, "block_type_id": block_type_id,
+                },
             ).raise_for_status()
 
 
+def _secret_schema(client: httpx.Client) -> tuple[str, str]:
+    """(block schema id, block type id) of the Secret block."""
+    r = client.get("block_types/slug/secret")
+    r.raise_for_status()
+    block_type_id = r.json()["id"]
+    r = client.post("block_schemas/filter", json={"block_schemas": {"block_type_id": {"any_": [block_type_id]}}})
+    r.raise_for_status()
+    if not r.json():
+        raise RuntimeError("the Prefect server has no schema for the Secret block type")
+    return r.json()[0]["id"], block_type_id
+
+
 def after_start(cfg: SandboxConfig) -> None:
-    ensure_work_pool(cfg)
-    ensure_secret_blocks(cfg)
+    """The pool and the Secret blocks, at the same time (the managed worker waits for the pool)."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-setup") as pool:
+        futures = [pool.submit(ensure_work_pool, cfg), pool.submit(ensure_secret_blocks, cfg)]
+    for future in futures:
+        future.result()
 
 
 SERVICE = ServiceDef(

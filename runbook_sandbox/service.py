@@ -29,6 +29,9 @@ class ServiceDef:
     # at the same time.
     needs: list[str] = field(default_factory=list)
     after_start_needs: list[str] = field(default_factory=list)
+    # Services this one's process talks to while it runs, besides `needs` (it may start before them and
+    # wait for them itself): `down` stops them after it, as it does what it needs.
+    uses: list[str] = field(default_factory=list)
     # Config attributes holding this service's ports, e.g. ["supabase.port"]; allocated free.
     ports: list[str] = field(default_factory=list)
     # argv of the process; default `python -m runbook_sandbox.<module> --config <config.json>`.

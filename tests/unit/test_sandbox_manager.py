@@ -102,6 +102,19 @@ def test_down_stops_everything_quickly_and_leaves_nothing(tmp_path, stack):
     assert names.index("base") > names.index("on_top")  # what others need stops after them
 
 
+def test_down_stops_what_a_running_process_uses_after_it(tmp_path, stack):
+    # `uses`: started together (the user waits for it itself), stopped after the process that uses it.
+    user = fake("user")
+    user.uses = ["used"]
+    stack += [fake("used"), user]
+    state = manager.up(tmp_path, echo=lambda s: None)
+    assert state["services"]["user"]["timing"]["waited"] < 1.0  # not held back by what it uses
+    lines: list[str] = []
+    assert manager.down(tmp_path, echo=lines.append) == []
+    names = [ln.split()[0] for ln in lines]
+    assert names.index("used") > names.index("user")
+
+
 def test_needs_in_a_cycle_are_refused_before_anything_starts(tmp_path, stack):
     stack += [fake("egg", needs=["hen"]), fake("hen", needs=["egg"])]
     with pytest.raises(manager.SandboxError, match="cycle: egg -> hen -> egg"):
