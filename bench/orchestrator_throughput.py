@@ -171,12 +171,17 @@ def run_floor(dsn: str, fx: Fixture, n: int) -> float:
 
 
 def measure(orch, dsn: str, fx: Fixture, args) -> tuple[float, float, dict[int, float]]:
-    """One measurement: (floor, baseline, orchestrator rate per batch size), items/s."""
-    floor = max(run_floor(dsn, fx, args.items) for _ in range(args.repeats))
+    """One measurement: (floor, baseline, orchestrator rate per batch size), items/s. The floor and the
+    orchestrator are measured in turn (floor, each batch size, floor, ...), so that a change of the
+    machine's load during the measurement weighs on both sides of (c)/(a) alike."""
     baseline = run_baseline(dsn, fx, args.items, args.baseline_sample)
-    ours = {size: max(run_orchestrator(orch, dsn, fx, args.items, size) for _ in range(args.repeats))
-            for size in (int(s) for s in args.batch_sizes.split(","))}
-    return floor, baseline, ours
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    floors, ours = [], {size: [] for size in sizes}
+    for _ in range(args.repeats):
+        floors.append(run_floor(dsn, fx, args.items))
+        for size in sizes:
+            ours[size].append(run_orchestrator(orch, dsn, fx, args.items, size))
+    return max(floors), baseline, {size: max(rates) for size, rates in ours.items()}
 
 
 def main() -> None:
@@ -198,7 +203,8 @@ def main() -> None:
             fx.cleanup()
             fx.conn.close()
     print(f"Orchestrator dispatch throughput, {args.items:,} PENDING items, no-op dispatcher, {args.runs} runs "
-          f"(each: best of {args.repeats} for (a) and (c)); min / median / max; scoped to the benchmark's own batch")
+          f"(each: best of {args.repeats} for (a) and (c), measured in turn); min / median / max; scoped to the "
+          "benchmark's own batch")
     floors, baselines = stats([r[0] for r in runs]), stats([r[1] for r in runs])
     print(f"  (b) baseline, production pattern  {fmt(baselines, 'items/s', 0)}  "
           f"(measured on {args.baseline_sample} items, extrapolated)")

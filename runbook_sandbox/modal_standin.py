@@ -24,11 +24,13 @@ import asyncio
 import hashlib
 import json
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import psycopg
 import uvicorn
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from starlette.applications import Starlette
@@ -55,6 +57,7 @@ SERVICE_NAME = "sandbox-enrichment"  # meta.service of every state a sender hand
 DEFAULT_COMPLETE_DELAY_MS = 300
 FAULT_MODES = ("ok", "spawn_error", "fail", "hang")
 DB_CONCURRENCY = 10  # background jobs holding a database connection at once
+IDLE_CONNECTIONS = 16  # database connections kept open between calls (the orchestrator spawns 16 at once)
 APPLICATION_NAME = "runbook-modal-standin"
 ITEM_FIELDS = (
     "company_name", "company_domain", "company_linkedin_url", "person_first_name",
@@ -120,6 +123,7 @@ class ModalStandin:
         self.complete_delay_ms = DEFAULT_COMPLETE_DELAY_MS
         self.db_slots = asyncio.Semaphore(DB_CONCURRENCY)
         self.jobs: set[asyncio.Task] = set()
+        self.idle: list[psycopg.AsyncConnection] = []
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -128,6 +132,31 @@ class ModalStandin:
             self.cfg.database_url, autocommit=True, connect_timeout=5,
             application_name=APPLICATION_NAME, row_factory=dict_row,
         )
+
+    @asynccontextmanager
+    async def _db(self):
+        """A database connection for one call: an idle one kept from an earlier call (checked with a
+        round trip first: a `database down` fault drops open connections), else a new one. Afterwards
+        it is kept for the next call when it is healthy and outside a transaction, else closed. Opening
+        a connection per call cost more than the call's own statements."""
+        conn = None
+        while self.idle and conn is None:
+            kept = self.idle.pop()
+            try:
+                await kept.execute("SELECT 1")
+                conn = kept
+            except psycopg.Error:
+                await kept.close()
+        if conn is None:
+            conn = await self._connect()
+        try:
+            yield conn
+        finally:
+            if (not conn.closed and not conn.broken and len(self.idle) < IDLE_CONNECTIONS
+                    and conn.info.transaction_status == TransactionStatus.IDLE):
+                self.idle.append(conn)
+            else:
+                await conn.close()
 
     def _authorized(self, request: Request) -> bool:
         token_id = request.headers.get("x-modal-token-id", "")
@@ -140,7 +169,7 @@ class ModalStandin:
     async def _functions(self) -> dict[str, str]:
         """The app's functions, from enrichment_registry: name -> 'sender' | 'receiver'."""
         try:
-            async with await self._connect() as conn:
+            async with self._db() as conn:
                 rows = await (await conn.execute(
                     "SELECT modal_sender_fn, modal_receiver_fn FROM public.enrichment_registry"
                 )).fetchall()
@@ -254,7 +283,7 @@ class ModalStandin:
         return state
 
     async def _fail_state(self, item_id: str, slug: str, expected: tuple[str, ...], message: str) -> None:
-        async with self.db_slots, await self._connect() as conn, conn.transaction():
+        async with self.db_slots, self._db() as conn, conn.transaction():
             state = await self._locked_state(conn, item_id, slug, expected)
             await conn.execute(SET_STATUS_SQL, ("FAILED", Jsonb({"error": message, "failed_at": _now_iso()}), state["id"]))
 
@@ -276,7 +305,7 @@ class ModalStandin:
     async def _sender(self, call: FunctionCall, fault: Fault) -> None:
         item_id, workstream = call.args
         delay_ms = fault.delay_ms if fault.delay_ms is not None else self.complete_delay_ms
-        async with self.db_slots, await self._connect() as conn:
+        async with self.db_slots, self._db() as conn:
             reg = await self._registry_row(conn, "modal_sender_fn", call.function, workstream)
             if fault.mode != "fail":
                 async with conn.transaction():
@@ -313,7 +342,7 @@ class ModalStandin:
         if fault.mode == "hang":
             return
         await asyncio.sleep((fault.delay_ms or 0) / 1000)
-        async with self.db_slots, await self._connect() as conn:
+        async with self.db_slots, self._db() as conn:
             if slug is None:
                 slug = (await self._registry_row(conn, "modal_receiver_fn", call.function, workstream))["slug"]
             if fault.mode == "fail":

@@ -165,10 +165,12 @@ FROM placed p LEFT JOIN inserted i ON i.item_id = p.item_id AND i.step_name = p.
 """
 
 # Dispatcher claim: one statement locks up to %(limit)s PENDING states (oldest first, skipping rows
-# another run holds) and sets them QUEUED, or FAILED with the reason when no sender is mapped.
+# another run holds) and sets them QUEUED, or FAILED with the reason when no sender is mapped. The
+# update finds each locked row by its ctid (a TID scan; no second primary-key lookup per row): the
+# lock keeps the row version in place until the statement ends, and `status = 'PENDING'` still guards.
 CLAIM_SQL = """
 WITH picked AS (
-    SELECT ws.id, b.workstream_slug, er.modal_sender_fn AS sender,
+    SELECT ws.id, ws.ctid AS row_ctid, b.workstream_slug, er.modal_sender_fn AS sender,
         CASE
             WHEN er.modal_sender_fn IS NOT NULL THEN NULL
             WHEN b.workstream_slug IS NULL THEN format(
@@ -205,7 +207,7 @@ UPDATE public.workflow_states ws SET
         ELSE coalesce(ws.meta, '{}'::jsonb) || jsonb_build_object('error', p.unmapped, 'failed_at', now())
     END
 FROM picked p
-WHERE ws.id = p.id AND ws.status = 'PENDING'
+WHERE ws.ctid = p.row_ctid AND ws.status = 'PENDING'
 RETURNING ws.id, ws.item_id, ws.step_name, p.workstream_slug, p.sender, p.unmapped
 """
 

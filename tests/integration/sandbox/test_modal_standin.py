@@ -247,3 +247,23 @@ def test_fault_endpoint_rejects_bad_input(modal):
     assert modal.put("/_sandbox/faults/send_nothing", json={"mode": "fail"}).status_code == 404
     assert modal.put("/_sandbox/settings", json={"complete_delay_ms": "soon"}).status_code == 400
     assert modal.get("/_sandbox/faults").json() == {}
+
+
+def test_kept_database_connections_are_replaced_when_the_server_drops_them(modal, conn):
+    """The stand-in keeps its database connections between calls; one the server dropped meanwhile
+    (a restart, a `database down` fault) is replaced, and the next spawn works as before."""
+    from runbook_sandbox.modal_standin import APPLICATION_NAME
+
+    _, first = make_state(conn)
+    assert spawn(modal, first).status_code == 200
+    wait_for(lambda: state(conn, first)["status"] == "COMPLETED", 10, "the first item COMPLETED")
+    dropped = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity WHERE application_name = %s",
+        (APPLICATION_NAME,),
+    ).fetchone()["n"]
+    assert dropped >= 1  # kept open after the calls ended
+    _, second = make_state(conn)
+    resp = spawn(modal, second)
+    assert resp.status_code == 200, resp.text
+    wait_for(lambda: state(conn, second)["status"] == "COMPLETED", 10, "the second item COMPLETED")
+    assert transitions(conn, second)[-2:] == [("QUEUED", "IN_PROGRESS"), ("IN_PROGRESS", "COMPLETED")]
