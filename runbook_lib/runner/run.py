@@ -70,11 +70,11 @@ from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord, runs_of
 from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
-from runbook_lib.runner.index import render_index, render_notebook_html
+from runbook_lib.runner.index import html_exporter, render_index, render_notebook_html
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
-from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
+from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE, without_iri_formats
 
 DEFAULT_CELL_TIMEOUT = 3600.0
 EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
@@ -146,6 +146,19 @@ def _secret_variable_sources(environ: Mapping[str, str]) -> list[tuple[str, Mapp
         if path.is_file():
             sources.append((label, {k: v for k, v in dotenv_values(path).items() if v}))
     return sources
+
+
+def _warm_up() -> None:
+    """What the runner needs after the first step (the notebooks' HTML, Prefect's client for the
+    secret scan), imported in a thread while the first step runs; a failure is met again, and
+    reported, where the module is used."""
+    try:
+        import nbformat  # noqa: F401
+
+        html_exporter()
+        import prefect.client.orchestration  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _latest_run(outputs_dir: Path, profile: str) -> str | None:
@@ -308,6 +321,7 @@ class _Runner:
         try:
             if self.selected:  # its kernel starts while the records are prepared
                 self.first = self._spawn(self.steps[self.selected[0]], prewarm=True)
+            threading.Thread(target=_warm_up, name="runbook-warm-up", daemon=True).start()
             self._take_over(lock.previous)
             self.manifest = self._start_manifest()
             self.save()
@@ -734,6 +748,7 @@ def run_runbook(
     when the run cannot start. `environ` adds environment variables for the notebooks and the
     settings (e.g. RUNBOOK_SANDBOX_DIR). SIGTERM/SIGINT are handled when called from the main thread."""
     root = project.project_root()
+    without_iri_formats()
     runner = _Runner(
         profile=profile, confirm=confirm, from_step=from_step, only=only, run_id=run_id, params=params or {},
         notebooks_dir=Path(notebooks_dir or root / "notebooks").resolve(),

@@ -26,6 +26,14 @@ PROCESS_START = time.time()
 DEFAULT_INTERRUPT_GRACE = 30.0  # seconds a kernel gets, after its KeyboardInterrupt, before it is killed
 
 
+def without_iri_formats() -> None:
+    """Leave out jsonschema's optional `iri` / `iri-reference` format checks in this process: jsonschema
+    imports `rfc3987_syntax` for them, which builds a Lark grammar as it is imported (~2 s of every
+    process that imports nbformat or Prefect, on this machine). No schema of nbformat's or Prefect's
+    uses those formats; every other check stays. (The sandbox's Prefect server does the same.)"""
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]  # import -> ImportError
+
+
 def _say(message: str) -> None:
     """A line for the runner's log; the runner may be gone (its end of the pipe closed)."""
     try:
@@ -99,7 +107,8 @@ def warm_up_code(modules: list[str]) -> str:
     """Code that imports `modules` in a kernel and leaves no name behind; a failing import is left
     for the notebook's own cell to raise."""
     return ("def __runbook_warm_up(modules):\n"
-            "    import importlib\n"
+            "    import importlib, sys\n"
+            "    sys.modules.setdefault('rfc3987_syntax', None)  # see without_iri_formats\n"
             "    for name in modules:\n"
             "        try:\n"
             "            importlib.import_module(name)\n"
@@ -252,4 +261,5 @@ def execute_step(spec: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
+    without_iri_formats()
     sys.exit(execute_step(json.loads(sys.argv[1])))
