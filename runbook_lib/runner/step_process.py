@@ -136,15 +136,23 @@ class _WarmKernel:
                                      timeout=None)
         self.client.km = self.client.create_kernel_manager()
         self.km = self.client.km
+        self.phases = phases
         try:
-            self.client.start_new_kernel(cwd=spec["cwd"])
+            self.client.start_new_kernel(cwd=spec["cwd"])  # launched: it boots while this process imports papermill
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def warm_up(self, notebook: str) -> None:
+        """Wait for the kernel, then import the notebook's modules and Prefect's in it."""
+        try:
             self.client.start_new_kernel_client()
-            phases["kernel_ready"] = time.time()
+            self.phases["kernel_ready"] = time.time()
             kc = self.client.kc
-            msg_id = kc.execute(warm_up_code(notebook_imports(spec["input"]) + list(WARM_IMPORTS)),
+            msg_id = kc.execute(warm_up_code(notebook_imports(notebook) + list(WARM_IMPORTS)),
                                 silent=True, store_history=False)
             self.client.wait_for_reply(msg_id)
-            phases["imports_done"] = time.time()
+            self.phases["imports_done"] = time.time()
         except BaseException:
             self.shutdown()
             raise
@@ -192,9 +200,6 @@ def execute_step(spec: dict[str, Any]) -> int:
     notebook runs only when the runner writes `go` on stdin (EOF: not needed, the kernel is stopped,
     nothing is written). The result's `phases` are the wall-clock times (epoch seconds) of each phase."""
     phases: dict[str, float] = {"process_start": PROCESS_START}
-    import papermill
-
-    phases["papermill_imported"] = time.time()
     runner_pid = os.getppid()
     stopper = _Stopper(float(spec.get("interrupt_grace") or DEFAULT_INTERRUPT_GRACE))
 
@@ -217,7 +222,17 @@ def execute_step(spec: dict[str, Any]) -> int:
         except Exception as exc:  # noqa: BLE001 - papermill starts its own kernel at go, and fails as it would
             _say(f"could not prewarm a kernel ({type(exc).__name__}: {redaction.redact(str(exc))[:300]}); "
                  "papermill starts one when the step is due")
-            warm = None
+    import papermill
+
+    phases["papermill_imported"] = time.time()
+    if spec.get("prewarm"):
+        if warm is not None:
+            try:
+                warm.warm_up(spec["input"])
+            except Exception as exc:  # noqa: BLE001 - as above
+                _say(f"could not prewarm a kernel ({type(exc).__name__}: {redaction.redact(str(exc))[:300]}); "
+                     "papermill starts one when the step is due")
+                warm = None
         if not _wait_for_go(stopper):
             stopper.finished.set()
             if warm is not None:
