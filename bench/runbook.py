@@ -55,8 +55,7 @@ def step_phases(run_dir: Path, step: dict) -> dict[str, float]:
              if c["cell_type"] == "code" and c.get("metadata", {}).get("papermill", {}).get("start_time")]
     if not cells:
         return {}
-    tag = lambda c: "injected-parameters" in c["metadata"].get("tags", []) or "parameters" in c["metadata"].get("tags", [])  # noqa: E731
-    work = [c for c in cells if not tag(c)]
+    work = [c for c in cells if not {"parameters", "injected-parameters"} & set(c["metadata"].get("tags", []))]
     first = (_at(cells[0]["metadata"]["papermill"]["start_time"]) - began).total_seconds()
     last = (_at(cells[-1]["metadata"]["papermill"]["end_time"]) - began).total_seconds()
     go = max(phases.get("go", 0.0), 0.0)
