@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +36,40 @@ def one_run(state: Path, outputs: Path, run_id: str) -> tuple[float, dict, float
     return seconds, manifest, mib(peak.peak)
 
 
+def _at(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+def step_phases(run_dir: Path, step: dict) -> dict[str, float]:
+    """Where one step's seconds went (from the manifest's phases and papermill's cell times):
+    `prewarm`: its process started -> its kernel ready with the imports done (papermill's import, the
+    kernel's start, the notebook's and Prefect's imports), overlapped with the step before; `wait_warm`:
+    the part of it left when the step was due (in the step's duration); `to_first_cell`: -> papermill's first cell; `imports`: the notebook's first code cell
+    (imports, settings, start_step); `cells`: the other cells (the step's own work and its network waits);
+    `to_verdict`: last cell -> the verdict read by the runner."""
+    phases, began = step.get("phases") or {}, _at(step.get("started_at"))
+    output = run_dir / (step.get("output") or "")
+    if not phases or began is None or not output.is_file():
+        return {}
+    cells = [c for c in json.loads(output.read_text())["cells"]
+             if c["cell_type"] == "code" and c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    if not cells:
+        return {}
+    work = [c for c in cells if not {"parameters", "injected-parameters"} & set(c["metadata"].get("tags", []))]
+    first = (_at(cells[0]["metadata"]["papermill"]["start_time"]) - began).total_seconds()
+    last = (_at(cells[-1]["metadata"]["papermill"]["end_time"]) - began).total_seconds()
+    go = max(phases.get("go", 0.0), 0.0)
+    ready = phases.get("imports_done", phases.get("kernel_ready"))
+    return {
+        "prewarm": round(ready - phases["process_start"], 3) if ready is not None and "process_start" in phases else 0.0,
+        "wait_warm": go,
+        "to_first_cell": round(first - go, 3),
+        "imports": work[0]["metadata"]["papermill"]["duration"] if work else 0.0,
+        "cells": round(sum(c["metadata"]["papermill"]["duration"] for c in work[1:]), 3),
+        "to_verdict": round(step["duration_seconds"] - last, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -44,6 +79,7 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     walls, peaks, statuses = [], [], []
     steps: dict[str, list[float]] = {}
+    phases: dict[str, dict[str, list[float]]] = {}
     with sandbox() as state:
         if not args.no_warmup:
             seconds, manifest, peak = one_run(state, outputs, f"bench-{stamp}-warmup")
@@ -57,11 +93,18 @@ def main() -> None:
             for step in manifest["steps"]:
                 if step.get("duration_seconds") is not None:
                     steps.setdefault(step["step"], []).append(step["duration_seconds"])
+                    for phase, value in step_phases(outputs / manifest["run_id"], step).items():
+                        phases.setdefault(step["step"], {}).setdefault(phase, []).append(value)
     s_wall, s_peak = stats(walls), stats(peaks)
     print(f"whole runbook 01-05 against the sandbox, {args.repeats} runs ({', '.join(statuses)}), runs in {outputs}")
     for name, values in steps.items():
         print(f"  {name:34} {fmt(stats(values))}")
     print(f"  {'whole run (runner command)':34} {fmt(s_wall)}   goal <= 40 s")
+    names = ["prewarm", "wait_warm", "to_first_cell", "imports", "cells", "to_verdict"]
+    print("  where each step's seconds went (medians; prewarm overlaps the step before, but for wait_warm):")
+    print(f"  {'':34} " + " ".join(f"{n:>13}" for n in names))
+    for name, values in phases.items():
+        print(f"  {name:34} " + " ".join(f"{stats(values.get(n, []))['median'] or 0:13.2f}" for n in names))
     print(f"  {'sandbox peak RSS during the runs':34} {fmt(s_peak, 'MiB', 0)}   goal <= 1024 MiB")
     figures = [{"figure": f"step {name}", "stats": stats(values), "unit": "s"} for name, values in steps.items()]
     figures += [
@@ -69,7 +112,7 @@ def main() -> None:
          "note": ", ".join(sorted(set(statuses)))},
         {"figure": "sandbox peak RSS during make run", "stats": s_peak, "unit": "MiB", "goal": "<= 1024 MiB"},
     ]
-    record("runbook", figures)
+    record("runbook", figures, phases={step: {n: stats(v) for n, v in p.items()} for step, p in phases.items()})
 
 
 if __name__ == "__main__":

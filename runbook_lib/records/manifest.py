@@ -46,6 +46,9 @@ class StepRecord(BaseModel):
     result_files: list[str] = Field(default_factory=list)  # the StepResults the notebook wrote
     earlier: bool = False  # passed in an earlier attempt of this run and not re-run
     pid: int | None = None  # the step's process while it runs
+    # Seconds from started_at of the step process's phases (runner.step_process; negative: before the
+    # step was due, while its process and kernel were prewarmed during the step before)
+    phases: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
 
 

@@ -12,6 +12,7 @@ remediation (from the step's results file), links to its HTML and notebook; the 
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -36,16 +37,24 @@ REFUSAL_NOTES = {
 }
 
 
-def render_notebook_html(notebook: Path, target: Path) -> Path:
-    """`notebook` as standalone HTML, without papermill's injected-parameters cell."""
-    import nbformat
+@functools.lru_cache(maxsize=1)
+def html_exporter() -> Any:
+    """nbconvert's HTML exporter without papermill's injected-parameters cell (one per process:
+    its templates are loaded once)."""
     from nbconvert import HTMLExporter
     from traitlets.config import Config
 
     config = Config()
     config.TagRemovePreprocessor.enabled = True
     config.TagRemovePreprocessor.remove_cell_tags = {INJECTED_PARAMETERS_TAG}
-    body, _ = HTMLExporter(config=config).from_notebook_node(nbformat.read(notebook, as_version=4))
+    return HTMLExporter(config=config)
+
+
+def render_notebook_html(notebook: Path, target: Path) -> Path:
+    """`notebook` as standalone HTML, without papermill's injected-parameters cell."""
+    import nbformat
+
+    body, _ = html_exporter().from_notebook_node(nbformat.read(notebook, as_version=4))
     target.write_text(redact(body))
     return target
 

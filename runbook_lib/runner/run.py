@@ -70,11 +70,11 @@ from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord, runs_of
 from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
-from runbook_lib.runner.index import render_index, render_notebook_html
+from runbook_lib.runner.index import html_exporter, render_index, render_notebook_html
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
-from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
+from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE, without_iri_formats
 
 DEFAULT_CELL_TIMEOUT = 3600.0
 EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
@@ -148,9 +148,68 @@ def _secret_variable_sources(environ: Mapping[str, str]) -> list[tuple[str, Mapp
     return sources
 
 
+def _warm_up() -> None:
+    """What the runner needs after the first step (the notebooks' HTML, Prefect's client for the
+    secret scan), imported in a thread while the first step runs; a failure is met again, and
+    reported, where the module is used."""
+    try:
+        import nbformat  # noqa: F401
+
+        html_exporter()
+        import prefect.client.orchestration  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _latest_run(outputs_dir: Path, profile: str) -> str | None:
     runs = runs_of(outputs_dir, profile)
     return runs[0][0].run_id if runs else None
+
+
+class _StepProcess:
+    """A step's process (runbook_lib.runner.step_process), its stderr kept for the verdict. A
+    prewarmed one starts its kernel at once and runs the notebook only on `go()`."""
+
+    def __init__(self, step: Step, spec: dict[str, Any], env: Mapping[str, str]):
+        self.step = step
+        self.prewarm = bool(spec.get("prewarm"))
+        # A session of its own: a Ctrl-C in the terminal reaches the runner only, which stops the step.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runbook_lib.runner.step_process", json.dumps(spec)], env=dict(env),
+            stdin=subprocess.PIPE if self.prewarm else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+        self.stderr: deque[str] = deque(maxlen=20)
+        self.reader = threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True)  # type: ignore[arg-type]
+        self.reader.start()
+
+    def go(self) -> bool:
+        """Hand the prewarmed process its notebook; False when it is gone (it cannot run it)."""
+        if self.proc.poll() is not None:
+            return False
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def abandon(self, grace: float = 10.0) -> None:
+        """Stop an unused prewarmed process: its stdin closed, it stops its kernel; killed after `grace`."""
+        try:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                kill_tree(psutil.Process(self.proc.pid))
+            except psutil.Error:
+                pass
+            self.proc.wait()
+        self.reader.join(timeout=5)
 
 
 class _Runner:
@@ -174,6 +233,8 @@ class _Runner:
         self.notes: list[str] = []
         self.settings: Any = None
         self.scanned = False
+        self.exiting: list[_StepProcess] = []  # gave their verdict, stopping their kernel
+        self.first: _StepProcess | None = None  # the first step's process, prewarmed while the run starts
 
     # -- preparation: everything that can refuse happens before anything is written ---------------
     def prepare(self) -> None:
@@ -258,6 +319,9 @@ class _Runner:
         self.lock = lock
         self.manifest: RunManifest | None = None
         try:
+            if self.selected:  # its kernel starts while the records are prepared
+                self.first = self._spawn(self.steps[self.selected[0]], prewarm=True)
+            threading.Thread(target=_warm_up, name="runbook-warm-up", daemon=True).start()
             self._take_over(lock.previous)
             self.manifest = self._start_manifest()
             self.save()
@@ -277,6 +341,9 @@ class _Runner:
                 self.save()
             raise
         finally:
+            if self.first is not None:  # never handed its notebook (the run failed before)
+                self.first.abandon()
+            self._reap()
             try:
                 if self.manifest is not None and not self.scanned:  # the runner's own fault: scan all the same
                     self._scan(self.manifest)
@@ -372,66 +439,101 @@ class _Runner:
         self.manifest.save(self.run_dir)
 
     def _run_steps(self) -> None:
-        for i, step in enumerate(self.steps):
-            if i not in self.selected or self.killed_by is not None or self.manifest.error:
-                self.progress.skipped(step, self.manifest.step(step.name))  # stays as it was: not_run, or earlier
-                continue
-            record = self._run_step(step)
-            if record.status != "passed":
-                self.manifest.error = f"step {step.name} {record.status}: {record.error_type or ''} {record.error or ''}".strip()
+        """The selected steps in order. While one runs, the next one's process is started and its
+        kernel warmed (step_process: started, imports done, waiting for `go`); it is handed the
+        notebook when its turn comes, or stopped unused when the run ends before."""
+        due = [i for i in range(len(self.steps)) if i in self.selected]
+        warm, self.first = self.first, None
+        try:
+            for i, step in enumerate(self.steps):
+                if i not in self.selected or self.killed_by is not None or self.manifest.error:
+                    self.progress.skipped(step, self.manifest.step(step.name))  # stays as it was: not_run, or earlier
+                    continue
+                later = [j for j in due if j > i]
+                record, warm = self._run_step(step, warm, self.steps[later[0]] if later else None)
+                if record.status != "passed":
+                    self.manifest.error = f"step {step.name} {record.status}: {record.error_type or ''} {record.error or ''}".strip()
+        finally:
+            if warm is not None:
+                warm.abandon()
+            self._reap()
 
-    def _run_step(self, step: Step) -> StepRecord:
+    def _reap(self) -> None:
+        """Wait for the step processes that gave their verdict and were stopping their kernels."""
+        while self.exiting:
+            self.exiting.pop().abandon(grace=self.interrupt_grace)
+
+    def _step_spec(self, step: Step) -> tuple[dict[str, Any], dict[str, str]]:
         work = self.run_dir / ".runner"
-        work.mkdir(exist_ok=True)
-        result_path = work / f"{step.name}.result.json"
-        result_path.unlink(missing_ok=True)
-        output = self.run_dir / step.notebook.name
         parameters: dict[str, Any] = {"profile": self.profile, "run_dir": str(self.run_dir), **self.params}
         if self.confirm:
             parameters["confirm"] = True
-        spec = {"input": str(step.notebook), "output": str(output), "cwd": str(step.notebook.parent),
-                "parameters": parameters, "kernel_name": self.kernel_name, "execution_timeout": self.cell_timeout,
-                "result": str(result_path), "interrupt_grace": self.interrupt_grace}
+        spec = {"input": str(step.notebook), "output": str(self.run_dir / step.notebook.name),
+                "cwd": str(step.notebook.parent), "parameters": parameters, "kernel_name": self.kernel_name,
+                "execution_timeout": self.cell_timeout, "result": str(work / f"{step.name}.result.json"),
+                "interrupt_grace": self.interrupt_grace}
         env = dict(self.environ)
         env[HEADLESS_ENV] = "1"
         env[HELD_BY_ENV] = str(os.getpid())  # the step's start_step does not take the target's lock again
         root = str(project.project_root())
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root])
+        return spec, env
+
+    def _spawn(self, step: Step, prewarm: bool) -> "_StepProcess":
+        spec, env = self._step_spec(step)
+        return _StepProcess(step, dict(spec, prewarm=prewarm), env)
+
+    def _run_step(self, step: Step, warm: "_StepProcess | None" = None,
+                  following: Step | None = None) -> tuple[StepRecord, "_StepProcess | None"]:
+        """Run `step` (in `warm`, its prewarmed process, when it is one); start `following`'s process
+        once this one has its notebook. Returns the record and the process prewarmed for `following`."""
+        work = self.run_dir / ".runner"
+        work.mkdir(exist_ok=True)
+        result_path = work / f"{step.name}.result.json"
+        result_path.unlink(missing_ok=True)
+        output = self.run_dir / step.notebook.name
 
         record = StepRecord(step=step.name, notebook=str(step.notebook), status="running", started_at=now(),
                             output=output.name)
         self.manifest.steps = [record if s.step == step.name else s for s in self.manifest.steps]
         started = time.monotonic()
-        # A session of its own: a Ctrl-C in the terminal reaches the runner only, which stops the step.
-        proc = subprocess.Popen([sys.executable, "-m", "runbook_lib.runner.step_process", json.dumps(spec)], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, errors="replace", start_new_session=True)
+        if warm is not None and (warm.step.name != step.name or not warm.go()):
+            warm.abandon()  # not this step's, or it died before its turn: a cold start
+            warm = None
+        handle = warm or self._spawn(step, prewarm=False)
+        proc = handle.proc
         self.worker = psutil.Process(proc.pid)
         record.pid = proc.pid
         self.lock.update(worker_pid=proc.pid, worker_create_time=self.worker.create_time())
         self.save()
         self.progress.started(step)
-        stderr_lines: deque[str] = deque(maxlen=20)
-        reader = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
-        reader.start()
+        nxt = self._spawn(following, prewarm=True) if following is not None else None
         forwarded: float | None = None
-        while proc.poll() is None:
+        exit_code: int | None = None
+        while (exit_code := proc.poll()) is None:
             if self.killed_by is not None and forwarded is None:
                 forwarded = time.monotonic()  # the step process interrupts its kernel, then kills it after the grace
                 proc.send_signal(self.killed_by)
             if self.kill_now or (forwarded is not None and time.monotonic() - forwarded > self.interrupt_grace + 15):
                 kill_tree(self.worker)
                 break
-            time.sleep(0.2)
-        exit_code = proc.wait()
-        reader.join(timeout=5)
+            if self.killed_by is None and handle.prewarm and result_path.is_file():
+                # The verdict is written (the notebook too): the process is stopping its kernel, the
+                # run goes on; it is waited for before the run ends.
+                exit_code = 0 if _read_json(result_path).get("ok") else 1
+                self.exiting.append(handle)
+                break
+            time.sleep(0.1)
+        if exit_code is None or handle not in self.exiting:
+            exit_code = proc.wait()
+            handle.reader.join(timeout=5)
         self.worker = None
         self.lock.update(worker_pid=None, worker_create_time=None)
 
         record.pid = None
         record.ended_at = now()
         record.duration_seconds = round(time.monotonic() - started, 3)
-        self._judge(record, exit_code, result_path, output, stderr_lines)
+        self._judge(record, exit_code, result_path, output, handle.stderr)
         self._collect_results(record, record.started_at)
         if output.is_file():
             try:
@@ -442,7 +544,7 @@ class _Runner:
         self.save()
         render_index(self.manifest, self.run_dir)
         self.progress.finished(step, record)
-        return record
+        return record, nxt
 
     def _judge(self, record: StepRecord, exit_code: int, result_path: Path, output: Path, stderr: Sequence[str]) -> None:
         """The step's verdict: killed by us, papermill's exception, the process's exit, the executed notebook."""
@@ -453,6 +555,9 @@ class _Runner:
             record.error = f"the runner received {signal.Signals(self.killed_by).name}: the step's kernel was {how}"
             return
         result = _read_json(result_path)
+        if isinstance(result.get("phases"), dict) and record.started_at is not None:
+            began = record.started_at.timestamp()
+            record.phases = {k: round(v - began, 3) for k, v in result["phases"].items() if isinstance(v, (int, float))}
         if result.get("error_type"):
             record.status, record.error_type, record.error = "failed", result["error_type"], result.get("error")
             return
@@ -643,6 +748,7 @@ def run_runbook(
     when the run cannot start. `environ` adds environment variables for the notebooks and the
     settings (e.g. RUNBOOK_SANDBOX_DIR). SIGTERM/SIGINT are handled when called from the main thread."""
     root = project.project_root()
+    without_iri_formats()
     runner = _Runner(
         profile=profile, confirm=confirm, from_step=from_step, only=only, run_id=run_id, params=params or {},
         notebooks_dir=Path(notebooks_dir or root / "notebooks").resolve(),

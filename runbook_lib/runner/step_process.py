@@ -8,6 +8,7 @@ in the running cell, so its `finally` blocks run, e.g. step 05's cleanup of its 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -21,7 +22,16 @@ import psutil
 
 from runbook_lib.core import secrets as redaction
 
+PROCESS_START = time.time()
 DEFAULT_INTERRUPT_GRACE = 30.0  # seconds a kernel gets, after its KeyboardInterrupt, before it is killed
+
+
+def without_iri_formats() -> None:
+    """Leave out jsonschema's optional `iri` / `iri-reference` format checks in this process: jsonschema
+    imports `rfc3987_syntax` for them, which builds a Lark grammar as it is imported (~2 s of every
+    process that imports nbformat or Prefect, on this machine). No schema of nbformat's or Prefect's
+    uses those formats; every other check stays. (The sandbox's Prefect server does the same.)"""
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]  # import -> ImportError
 
 
 def _say(message: str) -> None:
@@ -68,11 +78,128 @@ class _Stopper:
         threading.Thread(target=self.stop, args=(f"received {signal.Signals(signum).name}",), daemon=True).start()
 
 
+# Imported in a prewarmed kernel besides the notebook's own imports: Prefect's import (seconds)
+# is lazy in runbook_lib, and nearly every step calls Prefect.
+WARM_IMPORTS = ("prefect", "prefect.client.orchestration")
+START_TIMEOUT = 60.0  # seconds for a kernel to start and answer (papermill's default)
+
+
+def notebook_imports(notebook: str | Path) -> list[str]:
+    """The modules a notebook's code cells import at their top level (absolute imports), in order."""
+    import nbformat
+
+    found: list[str] = []
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(cell.source)
+        except SyntaxError:  # magics, shell escapes: not Python
+            continue
+        for node in tree.body:
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            found += [n for n in names if n not in found]
+    return found
+
+
+def warm_up_code(modules: list[str]) -> str:
+    """Code that imports `modules` in a kernel and leaves no name behind; a failing import is left
+    for the notebook's own cell to raise."""
+    return ("def __runbook_warm_up(modules):\n"
+            "    import importlib, sys\n"
+            "    sys.modules.setdefault('rfc3987_syntax', None)  # see without_iri_formats\n"
+            "    for name in modules:\n"
+            "        try:\n"
+            "            importlib.import_module(name)\n"
+            "        except Exception:\n"
+            "            pass\n"
+            f"__runbook_warm_up({modules!r})\n"
+            "del __runbook_warm_up\n")
+
+
+class _WarmKernel:
+    """A kernel started (and its imports done) before the step is due: what papermill would start,
+    through nbclient's own kernel manager, in the notebook's directory. The warm-up runs silently
+    (no output, no history, no execution count): the executed notebook is what a cold start gives."""
+
+    def __init__(self, spec: dict[str, Any], phases: dict[str, float]):
+        import nbformat
+        from nbclient import NotebookClient
+
+        nb = nbformat.read(spec["input"], as_version=4)
+        name = spec.get("kernel_name") or nb.metadata.get("kernelspec", {}).get("name")
+        if not name:
+            raise ValueError("No kernel name found in notebook and no override provided.")
+        # timeout=None: the warm-up imports may take long on a busy machine; the runner's signals still stop it
+        self.client = NotebookClient(nbformat.v4.new_notebook(), kernel_name=name, startup_timeout=START_TIMEOUT,
+                                     timeout=None)
+        self.client.km = self.client.create_kernel_manager()
+        self.km = self.client.km
+        self.phases = phases
+        try:
+            self.client.start_new_kernel(cwd=spec["cwd"])  # launched: it boots while this process imports papermill
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def warm_up(self, notebook: str) -> None:
+        """Wait for the kernel, then import the notebook's modules and Prefect's in it."""
+        try:
+            self.client.start_new_kernel_client()
+            self.phases["kernel_ready"] = time.time()
+            kc = self.client.kc
+            msg_id = kc.execute(warm_up_code(notebook_imports(notebook) + list(WARM_IMPORTS)),
+                                silent=True, store_history=False)
+            self.client.wait_for_reply(msg_id)
+            self.phases["imports_done"] = time.time()
+        except BaseException:
+            self.shutdown()
+            raise
+        finally:
+            if self.client.kc is not None:
+                self.client.kc.stop_channels()
+                self.client.kc = None
+
+    def shutdown(self) -> None:
+        from jupyter_core.utils import run_sync
+
+        try:
+            if run_sync(self.km.is_alive)():
+                run_sync(self.km.shutdown_kernel)(now=False)
+        except RuntimeError:
+            pass
+        finally:
+            run_sync(self.km.cleanup_resources)()
+
+
+def _wait_for_go(stopper: _Stopper) -> bool:
+    """Prewarmed: wait until the runner writes `go` (True), or closes our stdin (False: not needed)."""
+    answer: list[str] = []
+    said = threading.Event()
+
+    def read() -> None:
+        try:
+            answer.append(sys.stdin.readline().strip())
+        except (OSError, ValueError):
+            answer.append("")
+        said.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    while not said.wait(0.2):
+        if stopper.why is not None:
+            return False
+    return answer == ["go"]
+
+
 def execute_step(spec: dict[str, Any]) -> int:
     """Run one notebook with papermill; write {"error_type", "error"} (empty on success) to the
-    result file. Interrupted gracefully on SIGTERM/SIGINT or when the runner disappears (module doc)."""
-    import papermill
+    result file. Interrupted gracefully on SIGTERM/SIGINT or when the runner disappears (module doc).
 
+    With `prewarm` in the spec, the kernel is started and the notebook's imports done at once; the
+    notebook runs only when the runner writes `go` on stdin (EOF: not needed, the kernel is stopped,
+    nothing is written). The result's `phases` are the wall-clock times (epoch seconds) of each phase."""
+    phases: dict[str, float] = {"process_start": PROCESS_START}
     runner_pid = os.getppid()
     stopper = _Stopper(float(spec.get("interrupt_grace") or DEFAULT_INTERRUPT_GRACE))
 
@@ -88,12 +215,38 @@ def execute_step(spec: dict[str, Any]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stopper.on_signal)
     threading.Thread(target=watch_runner, daemon=True).start()
+    warm: _WarmKernel | None = None
+    if spec.get("prewarm"):
+        try:
+            warm = _WarmKernel(spec, phases)
+        except Exception as exc:  # noqa: BLE001 - papermill starts its own kernel at go, and fails as it would
+            _say(f"could not prewarm a kernel ({type(exc).__name__}: {redaction.redact(str(exc))[:300]}); "
+                 "papermill starts one when the step is due")
+    import papermill
+
+    phases["papermill_imported"] = time.time()
+    if spec.get("prewarm"):
+        if warm is not None:
+            try:
+                warm.warm_up(spec["input"])
+            except Exception as exc:  # noqa: BLE001 - as above
+                _say(f"could not prewarm a kernel ({type(exc).__name__}: {redaction.redact(str(exc))[:300]}); "
+                     "papermill starts one when the step is due")
+                warm = None
+        if not _wait_for_go(stopper):
+            stopper.finished.set()
+            if warm is not None:
+                warm.shutdown()
+            _kill_children()
+            return 0
+        phases["go"] = time.time()
     result: dict[str, Any] = {"ok": True}
     try:
         papermill.execute_notebook(
             spec["input"], spec["output"], parameters=spec["parameters"], cwd=spec["cwd"],
             kernel_name=spec["kernel_name"], execution_timeout=spec["execution_timeout"],
             progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+            **({"km": warm.km} if warm is not None else {}),
         )
     except papermill.PapermillExecutionError as exc:
         result = {"ok": False, "error_type": exc.ename, "error": exc.evalue}
@@ -102,15 +255,26 @@ def execute_step(spec: dict[str, Any]) -> int:
         result = {"ok": False, "error_type": type(exc).__name__, 
                   "error": redaction.redact(" ".join(m.strip() for m in message[:3]))[:1000]}  # masked, then cut short
     finally:
-        stopper.finished.set()
+        phases["notebook_done"] = time.time()
+        if warm is None:
+            stopper.finished.set()
     if stopper.why is not None:
         result["interrupted"] = stopper.why
     result = redaction.redact_obj(result)
+    result["phases"] = phases
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(result))
-    tmp.replace(spec["result"])
+    tmp.replace(spec["result"])  # the verdict: the runner goes on while this process stops its kernel
+    if warm is not None:  # papermill stops only the kernels it started
+        try:
+            warm.shutdown()
+        except Exception as exc:  # noqa: BLE001 - the verdict stands; a leftover kernel is killed
+            _say(f"stopping the kernel: {type(exc).__name__}: {exc}")
+            _kill_children()
+        stopper.finished.set()
     return 0 if result["ok"] else 1
 
 
 if __name__ == "__main__":
+    without_iri_formats()
     sys.exit(execute_step(json.loads(sys.argv[1])))
