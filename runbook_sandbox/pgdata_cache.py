@@ -27,7 +27,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -135,7 +134,7 @@ def set_password(data: Path, user: str, password: str, run_as: str | None) -> No
     proc = subprocess.run(
         [_bin("postgres"), "--single", "-D", str(data), "-c", "unix_socket_directories=", "-c", "fsync=off",
          "-c", "log_min_messages=warning", "postgres"],
-        input=statement, capture_output=True, text=True, user=run_as, group=run_as,
+        check=False, input=statement, capture_output=True, text=True, user=run_as, group=run_as,
         extra_groups=[] if run_as else None, timeout=120,
     )
     if proc.returncode != 0 or "ERROR" in proc.stdout + proc.stderr:
@@ -152,6 +151,10 @@ def restore(cfg, data: Path, run_as: str | None) -> bool:
     path, marker = found
     try:
         shutil.copytree(path / "pgdata", data, dirs_exist_ok=True, symlinks=True)
+        if _inventory(data) != marker.get("inventory"):
+            # Files lost or changed since it was built: not used, and removed so that it is rebuilt.
+            shutil.rmtree(path, ignore_errors=True)
+            raise RuntimeError("the cache entry is not as built")
         if run_as:
             import pwd
 
@@ -169,6 +172,16 @@ def restore(cfg, data: Path, run_as: str | None) -> bool:
 
     record_ready(cfg, marker.get("prefect_revision"))
     return True
+
+
+def _inventory(data: Path) -> dict[str, int]:
+    """Number of files and their total size under `data`: a copy that differs is not the entry as built."""
+    files = size = 0
+    for root, _dirs, names in os.walk(data):
+        for name in names:
+            files += 1
+            size += os.lstat(os.path.join(root, name)).st_size
+    return {"files": files, "bytes": size}
 
 
 def _empty(data: Path) -> None:
@@ -237,7 +250,8 @@ def build(user: str = "postgres", log=print) -> Path | None:
             revision = _build_in(work, user)
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(work / "pgdata", partial / "pgdata", symlinks=True)
-            marker = {"key": key_inputs(user), "prefect_revision": revision, "built_at": time.time()}
+            marker = {"key": key_inputs(user), "prefect_revision": revision, "built_at": time.time(),
+                      "inventory": _inventory(partial / "pgdata")}
             (partial / MARKER).write_text(json.dumps(marker, indent=2))
             partial.rename(target)
         finally:
