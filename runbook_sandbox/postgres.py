@@ -205,7 +205,11 @@ def fill_cache(cfg: SandboxConfig) -> int | None:
         return None
     from . import pgdata_cache
 
-    return pgdata_cache.fill_later(cfg)
+    try:
+        return pgdata_cache.fill_later(cfg)
+    except OSError as exc:  # an unwritable cache costs the next fresh up its speed, never this up
+        print(f"postgres: the data-directory cache cannot be filled: {exc}")
+        return None
 
 
 def after_start(cfg: SandboxConfig) -> None:
