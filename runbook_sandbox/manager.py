@@ -194,6 +194,10 @@ def up(
     cfg.save()
     _start_all(cfg, todo, state, echo)
     _write_env(cfg)
+    if any(svc.name == "postgres" for svc in todo):
+        from . import postgres
+
+        postgres.fill_cache(cfg)  # a fresh data directory set up the slow way: cache it for the next one
     return state
 
 

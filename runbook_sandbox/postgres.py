@@ -8,6 +8,7 @@ Function's URL and anon key), and a `prefect` database for the Prefect server.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from .service import ServiceDef
 SQL_DIR = Path(__file__).parent / "sql"
 RUN_AS = "pgserver" if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # postgres refuses root
 PREFECT_DATABASE = "prefect"
+ORIGIN_FILE = "pgdata-origin.json"  # in the state directory: which cache entry pgdata was copied from, if any
 
 
 def _pgserver():
@@ -69,8 +71,9 @@ def _grant_access(data: Path, *files: Path) -> None:
         os.chown(p, ent.pw_uid, ent.pw_gid)
 
 
-def prepare(cfg: SandboxConfig) -> None:
-    """initdb on first use (as an unprivileged user when we are root)."""
+def prepare(cfg: SandboxConfig, use_cache: bool = True) -> None:
+    """On first use: a copy of the cached, already-migrated data directory (`pgdata_cache`) with this
+    sandbox's own password, else initdb (as an unprivileged user when we are root)."""
     if cfg.postgres.external_url:
         return
     data = pgdata(cfg)
@@ -81,6 +84,17 @@ def prepare(cfg: SandboxConfig) -> None:
         _remove_stale_pid_file(data)
         return
     import subprocess
+
+    if use_cache:
+        from . import pgdata_cache
+
+        if RUN_AS:
+            _grant_access(data)
+        restored = pgdata_cache.restore(cfg, data, RUN_AS)
+        origin = pgdata_cache.cache_key(cfg.postgres.user) if restored else None
+        cfg.path(ORIGIN_FILE).write_text(json.dumps({"from_cache": origin}))
+        if restored:
+            return
 
     pwfile = cfg.state / ".pgpass-init"
     pwfile.write_text(cfg.postgres.password + "\n")
@@ -178,6 +192,24 @@ def ensure_database(cfg: SandboxConfig, name: str) -> None:
     with connect(cfg, autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def fill_cache(cfg: SandboxConfig) -> int | None:
+    """After an `up` whose Postgres was set up without the cache: build the cache entry in the background
+    (`pgdata_cache.fill_later`); the builder's pid, if one was started."""
+    try:
+        origin = json.loads(cfg.path(ORIGIN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if origin.get("from_cache") is not None:
+        return None
+    from . import pgdata_cache
+
+    try:
+        return pgdata_cache.fill_later(cfg)
+    except OSError as exc:  # an unwritable cache costs the next fresh up its speed, never this up
+        print(f"postgres: the data-directory cache cannot be filled: {exc}")
+        return None
 
 
 def after_start(cfg: SandboxConfig) -> None:

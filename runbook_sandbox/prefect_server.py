@@ -113,11 +113,11 @@ def database_revision(cfg: SandboxConfig) -> str | None:
     return row[0] if row else None
 
 
-def _ready_state(cfg: SandboxConfig) -> dict[str, str | None]:
+def _ready_state(cfg: SandboxConfig, revision: bool = True) -> dict[str, str | None]:
     return {
         "prefect": importlib.metadata.version("prefect"),
         "database": cfg.postgres.url(PREFECT_DATABASE).rpartition("@")[2],  # host:port/db, no password
-        "revision": database_revision(cfg),
+        "revision": database_revision(cfg) if revision else None,
     }
 
 
@@ -137,6 +137,14 @@ def after_start(cfg: SandboxConfig) -> None:
     """Record that this database is migrated and has its block types, for the next start."""
     state = _ready_state(cfg)
     if state["revision"] is not None:
+        _ready_marker(cfg).write_text(json.dumps(state))
+
+
+def record_ready(cfg: SandboxConfig, revision: str | None) -> None:
+    """Record, before the first start, a database copied from the cache (`pgdata_cache`) as set up at
+    `revision` by this Prefect: the server's first start then skips migrations and block registration."""
+    if revision:
+        state = {**_ready_state(cfg, revision=False), "revision": revision}
         _ready_marker(cfg).write_text(json.dumps(state))
 
 

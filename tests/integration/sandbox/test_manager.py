@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +161,94 @@ def test_a_database_url_never_reaches_a_command_line(sandbox, db, unique, tmp_pa
     finally:
         manager.down(state, purge=True, echo=lambda s: None)
         db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- a fresh state directory from the cached data directory (runbook_sandbox/pgdata_cache.py) -------------
+
+
+def test_a_fresh_sandbox_comes_from_the_cache_with_its_own_password_and_a_bad_entry_is_rebuilt(monkeypatch):
+    from runbook_sandbox import pgdata_cache, postgres
+    from tests.conftest import wait_for
+
+    cache = make_state_dir("rbpgcache-")
+    monkeypatch.setenv(pgdata_cache.CACHE_ENV, str(cache))
+    states = []
+
+    def fresh_up(only):
+        state = make_state_dir()
+        states.append(state)
+        manager.up(state, only=only, echo=lambda s: None)
+        cfg = SandboxConfig.load_or_create(state)
+        origin = json.loads((state / postgres.ORIGIN_FILE).read_text())["from_cache"]
+        return cfg, origin
+
+    def built():
+        return pgdata_cache.entry("postgres")
+
+    try:
+        # An empty cache: the slow way, then the entry is built in the background.
+        first, origin = fresh_up(["postgres"])
+        assert origin is None
+        path, marker = wait_for(built, 240, "the cache entry built after the first fresh up")
+        assert marker["key"] == pgdata_cache.key_inputs("postgres")
+        # Nothing of the first sandbox's in the entry: not its password, not the trigger with its anon key.
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                content = open(os.path.join(root, name), "rb").read()
+                assert first.postgres.password.encode() not in content, name
+                assert first.supabase.anon_key.encode() not in content, name
+
+        # A second fresh sandbox comes from it: schema and Prefect's database ready, its own password only.
+        second, origin = fresh_up(["postgres", "prefect_server"])
+        assert origin == path.name
+        assert "migrations and block registration already done" in second.log_path("prefect_server").read_text()
+        assert second.postgres.password != first.postgres.password
+        with psycopg.connect(second.postgres.url(), connect_timeout=5) as conn:
+            applied = {r[0] for r in conn.execute("SELECT version FROM runbook.schema_migrations")}
+            assert applied == {p.stem for p in postgres.migration_files()}
+            assert conn.execute("SELECT count(*) FROM public.enrichment_registry").fetchone()[0] >= 2
+            trigger_fn = conn.execute(
+                "SELECT string_agg(prosrc, '') FROM pg_proc WHERE prosrc LIKE '%Authorization%'"
+            ).fetchone()[0] or ""
+            assert second.supabase.anon_key in trigger_fn and first.supabase.anon_key not in trigger_fn
+        with psycopg.connect(second.postgres.url("prefect"), connect_timeout=5) as conn:
+            assert conn.execute("SELECT count(*) FROM block_type").fetchone()[0] > 0
+        as_first = second.model_copy(deep=True)
+        as_first.postgres.password = first.postgres.password
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(as_first.postgres.url(), connect_timeout=5).close()
+        pgdata = postgres.pgdata(second)
+        if postgres.RUN_AS:
+            import pwd
+
+            assert pwd.getpwuid(pgdata.stat().st_uid).pw_name == postgres.RUN_AS
+        assert oct(pgdata.stat().st_mode & 0o777) == "0o700"
+
+        # A partial entry (no marker) is ignored, and rebuilt after the up that went the slow way.
+        (path / pgdata_cache.MARKER).unlink()
+        _, origin = fresh_up(["postgres"])
+        assert origin is None
+        path, _ = wait_for(built, 240, "the cache entry rebuilt")
+        # An entry whose files changed since it was built is ignored too (and removed for a rebuild).
+        (path / "pgdata" / "PG_VERSION").write_text("16\n\n")
+        third, origin = fresh_up(["postgres"])
+        assert origin is None
+        with psycopg.connect(third.postgres.url(), connect_timeout=5) as conn:
+            assert conn.execute("SELECT count(*) FROM public.enrichment_registry").fetchone()[0] >= 2
+        wait_for(built, 240, "the cache entry rebuilt after a changed one")
+    finally:
+        for state in states:
+            manager.down(state, purge=True, echo=lambda s: None)
+        wait_for(lambda: not _builder_running(cache), 240, "the cache builder to finish")
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _builder_running(cache) -> bool:
+    """A cache builder (`python -m runbook_sandbox.pgdata_cache`) still holds a key's lock in `cache`."""
+    from runbook_sandbox import pgdata_cache
+
+    for lock in cache.glob("*.lock"):
+        with pgdata_cache._Lock(lock) as held:
+            if not held.held:
+                return True
+    return False
