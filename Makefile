@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.requirements.stamp
 	touch $(STAMP)
 
-# The whole suite (unit and integration), as CI runs it.
+# The whole suite (unit and integration), as CI runs it: on two pytest-xdist workers, each a session of
+# its own with its own shared sandbox; each test module runs whole on one worker (tests/conftest.py).
+# `make test PYTEST_WORKERS=` runs it in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 test: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The fast tests that need no sandbox.
 test-unit: venv

@@ -31,6 +31,17 @@ def make_state_dir(prefix: str = "rbsb-") -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), each worker is a session of its own
+    (its own shared sandbox, its own lock directory); every test module is one group, run by one worker
+    in file order (a module's fixtures, say its deployment, are made once), unless its tests name a group
+    of their own (`fresh_runbook`'s readers: one run, whichever worker)."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_lock_dir() -> Iterator[None]:
     """The targets' locks (core.locks) of this session, in a directory of its own: a concurrent test
@@ -75,6 +86,15 @@ def sandbox_env(sandbox) -> dict[str, str]:
     from dotenv import dotenv_values
 
     return {k: v for k, v in dotenv_values(sandbox.state / "sandbox.env").items() if v is not None}
+
+
+@pytest.fixture(scope="session")
+def fresh_runbook(tmp_path_factory):
+    """The whole runbook (`make run`) on a fresh sandbox of its own, then `runbook health`, then 01-04
+    again, once per session; the sandbox is down by the time tests read it (tests/integration/fresh_runbook.py)."""
+    from tests.integration.fresh_runbook import run_fresh_runbook
+
+    return run_fresh_runbook(tmp_path_factory.mktemp("fresh-runbook"))
 
 
 @pytest.fixture

@@ -1,52 +1,33 @@
 """The records as a reviewer opens them: `outputs/<run-id>/index.html` of a real runner run (the
-`runbook run` of `make run`, headless with --confirm, over the shared sandbox), read in Chromium at
-1300 px: no sideways scrolling, every step's status as the manifest says, the gate's decision, the
-facts in words, every link resolving, the raw values one click away, the timeline figure of 05.
-
-The run is `make run`'s but for the deployment's name, its own (RUNBOOK_DEPLOYMENT__NAME), deleted
-afterwards: 02 merges the Secret-block branch into the sandbox's main if no test did before (the
-chain's tests do not depend on it), 04 points the Edge Function at the run's deployment (tests that
-need another deployment there set it themselves)."""
+`runbook run` of `make run`, headless with --confirm: the session's `fresh_runbook`, on a fresh sandbox
+of its own, tests/integration/fresh_runbook.py), read in Chromium at 1300 px: no sideways scrolling,
+every step's status as the manifest says, the gate's decision, the facts in words, every link
+resolving, the raw values one click away, the timeline figure of 05. The run's records are copied into
+the test's artifacts and read from there."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import nbformat
 import pytest
 
-from runbook_lib.core.profiles import load_settings
 from runbook_lib.runner.index import duration_text
-from runbook_lib.systems.prefect import PrefectApi
 from tests.browser.conftest import WIDTH, save_page, wait
 from tests.conftest import PROJECT_ROOT
+from tests.integration.fresh_runbook import failure
 
 
 @pytest.fixture
-def run_dir(sandbox, artifacts, unique) -> Path:
-    """A whole runner run (01-05), its records in the test's artifacts."""
-    name = f"browser-run-{unique}"
-    env = {k: v for k, v in os.environ.items() if k != "RUNBOOK_HEADLESS"}
-    env.update(RUNBOOK_SANDBOX_DIR=str(sandbox.state), RUNBOOK_DEPLOYMENT__NAME=name)
-    proc = subprocess.run(
-        [sys.executable, "-m", "runbook_lib", "run", "--profile", "sandbox", "--confirm",
-         "--outputs-dir", str(artifacts), "--run-id", "run"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500,
-    )
+def run_dir(fresh_runbook, artifacts) -> Path:
+    """A whole runner run (01-06), its records in the test's artifacts."""
+    proc = fresh_runbook.full
     (artifacts / "runner.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, f"the run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
-    yield artifacts / "run"
-    settings = load_settings("sandbox", environ={"RUNBOOK_SANDBOX_DIR": str(sandbox.state)},
-                             overrides={"deployment.name": name})
-    api = PrefectApi.from_settings(settings)
-    live = api.read_deployment(f"orchestrator_main/{name}")
-    if live is not None:
-        api.call("delete deployment", lambda client: client.delete_deployment(live.id))
+    assert proc.returncode == 0, failure(proc, "the run")
+    return Path(shutil.copytree(fresh_runbook.run_dir, artifacts / "run"))
 
 
 def first_heading(notebook: Path) -> str:
@@ -56,6 +37,8 @@ def first_heading(notebook: Path) -> str:
     return source.splitlines()[0].lstrip("# ").strip()
 
 
+@pytest.mark.xdist_group("fresh_runbook")
+@pytest.mark.timeout(1800)  # the first test of the session to ask for the fresh runbook waits for it
 def test_the_index_of_a_run_is_a_reviewers_page(run_dir, driver, artifacts):
     from selenium.webdriver.common.by import By
 

@@ -1,31 +1,20 @@
 """The whole runbook, as `make run` runs it: every notebook in order through the real CLI, headless
-with --confirm, against a sandbox of its own (the runbook merges, deploys and rewrites the Edge
-Function secret, which the shared sandbox's other tests must not see)."""
+with --confirm, against a sandbox of its own started fresh (the runbook merges, deploys and rewrites
+the Edge Function secret, which the shared sandbox's other tests must not see). The run is the
+session's `fresh_runbook` (tests/integration/fresh_runbook.py), which test_rerun_writes_nothing and
+the browser's test_records read too."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
-from tests.conftest import PROJECT_ROOT, make_state_dir
+from tests.conftest import PROJECT_ROOT
+from tests.integration.fresh_runbook import failure
 
 STEPS = [p.stem for p in sorted((PROJECT_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
-
-
-@pytest.fixture(scope="module")
-def fresh_sandbox():
-    state = make_state_dir("rbsb-full-")
-    try:
-        manager.up(state, echo=lambda s: None)
-        yield SandboxConfig.load_or_create(state)
-    finally:
-        manager.down(state, purge=True, echo=lambda s: None)
 
 
 def known_secrets(cfg: SandboxConfig) -> dict[str, str]:
@@ -40,16 +29,12 @@ def known_secrets(cfg: SandboxConfig) -> dict[str, str]:
     }
 
 
-def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_sandbox, tmp_path):
-    outputs = tmp_path / "outputs"
-    env = dict(os.environ, RUNBOOK_SANDBOX_DIR=fresh_sandbox.state_dir)
-    proc = subprocess.run(
-        [sys.executable, "-m", "runbook_lib", "run", "--profile", "sandbox", "--confirm",
-         "--outputs-dir", str(outputs), "--run-id", "full"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1500,
-    )
-    assert proc.returncode == 0, f"runbook failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    run_dir = outputs / "full"
+@pytest.mark.xdist_group("fresh_runbook")
+@pytest.mark.timeout(1800)  # the first test of the session to ask for the fresh runbook waits for it
+def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_runbook):
+    proc = fresh_runbook.full
+    assert proc.returncode == 0, failure(proc, "the runbook")
+    run_dir = fresh_runbook.run_dir
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "passed" and manifest["profile"] == "sandbox"
     steps = {s["name"] if "name" in s else s["step"]: s for s in manifest["steps"]}
@@ -70,11 +55,8 @@ def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_sandbox
     assert health["verdict"] == "ok" and health["exit_code"] == 0, health.get("findings")
     assert health["baseline"]["deployment_id"] == deployment_id
     # And `runbook health` afterwards compares with this run, the last passing one: ok, exit 0.
-    checked = subprocess.run(
-        [sys.executable, "-m", "runbook_lib", "health", "--profile", "sandbox", "--json", "--outputs-dir", str(outputs)],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    checked = fresh_runbook.health
+    assert checked is not None and checked.returncode == 0, failure(checked, "runbook health")
     record = json.loads(checked.stdout)
     assert record["verdict"] == "ok" and record["baseline"]["source"].startswith("run full (passed")
 
@@ -96,5 +78,5 @@ def test_make_run_equivalent_passes_every_step_and_leaks_no_secret(fresh_sandbox
     for path in run_dir.rglob("*"):
         if path.is_file():
             text = path.read_bytes().decode("utf-8", errors="replace")
-            for name, value in known_secrets(fresh_sandbox).items():
+            for name, value in known_secrets(fresh_runbook.config).items():
                 assert value not in text, f"{name} leaked into {path}"

@@ -106,8 +106,10 @@ def test_missing_or_wrong_token_is_401(stack, conn):
     assert httpx.get(f"{stack.modal_url}/v1/function_calls/fc-x", timeout=5).status_code == 401
     time.sleep(0.5)
     assert state(conn, item_id)["status"] == "QUEUED"
-    log = stack.request_log_path("modal").read_text()
-    assert f'"path": "/v1/apps/{APP}/functions/{SENDER}/spawn", "status": 401' in log
+    refused = f'"path": "/v1/apps/{APP}/functions/{SENDER}/spawn", "status": 401'
+    # A request's line is written once it was answered: wait for it, with a deadline.
+    log = wait_for(lambda: refused in (text := stack.request_log_path("modal").read_text()) and text, 30,
+                   "the refused spawn's line in the request log")
     assert stack.modal.token_secret not in log and stack.modal.token_id not in log
 
 
@@ -141,7 +143,7 @@ def test_sender_moves_the_state_to_in_progress_then_completed(modal, conn, start
     assert resp.status_code == 200
     call_id = resp.json()["function_call_id"]
     assert call_id.startswith("fc-") and len(call_id) > 10
-    final = wait_for(lambda: (s := state(conn, item_id))["status"] == "COMPLETED" and s, 10, "COMPLETED")
+    final = wait_for(lambda: (s := state(conn, item_id))["status"] == "COMPLETED" and s, 30, "COMPLETED")
     meta = final["meta"]
     assert meta["service"] == "sandbox-enrichment"
     assert meta["sent_at"] < meta["completed_at"]
@@ -164,16 +166,16 @@ def test_completion_delay_is_honoured(modal, conn):
     _, item_id = make_state(conn)
     started = time.monotonic()
     spawn(modal, item_id).raise_for_status()
-    wait_for(lambda: state(conn, item_id)["status"] == "IN_PROGRESS", 5, "IN_PROGRESS")
+    wait_for(lambda: state(conn, item_id)["status"] == "IN_PROGRESS", 30, "IN_PROGRESS")
     assert "sent_at" in state(conn, item_id)["meta"]
-    wait_for(lambda: state(conn, item_id)["status"] == "COMPLETED", 10, "COMPLETED")
+    wait_for(lambda: state(conn, item_id)["status"] == "COMPLETED", 30, "COMPLETED")
     assert time.monotonic() - started >= 1.5
     modal.put("/_sandbox/settings", json={"complete_delay_ms": 1200}).raise_for_status()
     modal.delete("/_sandbox/faults").raise_for_status()
     _, item2 = make_state(conn)
     started = time.monotonic()
     spawn(modal, item2).raise_for_status()
-    wait_for(lambda: state(conn, item2)["status"] == "COMPLETED", 10, "COMPLETED")
+    wait_for(lambda: state(conn, item2)["status"] == "COMPLETED", 30, "COMPLETED")
     assert time.monotonic() - started >= 1.2
 
 
@@ -189,16 +191,16 @@ def test_spawn_error_answers_500_and_nothing_happens(modal, conn):
     modal.delete("/_sandbox/faults").raise_for_status()
     assert modal.get("/_sandbox/faults").json() == {}
     spawn(modal, item_id).raise_for_status()
-    wait_for(lambda: state(conn, item_id)["status"] == "COMPLETED", 10, "COMPLETED after the reset")
+    wait_for(lambda: state(conn, item_id)["status"] == "COMPLETED", 30, "COMPLETED after the reset")
 
 
 def test_fail_sets_failed_with_an_error(modal, conn):
     modal.put(f"/_sandbox/faults/{SENDER}", json={"mode": "fail", "delay_ms": 100}).raise_for_status()
     _, item_id = make_state(conn)
     call_id = spawn(modal, item_id).json()["function_call_id"]
-    final = wait_for(lambda: (s := state(conn, item_id))["status"] == "FAILED" and s, 10, "FAILED")
+    final = wait_for(lambda: (s := state(conn, item_id))["status"] == "FAILED" and s, 30, "FAILED")
     assert final["meta"]["error"] == f"injected failure in {SENDER}"
-    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 5, "a failed call")
+    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 30, "a failed call")
     assert status["error"] == f"injected failure in {SENDER}"
     assert results(conn, item_id) == []
     assert transitions(conn, item_id)[-1] == ("QUEUED", "FAILED")
@@ -208,7 +210,7 @@ def test_failing_receiver_fails_an_in_progress_state(modal, conn):
     modal.put(f"/_sandbox/faults/{RECEIVER}", json={"mode": "fail"}).raise_for_status()
     _, item_id = make_state(conn)
     call_id = spawn(modal, item_id).json()["function_call_id"]
-    final = wait_for(lambda: (s := state(conn, item_id))["status"] == "FAILED" and s, 10, "FAILED")
+    final = wait_for(lambda: (s := state(conn, item_id))["status"] == "FAILED" and s, 30, "FAILED")
     assert final["meta"]["error"] == f"injected failure in {RECEIVER}" and "sent_at" in final["meta"]
     assert transitions(conn, item_id)[-2:] == [("QUEUED", "IN_PROGRESS"), ("IN_PROGRESS", "FAILED")]
     assert call_status(modal, call_id)["status"] == "success"
@@ -219,7 +221,7 @@ def test_hang_leaves_the_state_in_progress(modal, conn):
     modal.put(f"/_sandbox/faults/{SENDER}", json={"mode": "hang"}).raise_for_status()
     _, item_id = make_state(conn)
     call_id = spawn(modal, item_id).json()["function_call_id"]
-    wait_for(lambda: state(conn, item_id)["status"] == "IN_PROGRESS", 5, "IN_PROGRESS")
+    wait_for(lambda: state(conn, item_id)["status"] == "IN_PROGRESS", 30, "IN_PROGRESS")
     time.sleep(1.2)  # four times the completion delay
     assert state(conn, item_id)["status"] == "IN_PROGRESS"
     assert call_status(modal, call_id)["status"] == "running"
@@ -228,16 +230,16 @@ def test_hang_leaves_the_state_in_progress(modal, conn):
 
 def test_unknown_item_or_wrong_status_fails_the_call_and_changes_nothing(modal, conn):
     call_id = spawn(modal, str(uuid.uuid4())).json()["function_call_id"]
-    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 5, "a failed call")
+    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 30, "a failed call")
     assert "no workflow_states row" in status["error"]
     _, item_id = make_state(conn, "COMPLETED")
     before = state(conn, item_id)
     call_id = spawn(modal, item_id).json()["function_call_id"]
-    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 5, "a failed call")
+    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 30, "a failed call")
     assert "is COMPLETED, expected PENDING or QUEUED" in status["error"]
     assert state(conn, item_id) == before
     call_id = spawn(modal, item_id, workstream="other-workstream").json()["function_call_id"]
-    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 5, "a failed call")
+    status = wait_for(lambda: (c := call_status(modal, call_id))["status"] == "failure" and c, 30, "a failed call")
     assert "no enrichment_registry row" in status["error"]
 
 

@@ -127,7 +127,7 @@ def http_post(conn, url: str, *, timeout_ms: int = 5000, params: dict | None = N
 def test_ui_launch_sends_the_batch_id_once_with_the_anon_key(stack, conn, receiver):
     with trigger_posting_to(stack, f"{receiver.url}/echo"):
         batch_id = launch_batch(conn)
-        rows = wait_for(lambda: responses_of_batch(conn, batch_id), 15, "the trigger's pg_net response")
+        rows = wait_for(lambda: responses_of_batch(conn, batch_id), 30, "the trigger's pg_net response")
     assert len(rows) == 1
     row = rows[0]
     assert row["status_code"] == 200
@@ -160,7 +160,7 @@ def test_direct_pending_insert_and_rolled_back_launch_send_nothing(stack, conn, 
         # A later, committed launch is sent; once its response is in, anything the two earlier
         # batches could have caused would have been sent as well.
         barrier = launch_batch(conn)
-        wait_for(lambda: responses_of_batch(conn, barrier), 15, "the committed launch's response")
+        wait_for(lambda: responses_of_batch(conn, barrier), 30, "the committed launch's response")
     assert conn.execute("SELECT count(*) AS n FROM runbook.trigger_requests WHERE batch_id = %s", (direct,)).fetchone()["n"] == 0
     assert conn.execute("SELECT count(*) AS n FROM batches WHERE id = %s", (rolled_back,)).fetchone()["n"] == 0
     assert response(conn, queued_id) is None
@@ -173,7 +173,7 @@ def test_nothing_listening_records_the_connection_error(stack, conn):
     dead_url = f"http://127.0.0.1:{process.free_port()}/functions/v1/trigger-prefect-orchestrator"
     with trigger_posting_to(stack, dead_url):
         batch_id = launch_batch(conn)
-        rows = wait_for(lambda: responses_of_batch(conn, batch_id), 15, "the failed request's response row")
+        rows = wait_for(lambda: responses_of_batch(conn, batch_id), 30, "the failed request's response row")
     assert len(rows) == 1
     assert rows[0]["status_code"] is None
     assert rows[0]["timed_out"] is False
@@ -183,7 +183,7 @@ def test_nothing_listening_records_the_connection_error(stack, conn):
 def test_slow_receiver_beyond_the_timeout_is_timed_out(stack, conn, receiver):
     started = time.monotonic()
     req_id = http_post(conn, f"{receiver.url}/sleep/4000", timeout_ms=400)
-    row = wait_for(lambda: response(conn, req_id), 15, "the timed-out response row")
+    row = wait_for(lambda: response(conn, req_id), 30, "the timed-out response row")
     assert time.monotonic() - started < 3.5, "the relay waited for the slow receiver instead of timing out"
     assert row["timed_out"] is True
     assert row["status_code"] is None
@@ -194,17 +194,17 @@ def test_error_status_is_recorded_and_requests_run_concurrently(stack, conn, rec
     failing = http_post(conn, f"{receiver.url}/status/503")
     started = time.monotonic()
     slow = [http_post(conn, f"{receiver.url}/sleep/1500") for _ in range(4)]
-    rows = wait_for(lambda: all(response(conn, i) for i in slow) and [response(conn, i) for i in slow], 15, "4 slow responses")
+    rows = wait_for(lambda: all(response(conn, i) for i in slow) and [response(conn, i) for i in slow], 30, "4 slow responses")
     assert time.monotonic() - started < 4.5, "four 1.5 s requests were not sent concurrently"
     assert all(r["status_code"] == 200 and r["timed_out"] is False for r in rows)
-    row = wait_for(lambda: response(conn, failing), 15, "the 503 response")
+    row = wait_for(lambda: response(conn, failing), 30, "the 503 response")
     assert row["status_code"] == 503 and row["error_msg"] is None
     assert json.loads(row["content"]) == {"received": True, "path": "status"}
 
 
 def test_query_values_are_not_logged(stack, conn, receiver):
     req_id = http_post(conn, f"{receiver.url}/echo", params={"apikey": "query-secret-value"})
-    wait_for(lambda: response(conn, req_id), 15, "the response")
+    wait_for(lambda: response(conn, req_id), 30, "the response")
     assert any(r["path"] == "/echo?apikey=query-secret-value" for r in receiver.requests)
     log = stack.log_path("pgnet_relay").read_text()
     assert f"request {req_id} POST {receiver.url}/echo?apikey=*** -> 200" in log
@@ -228,20 +228,20 @@ def test_reconnects_after_the_database_drops_its_connections(stack, conn, receiv
     ).fetchone()["n"]
     assert killed == 2  # the LISTEN connection and the work connection
     req_id = http_post(conn, f"{receiver.url}/echo")
-    row = wait_for(lambda: response(conn, req_id), 15, "a response after the relay reconnected")
+    row = wait_for(lambda: response(conn, req_id), 30, "a response after the relay reconnected")
     assert row["status_code"] == 200
-    wait_for(lambda: pgnet_relay.health(stack) is None, 10, "the relay to report healthy again")
+    wait_for(lambda: pgnet_relay.health(stack) is None, 30, "the relay to report healthy again")
 
 
 def test_requests_queued_while_the_relay_is_down_are_sent_when_it_returns(stack, conn, receiver):
     manager.stop_service("pgnet_relay", stack.state)
     try:
         req_id = http_post(conn, f"{receiver.url}/echo")
-        wait_for(lambda: pgnet_relay.health(stack) is not None, 10, "the stopped relay to report unhealthy")
+        wait_for(lambda: pgnet_relay.health(stack) is not None, 30, "the stopped relay to report unhealthy")
         assert response(conn, req_id) is None
         assert conn.execute("SELECT count(*) AS n FROM net.http_request_queue WHERE id = %s", (req_id,)).fetchone()["n"] == 1
     finally:
         manager.up(stack.state, only=["pgnet_relay"], echo=lambda s: None)
-    row = wait_for(lambda: response(conn, req_id), 15, "the queued request's response after restart")
+    row = wait_for(lambda: response(conn, req_id), 30, "the queued request's response after restart")
     assert row["status_code"] == 200
     assert {r["name"]: r["healthy"] for r in manager.status(stack.state)}["pgnet_relay"] is True

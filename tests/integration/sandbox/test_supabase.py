@@ -17,7 +17,7 @@ from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 from runbook_sandbox.faults import admin_headers
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
-from tests.conftest import partial_sandbox
+from tests.conftest import partial_sandbox, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -234,9 +234,14 @@ def test_request_log_has_one_line_per_request_and_no_secrets(sb, api):
     before = len(log.read_text().splitlines())
     api.get(secrets_path(sb))
     api.post(secrets_path(sb), json=[{"name": "MGMT_LOGGED", "value": "plain-secret-value-123"}])
-    lines = [json.loads(line) for line in log.read_text().splitlines()[before:]]
-    ours = [line for line in lines if line["path"] == secrets_path(sb)]
-    assert [(line["method"], line["status"]) for line in ours][-2:] == [("GET", 200), ("POST", 201)]
+
+    def logged() -> list[dict] | None:
+        # The stand-in writes a request's line once it has answered: wait for the POST's, with a deadline.
+        lines = [json.loads(line) for line in log.read_text().splitlines()[before:]]
+        ours = [line for line in lines if line["path"] == secrets_path(sb)]
+        return lines if [(line["method"], line["status"]) for line in ours][-2:] == [("GET", 200), ("POST", 201)] else None
+
+    lines = wait_for(logged, 30, "the GET's and the POST's lines in the request log")
     assert all({"time", "method", "path", "status"} <= set(line) for line in lines)
     for path in [log, sb.log_path("supabase"), sb.log_path("edge-function")]:
         text = path.read_text() if path.exists() else ""
