@@ -578,7 +578,9 @@ class _Runner:
         says failed fails the step even when the notebook ran to the end, and one whose gate refused
         the change makes the step `rejected` / `not_confirmed` (unless it was killed)."""
         for res in list_results(self.run_dir):
-            if since is None or res.started_at < since.replace(microsecond=0):
+            # Full precision: the step before may have ended within the same second (04 takes < 1 s
+            # and the next step's kernel is prewarmed), its results are not this step's.
+            if since is None or res.started_at < since:
                 continue
             record.result_files.append(StepResults.path(self.run_dir, res.step).name)
             record.results.update(res.values)
