@@ -16,7 +16,6 @@ import string
 import uuid
 from pathlib import Path
 
-import jwt
 from pydantic import BaseModel, Field
 
 from runbook_lib.core.paths import default_sandbox_dir, project_root
@@ -34,6 +33,8 @@ def _project_ref() -> str:
 
 def _anon_key(jwt_secret: str, ref: str, role: str = "anon") -> str:
     # The same claims Supabase puts in a project's anon / service_role keys.
+    import jwt  # here: every service loads this module, few need PyJWT (and cryptography under it)
+
     return jwt.encode(
         {"iss": "supabase", "ref": ref, "role": role, "iat": 1700000000, "exp": 2000000000},
         jwt_secret,

@@ -18,7 +18,6 @@ The runtime is this machine's Python 3.11; production's managed image runs Pytho
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import importlib.metadata
 import json
@@ -30,6 +29,8 @@ from typing import Any
 import anyio
 import httpx
 import psutil
+
+from runbook_lib.core.startup import no_collections_while_importing, without_iri_formats
 
 from .config import SandboxConfig, config_from_argv
 from .service import ServiceDef, recorded_pid
@@ -172,14 +173,11 @@ async def wait_for_pool(cfg: SandboxConfig, timeout: float = POOL_WAIT_SECONDS) 
 
 async def serve(cfg: SandboxConfig) -> None:
     began = time.monotonic()
-    from .prefect_server import without_iri_formats
-
     without_iri_formats()
-    gc.disable()  # as the Prefect server does: no collections while importing Prefect's worker
-    from . import managed_runtime
-    from .managed_worker_type import ManagedWorker
+    with no_collections_while_importing():
+        from . import managed_runtime
+        from .managed_worker_type import ManagedWorker
 
-    gc.enable()
     write_base_job_template(cfg)  # for the gateway's set-up, which may then skip importing the worker
     imported = time.monotonic()
     await wait_for_pool(cfg)

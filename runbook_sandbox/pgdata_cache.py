@@ -310,13 +310,15 @@ def _prefect_migrate(cfg) -> None:
     """Prefect's migrations and block-type registration, as its server does on a new database."""
     import asyncio
 
+    from runbook_lib.core.startup import without_iri_formats
+
     from . import prefect_server
 
     os.environ["PREFECT_HOME"] = str(cfg.state / "prefect")
     os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = prefect_server.database_url(cfg)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    prefect_server.without_iri_formats()
+    without_iri_formats()
     if not prefect_server.pg_trgm_available(cfg):
         prefect_server._install_pg_trgm_rewrite()
     from prefect.server.database import provide_database_interface

@@ -15,17 +15,16 @@ would be slower.
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import json
 import os
 import re
-import sys
 import time
 
 import psycopg
 
 from runbook_lib.core import processes
+from runbook_lib.core.startup import no_collections_while_importing, without_iri_formats
 
 from .config import SandboxConfig, config_from_argv
 from .service import ServiceDef
@@ -148,13 +147,6 @@ def record_ready(cfg: SandboxConfig, revision: str | None) -> None:
         _ready_marker(cfg).write_text(json.dumps(state))
 
 
-def without_iri_formats() -> None:
-    """Leave out jsonschema's optional `iri` / `iri-reference` format checks in this process: jsonschema
-    imports `rfc3987_syntax` for them, which builds a Lark grammar as it is imported (a fifth of the
-    Prefect server's import time). No schema of Prefect's uses those formats; every other check stays."""
-    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]  # import -> ImportError
-
-
 DATABASE_WAIT_SECONDS = 170.0  # within the service's start_timeout
 
 
@@ -179,16 +171,12 @@ def serve(cfg: SandboxConfig) -> None:
     """Run the Prefect server (API and its background services) in this process until stopped."""
     began = time.monotonic()
     without_iri_formats()
-    # Importing Prefect creates millions of objects and no garbage worth a collection: with the cyclic
-    # collector off meanwhile, the imports and the app's creation take about a third less CPU time.
-    gc.disable()
-    import uvicorn
-    from prefect.context import refresh_global_settings_context
-    from prefect.server.api.server import create_app
+    with no_collections_while_importing(freeze=True):  # the app, once built, lives as long as the process
+        import uvicorn
+        from prefect.context import refresh_global_settings_context
+        from prefect.server.api.server import create_app
 
-    app = create_app(final=True)  # collects once it has dropped what it does not keep
-    gc.freeze()  # what is left lives as long as the process: later collections need not walk it
-    gc.enable()
+        app = create_app(final=True)  # collects once it has dropped what it does not keep
     imported = time.monotonic()
     wait_for_database(cfg)
     skip = startup_settings(cfg)

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import httpx
 import psutil
 
 INSTANCE_ENV = "RUNBOOK_SANDBOX_INSTANCE"  # the default marker: the sandbox instance a process belongs to
@@ -193,6 +192,8 @@ def _wait_gone(procs: list[psutil.Process], timeout: float, leader: int | None =
 def http_health(url: str, timeout: float = 3.0) -> str | None:
     """A service's health probe: None when GET url answers 200, else a short reason. Loopback only,
     so proxy settings from the environment are ignored."""
+    import httpx  # here: the sandbox's small stand-ins import this module but not httpx
+
     try:
         r = httpx.get(url, timeout=timeout, trust_env=False)
     except httpx.HTTPError as exc:

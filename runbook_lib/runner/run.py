@@ -74,7 +74,8 @@ from runbook_lib.runner.index import html_exporter, render_index, render_noteboo
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
-from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE, without_iri_formats
+from runbook_lib.core.startup import without_iri_formats
+from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
 
 DEFAULT_CELL_TIMEOUT = 3600.0
 EXIT_PASSED, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2

@@ -21,17 +21,10 @@ from typing import Any
 import psutil
 
 from runbook_lib.core import secrets as redaction
+from runbook_lib.core.startup import without_iri_formats
 
 PROCESS_START = time.time()
 DEFAULT_INTERRUPT_GRACE = 30.0  # seconds a kernel gets, after its KeyboardInterrupt, before it is killed
-
-
-def without_iri_formats() -> None:
-    """Leave out jsonschema's optional `iri` / `iri-reference` format checks in this process: jsonschema
-    imports `rfc3987_syntax` for them, which builds a Lark grammar as it is imported (~2 s of every
-    process that imports nbformat or Prefect, on this machine). No schema of nbformat's or Prefect's
-    uses those formats; every other check stays. (The sandbox's Prefect server does the same.)"""
-    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]  # import -> ImportError
 
 
 def _say(message: str) -> None:
@@ -107,8 +100,9 @@ def warm_up_code(modules: list[str]) -> str:
     """Code that imports `modules` in a kernel and leaves no name behind; a failing import is left
     for the notebook's own cell to raise."""
     return ("def __runbook_warm_up(modules):\n"
-            "    import importlib, sys\n"
-            "    sys.modules.setdefault('rfc3987_syntax', None)  # see without_iri_formats\n"
+            "    import importlib\n"
+            "    from runbook_lib.core.startup import without_iri_formats\n"
+            "    without_iri_formats()\n"
             "    for name in modules:\n"
             "        try:\n"
             "            importlib.import_module(name)\n"
