@@ -40,6 +40,8 @@ CACHE_ENV = "RUNBOOK_PGDATA_CACHE"
 MARKER = ".runbook-pgdata-cache.json"
 FORMAT = 1  # bump when what the entry holds changes
 BUILD_TIMEOUT_SECONDS = 600.0
+KEEP_ENTRIES = 3  # entries of other keys (other checkouts, Prefect versions) kept, the most recently used
+LOG_KEEP_BYTES = 256 * 1024  # build.log is cut to its last 256 KiB once it passes 1 MiB
 
 
 def cache_root() -> Path:
@@ -171,6 +173,10 @@ def restore(cfg, data: Path, run_as: str | None) -> bool:
     from .prefect_server import record_ready
 
     record_ready(cfg, marker.get("prefect_revision"))
+    try:
+        os.utime(path / MARKER)  # last used: what pruning keeps
+    except OSError:
+        pass
     return True
 
 
@@ -258,7 +264,66 @@ def build(user: str = "postgres", log=print) -> Path | None:
             shutil.rmtree(partial, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
         log(f"pgdata cache {key}: built in {time.monotonic() - began:.1f}s")
-        return target
+    for removed in prune(keep=key):
+        log(f"pgdata cache: removed {removed}")
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune(keep: str) -> list[str]:
+    """Remove what is no longer used from the cache: entries of other keys beyond the KEEP_ENTRIES most
+    recently used (each ~50 MB; an entry being built or restored keeps its lock and is skipped), partial
+    directories whose builder is gone, lock files without an entry; and cut build.log to its tail.
+    The names removed."""
+    root = cache_root()
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    entries = []
+    for path in root.iterdir():
+        name = path.name
+        if ".partial-" in name:
+            pid = name.rsplit("-", 1)[1]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+        elif path.is_dir() and name != keep:
+            marker = path / MARKER
+            entries.append((marker.stat().st_mtime if marker.exists() else 0.0, path))
+    entries.sort(reverse=True)
+    for _used, path in entries[KEEP_ENTRIES:]:
+        with _Lock(root / f"{path.name}.lock") as lock:
+            if not lock.held:  # being built: not ours to remove
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            (root / f"{path.name}.lock").unlink(missing_ok=True)
+            removed.append(path.name)
+    for lock_file in root.glob("*.lock"):
+        if not (root / lock_file.stem).exists() and lock_file.stem != keep:
+            with _Lock(lock_file) as lock:
+                if lock.held:
+                    lock_file.unlink(missing_ok=True)
+    log_file = root / "build.log"
+    try:
+        if log_file.stat().st_size > 4 * LOG_KEEP_BYTES:
+            with log_file.open("rb") as f:
+                f.seek(-LOG_KEEP_BYTES, os.SEEK_END)
+                tail = f.read()
+            tmp = log_file.with_suffix(".log.tmp")
+            tmp.write_bytes(tail[tail.find(b"\n") + 1:])
+            tmp.replace(log_file)
+    except OSError:
+        pass
+    return removed
 
 
 def _build_in(work: Path, user: str) -> str | None:
