@@ -40,7 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from contextlib import closing
 from typing import Callable, Optional
 
@@ -59,6 +59,9 @@ SPAWN_TIMEOUT_SECONDS = 15.0  # default bound of one spawn (Modal or its HTTP st
 CLAIM_LEASE_SECONDS = 900.0
 TRANSITION_REASON_SETTING = "runbook.transition_reason"  # read by the audit trigger (reason column)
 LOCKED_PATIENCE_SECONDS = 5.0  # how long to wait for PENDING rows held by another transaction
+# A chunk starts on one spawn thread; the others join when it is not done within this (spawns that wait on
+# the network): quick spawns cost one thread hand-off per chunk, slow ones get `dispatch_concurrency`.
+SPAWN_RAMP_SECONDS = 0.005
 
 # spawn(function_name, item_id, workstream_slug) -> function call id; raises on failure.
 Spawn = Callable[[str, str, Optional[str]], str]
@@ -447,7 +450,7 @@ def drain_pending(conn, spawn: Spawn, *, batch_size: int = 50, batch_id: str | N
                 if rows:
                     locked_since = None
                     if _dispatch_chunk(cur, workers, rows, counts, requeued, max_dispatch_attempts,
-                                       retry_delay_seconds):
+                                       retry_delay_seconds, log):
                         continue
                     log.error("Every spawn of the last chunk failed; stopping this run so that the other "
                               "PENDING items keep their dispatch attempts")
@@ -482,11 +485,10 @@ def drain_pending(conn, spawn: Spawn, *, batch_size: int = 50, batch_id: str | N
     return counts
 
 
-def _dispatch_chunk(cur, workers: _SpawnWorkers, rows, counts, requeued, max_attempts, retry_delay) -> bool:
+def _dispatch_chunk(cur, workers: _SpawnWorkers, rows, counts, requeued, max_attempts, retry_delay, log) -> bool:
     """Spawn the claimed states concurrently; failed spawns go back to PENDING or to FAILED.
     Returns False when every spawn of the chunk failed (a systemic failure: bad credentials, Modal
     down), so the run stops instead of spending the attempts of every remaining item."""
-    log = _logger()
     counts["processed"] += len(rows)
     mapped, unmapped = [], Counter()
     for state_id, item_id, step, workstream, sender, reason in rows:
@@ -519,93 +521,103 @@ def _dispatch_chunk(cur, workers: _SpawnWorkers, rows, counts, requeued, max_att
     return len(errors) < len(mapped)
 
 
-class _Share:
-    """One worker's part of a chunk: its tasks, how far it got, the spawn in flight."""
+class _Slot:
+    """One spawn thread's identity: abandoned once its spawn in flight outlived the spawn timeout."""
 
-    def __init__(self, tasks: list):
-        self.tasks, self.done = tasks, 0
-        self.current: tuple[str, str, float] | None = None  # (state id, sender, started)
+    __slots__ = ("abandoned",)
+
+    def __init__(self) -> None:
         self.abandoned = False
 
 
 class _SpawnWorkers:
-    """`concurrency` daemon threads spawning a chunk's states, each thread a share of it (no per-item
-    hand-off, so the dispatch path stays as fast as the database's). A spawn still running after
-    `timeout` seconds is reported as failed at once; its thread is abandoned (a daemon: it never
-    holds up the end of the run) and the rest of its share goes to a new thread."""
+    """Daemon threads spawning a chunk's states, at most `concurrency` at a time, each taking the chunk's
+    next state until none is left. One thread starts on a chunk; the others are woken only when the chunk
+    is not done within SPAWN_RAMP_SECONDS (spawns that wait on the network, where concurrency pays), so a
+    chunk of quick spawns costs one thread hand-off rather than `concurrency` of them. A spawn still
+    running after `timeout` seconds is reported as failed at once; its thread is abandoned (a daemon: it
+    never holds up the end of the run) and a new thread takes its place."""
 
     def __init__(self, spawn: Spawn, concurrency: int, timeout: float):
         self.spawn, self.concurrency, self.timeout = spawn, concurrency, timeout
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.finished: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
+        self.wake: queue.SimpleQueue = queue.SimpleQueue()  # one token wakes one idle thread; None ends it
+        self.done = threading.Event()  # set when the chunk's last spawn is accounted for
+        self.lock = threading.Lock()  # guards everything below
+        self.todo: deque = deque()
+        self.in_flight: dict[_Slot, tuple[str, str, float]] = {}  # (state id, sender, started)
+        self.errors: dict[str, str] = {}
+        self.outstanding = 0
         self.alive = 0
 
-    def _start(self) -> None:
-        self.alive += 1
-        threading.Thread(target=self._work, name="spawn", daemon=True).start()
+    def _wake(self, n: int, threads: int) -> None:
+        """Wake `n` idle threads, first starting new ones until `threads` are alive."""
+        while self.alive < threads:
+            self.alive += 1
+            threading.Thread(target=self._work, args=(_Slot(),), name="spawn", daemon=True).start()
+        for _ in range(n):
+            self.wake.put(True)
 
-    def _work(self) -> None:
-        while True:
-            share = self.tasks.get()
-            if share is None:
-                return
-            errors = self._errors
-            for state_id, item_id, workstream, sender in share.tasks:
-                with self.lock:
-                    share.current = (state_id, sender, time.monotonic())
+    def _work(self, slot: _Slot) -> None:
+        lock, todo, in_flight, spawn = self.lock, self.todo, self.in_flight, self.spawn
+        while self.wake.get() is not None:
+            while True:
+                with lock:
+                    if not todo:
+                        break
+                    state_id, item_id, workstream, sender = todo.popleft()
+                    in_flight[slot] = (state_id, sender, time.monotonic())
                 try:
-                    self.spawn(sender, item_id, workstream)
+                    spawn(sender, item_id, workstream)
                     error = None
                 except Exception as exc:  # any spawn failure is recorded on the state, never lost
                     error = (str(exc) or type(exc).__name__)[:500]
-                with self.lock:
-                    if share.abandoned:  # reported as timed out; the rest of the share went elsewhere
+                with lock:
+                    if slot.abandoned:  # reported as timed out; the other threads took the rest
                         return
-                    share.current = None
-                    share.done += 1
+                    del in_flight[slot]
                     if error:
-                        errors[state_id] = error
-            self.finished.put(share)
+                        self.errors[state_id] = error
+                    self.outstanding -= 1
+                    if not self.outstanding:
+                        self.done.set()
 
     def run(self, mapped: list) -> dict[str, str]:
         """Spawn every (state, item, workstream, sender); return {state id: error} of those that failed."""
-        self._errors: dict[str, str] = {}
-        n = min(self.concurrency, len(mapped))
-        while self.alive < n:
-            self._start()
-        active = {id(share): share for share in (_Share(mapped[i::n]) for i in range(n))}
-        for share in active.values():
-            self.tasks.put(share)
+        if not mapped:
+            return {}
+        wanted = min(self.concurrency, len(mapped))
+        with self.lock:
+            errors = self.errors = {}
+            self.todo.extend(mapped)
+            self.outstanding = len(mapped)
+            self.done.clear()
+        self._wake(1, 1)
+        if self.done.wait(SPAWN_RAMP_SECONDS):
+            return errors
+        self._wake(wanted - 1, wanted)
         tick = min(0.5, self.timeout / 4)
-        while active:
-            try:
-                share = self.finished.get(timeout=tick)
-                active.pop(id(share), None)
-            except queue.Empty:
-                pass
+        while not self.done.wait(tick):
             now = time.monotonic()
             with self.lock:
-                overdue = [s for s in active.values() if s.current and now - s.current[2] > self.timeout]
-                for share in overdue:
-                    share.abandoned = True
-                    state_id, sender, _ = share.current
-                    self._errors[state_id] = (f"spawn {MODAL_APP}.{sender} did not answer within the spawn timeout "
-                                              f"of {self.timeout:g}s")
-            for share in overdue:
-                del active[id(share)]
-                self.alive -= 1
-                rest = share.tasks[share.done + 1:]
-                if rest:
-                    successor = _Share(rest)
-                    active[id(successor)] = successor
-                    self._start()
-                    self.tasks.put(successor)
-        return self._errors
+                overdue = [(slot, *spawning) for slot, spawning in self.in_flight.items()
+                           if now - spawning[2] > self.timeout]
+                for slot, state_id, sender, _ in overdue:
+                    slot.abandoned = True
+                    del self.in_flight[slot]
+                    errors[state_id] = (f"spawn {MODAL_APP}.{sender} did not answer within the spawn timeout "
+                                        f"of {self.timeout:g}s")
+                    self.outstanding -= 1
+                finished, left = not self.outstanding, len(self.todo)
+            self.alive -= len(overdue)
+            if finished:
+                break
+            if overdue and left:
+                self._wake(min(len(overdue), left), wanted)
+        return errors
 
     def close(self) -> None:
         for _ in range(self.alive):
-            self.tasks.put(None)
+            self.wake.put(None)
         self.alive = 0
 
 
