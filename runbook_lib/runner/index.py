@@ -50,6 +50,35 @@ def html_exporter() -> Any:
     return HTMLExporter(config=config)
 
 
+def warm_html_exporter(notebook: Path | None = None) -> None:
+    """Load the HTML exporter and compile what its first rendering would (the templates, the
+    highlighter, the markdown renderer: ~1 s of the first notebook's HTML) by rendering `notebook`
+    (a step's notebook, not executed) with outputs of every kind added, and throwing the result away."""
+    import nbformat
+
+    v4 = nbformat.v4
+    nb = nbformat.read(notebook, as_version=4) if notebook is not None else v4.new_notebook()
+    # What an IPython kernel records when it runs the notebook: the highlighter it names is imported
+    info = nb.metadata.setdefault("language_info", {})
+    for key, value in (("name", "python"), ("pygments_lexer", "ipython3"),
+                       ("codemirror_mode", {"name": "ipython", "version": 3})):
+        info.setdefault(key, value)
+    nb.cells += [
+        v4.new_markdown_cell("# Step\n\nA *paragraph* with `code` and a [link](https://example.org).\n\n| a | b |\n|---|---|\n| 1 | 2 |"),
+        v4.new_code_cell("print('x')\n{'a': 1}", execution_count=1, metadata={"tags": [INJECTED_PARAMETERS_TAG]}),
+        v4.new_code_cell("x = 1", execution_count=2, outputs=[
+            v4.new_output("stream", name="stdout", text="a line\n"),
+            v4.new_output("stream", name="stderr", text="\x1b[31mwarning\x1b[0m\n"),
+            v4.new_output("display_data", data={"text/html": "<table><tr><td>1</td></tr></table>",
+                                                "text/plain": "table"}),
+            v4.new_output("display_data", data={"text/markdown": "**bold**", "text/plain": "bold"}),
+            v4.new_output("execute_result", data={"text/plain": "{'a': 1}"}, execution_count=2),
+            v4.new_output("error", ename="ValueError", evalue="x", traceback=["\x1b[0;31mValueError\x1b[0m: x"]),
+        ]),
+    ]
+    html_exporter().from_notebook_node(nb)
+
+
 def render_notebook_html(notebook: Path, target: Path) -> Path:
     """`notebook` as standalone HTML, without papermill's injected-parameters cell."""
     import nbformat

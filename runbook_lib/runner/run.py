@@ -37,6 +37,8 @@ confirmed, rejected) or a secret was found; 2 refused before running (bad option
 
 from __future__ import annotations
 
+import atexit
+import gc
 import getpass
 import json
 import math
@@ -70,7 +72,7 @@ from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord, runs_of
 from runbook_lib.records.results import REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
-from runbook_lib.runner.index import html_exporter, render_index, render_notebook_html
+from runbook_lib.runner.index import render_index, render_notebook_html, warm_html_exporter
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
@@ -149,17 +151,52 @@ def _secret_variable_sources(environ: Mapping[str, str]) -> list[tuple[str, Mapp
     return sources
 
 
-def _warm_up() -> None:
-    """What the runner needs after the first step (the notebooks' HTML, Prefect's client for the
-    secret scan), imported in a thread while the first step runs; a failure is met again, and
-    reported, where the module is used."""
+def _warm_up(notebook: Path | None) -> None:
+    """What the runner needs after the first step (the notebooks' HTML, its templates compiled on
+    `notebook`, Prefect's client for the secret scan), imported in a thread while the first step
+    runs; a failure is met again, and reported, where the module is used. The thread runs at a lower
+    priority: the step's kernel, starting at the same time, is what the run waits for."""
     try:
-        import nbformat  # noqa: F401
-
-        html_exporter()
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
+    except (AttributeError, OSError):
+        pass
+    try:
+        warm_html_exporter(notebook)
         import prefect.client.orchestration  # noqa: F401
     except Exception:  # noqa: BLE001
         pass
+
+
+class _Background(threading.Thread):
+    """Records' work done while something else runs (a step's HTML, the Secret blocks' read); `result()`
+    waits for it and raises what it raised."""
+
+    def __init__(self, name: str, work: Any):
+        super().__init__(name=name, daemon=True)
+        self.work, self.value, self.error = work, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.work()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the thread that waits for it
+            self.error = exc
+
+    def result(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _quick_exit() -> None:
+    """At this process's exit (atexit: once every record is written and every handler has run), skip the
+    interpreter's last cyclic garbage collections over the objects the runner leaves (Prefect, nbconvert,
+    pydantic): they cost 1-1.5 s after the run has ended, and the process's end is the run's end for
+    its caller. Nothing is left unwritten: files are closed, atexit handlers still run, the OS frees the rest."""
+    if not getattr(_quick_exit, "registered", False):
+        _quick_exit.registered = True  # type: ignore[attr-defined]
+        atexit.register(gc.freeze)
 
 
 def _latest_run(outputs_dir: Path, profile: str) -> str | None:
@@ -195,13 +232,17 @@ class _StepProcess:
             return False
         return True
 
-    def abandon(self, grace: float = 10.0) -> None:
-        """Stop an unused prewarmed process: its stdin closed, it stops its kernel; killed after `grace`."""
+    def close(self) -> None:
+        """Tell an unused prewarmed process it is not needed (its stdin closed): it stops its kernel."""
         try:
             if self.proc.stdin is not None and not self.proc.stdin.closed:
                 self.proc.stdin.close()
         except OSError:
             pass
+
+    def abandon(self, grace: float = 10.0) -> None:
+        """Stop an unused prewarmed process: its stdin closed, it stops its kernel; killed after `grace`."""
+        self.close()
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -236,6 +277,7 @@ class _Runner:
         self.scanned = False
         self.exiting: list[_StepProcess] = []  # gave their verdict, stopping their kernel
         self.first: _StepProcess | None = None  # the first step's process, prewarmed while the run starts
+        self.rendering: list[_Background] = []  # steps' HTML rendered while the run goes on; done before the scan
 
     # -- preparation: everything that can refuse happens before anything is written ---------------
     def prepare(self) -> None:
@@ -322,7 +364,8 @@ class _Runner:
         try:
             if self.selected:  # its kernel starts while the records are prepared
                 self.first = self._spawn(self.steps[self.selected[0]], prewarm=True)
-            threading.Thread(target=_warm_up, name="runbook-warm-up", daemon=True).start()
+            first = self.steps[self.selected[0]].notebook if self.selected else None
+            threading.Thread(target=_warm_up, args=(first,), name="runbook-warm-up", daemon=True).start()
             self._take_over(lock.previous)
             self.manifest = self._start_manifest()
             self.save()
@@ -345,6 +388,10 @@ class _Runner:
             if self.first is not None:  # never handed its notebook (the run failed before)
                 self.first.abandon()
             self._reap()
+            try:
+                self._rendered()
+            except BaseException:  # noqa: BLE001 - noted on the step (see _render_html); the scan goes on
+                pass
             try:
                 if self.manifest is not None and not self.scanned:  # the runner's own fault: scan all the same
                     self._scan(self.manifest)
@@ -455,9 +502,9 @@ class _Runner:
                 if record.status != "passed":
                     self.manifest.error = f"step {step.name} {record.status}: {record.error_type or ''} {record.error or ''}".strip()
         finally:
-            if warm is not None:
-                warm.abandon()
-            self._reap()
+            if warm is not None:  # never handed its notebook: it stops its kernel while the records are finished
+                warm.close()
+                self.exiting.append(warm)
 
     def _reap(self) -> None:
         """Wait for the step processes that gave their verdict and were stopping their kernels."""
@@ -524,7 +571,7 @@ class _Runner:
                 exit_code = 0 if _read_json(result_path).get("ok") else 1
                 self.exiting.append(handle)
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         if exit_code is None or handle not in self.exiting:
             exit_code = proc.wait()
             handle.reader.join(timeout=5)
@@ -536,16 +583,27 @@ class _Runner:
         record.duration_seconds = round(time.monotonic() - started, 3)
         self._judge(record, exit_code, result_path, output, handle.stderr)
         self._collect_results(record, record.started_at)
-        if output.is_file():
-            try:
-                record.html = render_notebook_html(output, self.run_dir / f"{step.name}.html").name
-            except Exception as exc:  # a half-written notebook of a killed step: keep the .ipynb
-                record.notes.append(f"could not render HTML: {type(exc).__name__}: {exc}")
+        if output.is_file():  # rendered while the run goes on (the next step, the records' end)
+            self.rendering.append(_Background(f"runbook-html-{step.name}", lambda: self._render_html(record, output)))
         shutil.rmtree(work, ignore_errors=True)
         self.save()
         render_index(self.manifest, self.run_dir)
         self.progress.finished(step, record)
         return record, nxt
+
+    def _render_html(self, record: StepRecord, output: Path) -> None:
+        try:
+            record.html = render_notebook_html(output, self.run_dir / f"{record.step}.html").name
+        except Exception as exc:  # a half-written notebook of a killed step: keep the .ipynb
+            record.notes.append(f"could not render HTML: {type(exc).__name__}: {exc}")
+
+    def _rendered(self) -> None:
+        """Wait for the steps' HTML being rendered (each has its file, or a note saying why not)."""
+        pending, self.rendering = self.rendering, []
+        for work in pending:
+            work.join()
+        for work in pending:
+            work.result()
 
     def _judge(self, record: StepRecord, exit_code: int, result_path: Path, output: Path, stderr: Sequence[str]) -> None:
         """The step's verdict: killed by us, papermill's exception, the process's exit, the executed notebook."""
@@ -613,9 +671,14 @@ class _Runner:
                 status = "passed"
             else:  # a refused change says so (rejected / not_confirmed); anything else is a failure
                 status = stopped.status if stopped.status in REFUSED else "failed"
-        # The secret scan sees every file this run wrote, before the final records are saved
+        # The records' work in flight is finished at the same time: the Secret blocks' values read
+        # from Prefect while the step processes stop their kernels and the steps' HTML is rendered.
+        # Then the secret scan sees every file this run wrote, before the final records are saved
         # (those are written redacted).
-        if self._scan(m) and status == "passed":
+        blocks = _Background("runbook-secret-blocks", lambda: self._secret_block_values(m))
+        self._reap()
+        self._rendered()
+        if self._scan(m, blocks.result()) and status == "passed":
             status = "failed"
         m.status = status
         m.ended_at = now()
@@ -634,11 +697,12 @@ class _Runner:
                            + f"; records in {self.run_dir / 'index.html'}")
         return RunOutcome(self.run_id, self.run_dir, status, code, m)
 
-    def _scan(self, m: RunManifest) -> bool:
-        """The secret scan (see the module doc); True when a secret was found (and masked)."""
+    def _scan(self, m: RunManifest, blocks: Mapping[str, str] | None = None) -> bool:
+        """The secret scan (see the module doc), with the Secret blocks' values (`blocks`, read now
+        when not given); True when a secret was found (and masked)."""
         self.scanned = True
         secrets = dict(self.secrets)
-        for label, value in self._secret_block_values(m).items():
+        for label, value in (self._secret_block_values(m) if blocks is None else blocks).items():
             if value not in secrets.values():
                 secrets[label] = value
                 redaction.register_secret(value, label)
@@ -752,6 +816,7 @@ def run_runbook(
     settings (e.g. RUNBOOK_SANDBOX_DIR). SIGTERM/SIGINT are handled when called from the main thread."""
     root = project.project_root()
     without_iri_formats()
+    _quick_exit()
     runner = _Runner(
         profile=profile, confirm=confirm, from_step=from_step, only=only, run_id=run_id, params=params or {},
         notebooks_dir=Path(notebooks_dir or root / "notebooks").resolve(),
