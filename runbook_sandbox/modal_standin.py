@@ -56,8 +56,13 @@ from .service import ServiceDef
 SERVICE_NAME = "sandbox-enrichment"  # meta.service of every state a sender hands off
 DEFAULT_COMPLETE_DELAY_MS = 300
 FAULT_MODES = ("ok", "spawn_error", "fail", "hang")
-DB_CONCURRENCY = 10  # background jobs holding a database connection at once
-IDLE_CONNECTIONS = 16  # database connections kept open between calls (the orchestrator spawns 16 at once)
+# Database connections: every call's statements take a millisecond or two, so a few serve the orchestrator's
+# 16 concurrent spawns and their jobs without a noticeable wait, and the sandbox does not carry a Postgres
+# backend (~15 MiB resident each) per spawn in flight. Background jobs (the senders' and receivers' work)
+# use at most DB_CONCURRENCY of them, so a job that waits on a row lock held elsewhere never leaves the
+# spawn calls (the registry lookup) without a connection. All are kept open between calls.
+DB_CONCURRENCY = 4
+DB_CONNECTIONS = DB_CONCURRENCY + 2
 APPLICATION_NAME = "runbook-modal-standin"
 ITEM_FIELDS = (
     "company_name", "company_domain", "company_linkedin_url", "person_first_name",
@@ -124,6 +129,7 @@ class ModalStandin:
         self.db_slots = asyncio.Semaphore(DB_CONCURRENCY)
         self.jobs: set[asyncio.Task] = set()
         self.idle: list[psycopg.AsyncConnection] = []
+        self.connections = asyncio.Semaphore(DB_CONNECTIONS)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -138,7 +144,13 @@ class ModalStandin:
         """A database connection for one call: an idle one kept from an earlier call (checked with a
         round trip first: a `database down` fault drops open connections), else a new one. Afterwards
         it is kept for the next call when it is healthy and outside a transaction, else closed. Opening
-        a connection per call cost more than the call's own statements."""
+        a connection per call cost more than the call's own statements. At most DB_CONNECTIONS at once."""
+        async with self.connections:
+            async with self._connection() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _connection(self):
         conn = None
         while self.idle and conn is None:
             kept = self.idle.pop()
@@ -152,7 +164,7 @@ class ModalStandin:
         try:
             yield conn
         finally:
-            if (not conn.closed and not conn.broken and len(self.idle) < IDLE_CONNECTIONS
+            if (not conn.closed and not conn.broken and len(self.idle) < DB_CONNECTIONS
                     and conn.info.transaction_status == TransactionStatus.IDLE):
                 self.idle.append(conn)
             else:
