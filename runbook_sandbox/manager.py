@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
 from runbook_lib.core import processes
 
 from . import git_seed
@@ -192,7 +194,23 @@ def up(
             if not dotted.startswith("proxy.") and not _get_port_attr(cfg, dotted):
                 _set_port_attr(cfg, dotted, processes.free_port())
     cfg.save()
-    _start_all(cfg, todo, state, echo)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            _start_all(cfg, todo, state, echo)
+            break
+        except SandboxError as exc:
+            if not isinstance(exc.__cause__, _PortTaken) or attempt == PORT_ATTEMPTS:
+                raise
+            # What this `up` started is stopped; every port it allocated is allocated again.
+            echo(f"  a port was taken by another process while starting ({exc.__cause__}); again on new ports")
+            for svc in reversed(todo):
+                rec = state["services"].pop(svc.name, None)
+                if rec:
+                    processes.stop(rec.get("pid"), svc.stop_signal, svc.stop_timeout)
+                for dotted in svc.ports:
+                    _set_port_attr(cfg, dotted, processes.free_port())
+            write_state(cfg, state)
+            cfg.save()
     _write_env(cfg)
     if any(svc.name == "postgres" for svc in todo):
         from . import postgres
@@ -203,6 +221,44 @@ def up(
 
 class _Blocked(SandboxError):
     """A service not started (or not finished) because another one failed."""
+
+
+class _PortTaken(SandboxError):
+    """A port given to a service was taken by another process (another sandbox starting at the same
+    time, say) between its allocation and the service's bind: `up` starts again on new ports."""
+
+
+PORT_ATTEMPTS = 3
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """The TCP ports the process `pid` and its descendants listen on."""
+    found: set[int] = set()
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for proc in family:
+        try:
+            found.update(c.laddr.port for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _check_ports_are_ours(cfg: SandboxConfig, svc: ServiceDef, pid: int | None) -> None:
+    """Once `svc` answers its health probe: each of its ports is listened on by its own processes or by
+    nobody yet (a child it starts later). A port another process holds means the answer came from that
+    process, not from this service."""
+    if not pid:
+        return
+    ours = _listening_ports(pid)
+    for dotted in svc.ports:
+        port = _get_port_attr(cfg, dotted)
+        if port and port not in ours and not processes.port_is_free(port):
+            raise _PortTaken(f"{svc.name}: port {port} ({dotted}) is held by another process, not by this "
+                             "service's; starting again on new ports")
 
 
 class _Start:
@@ -346,7 +402,8 @@ def _start_all(cfg: SandboxConfig, todo: list[ServiceDef], state: dict, echo: Ca
         waiting = sorted(name for name in run.skipped)
         if waiting:
             message += f"\n(not started, since a service they need failed: {', '.join(waiting)})"
-        raise SandboxError(message) from run.errors[failed[0]]
+        taken = [name for name in failed if isinstance(run.errors[name], _PortTaken)]
+        raise SandboxError(message) from run.errors[(taken or failed)[0]]
 
 
 def _wait_healthy(
@@ -360,15 +417,15 @@ def _wait_healthy(
         pid = rec.get("pid")
         if pid and not processes.is_alive(pid):
             processes.reap(pid)
-            raise SandboxError(
-                f"{svc.name} exited during start-up. Last lines of {cfg.log_path(svc.name)}:\n"
-                + processes.log_tail(cfg.log_path(svc.name))
-            )
+            tail = processes.log_tail(cfg.log_path(svc.name))
+            kind = _PortTaken if "address already in use" in tail.lower() else SandboxError
+            raise kind(f"{svc.name} exited during start-up. Last lines of {cfg.log_path(svc.name)}:\n" + tail)
         try:
             reason = svc.health(cfg)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
         if reason is None:
+            _check_ports_are_ours(cfg, svc, pid)
             return
         blocked = abandon() if abandon is not None else None
         if blocked:

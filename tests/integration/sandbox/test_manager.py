@@ -252,3 +252,53 @@ def _builder_running(cache) -> bool:
             if not held.held:
                 return True
     return False
+
+
+# -- a port taken between its allocation and the service's bind --------------------------------------------
+
+
+def test_a_port_taken_by_another_process_during_up_is_detected_and_up_starts_again_on_new_ports(own_sandbox, monkeypatch):
+    """Two sandboxes starting at once can be given the same free port. Here another process (an HTTP
+    server answering 200 to everything, as another sandbox's stand-in would) binds the git server's port
+    just before the git server starts: its health probe is answered by the wrong process. `up` must not
+    take that answer for the git server's: it starts again on new ports and the git server it reports
+    is its own."""
+    import http.server
+    import threading
+
+    class AnswersEverything(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    foreign: list[http.server.HTTPServer] = []
+    real_spawn = process.spawn
+
+    def spawn_after_another_process_took_the_port(argv, **kw):
+        if not foreign and "runbook_sandbox.git_server" in argv:
+            cfg = SandboxConfig.load_or_create(own_sandbox)
+            server = http.server.HTTPServer(("127.0.0.1", cfg.git.port), AnswersEverything)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            foreign.append(server)
+        return real_spawn(argv, **kw)
+
+    monkeypatch.setattr(process, "spawn", spawn_after_another_process_took_the_port)
+    lines: list[str] = []
+    try:
+        manager.up(own_sandbox, only=["git_server"], echo=lines.append)
+        taken = foreign[0].server_address[1]
+        cfg = SandboxConfig.load_or_create(own_sandbox)
+        assert cfg.git.port != taken
+        assert any("again on new ports" in line and str(taken) in line for line in lines), lines
+        pid = json.loads((own_sandbox / "sandbox.json").read_text())["services"]["git_server"]["pid"]
+        assert cfg.git.port in manager._listening_ports(pid)
+        rows = {r["name"]: r for r in manager.status(own_sandbox)}
+        assert rows["git_server"]["healthy"], rows["git_server"]
+    finally:
+        for server in foreign:
+            server.shutdown()
+            server.server_close()
