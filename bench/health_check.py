@@ -90,7 +90,11 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    outputs = args.outputs_dir or Path(tempfile.mkdtemp(prefix="bench-health-"))
+    if args.outputs_dir is None:  # the runs' health records are not the benchmark's: thrown away after
+        with tempfile.TemporaryDirectory(prefix="bench-health-") as scratch:
+            args.outputs_dir = Path(scratch)
+            return measure(args)
+    outputs = args.outputs_dir
     runs = []
     for i in range(args.repeat):
         seconds, code = command_line(outputs)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -95,15 +96,23 @@ def driver(browser_binaries, artifacts, request) -> Iterator[Any]:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 f"--window-size={WIDTH},1000", "--no-first-run", "--disable-extensions"):
         options.add_argument(arg)
-    browser = webdriver.Chrome(options=options, service=Service(chromedriver, log_output=str(artifacts / "chromedriver.log")))
-    browser.set_page_load_timeout(UI_TIMEOUT)
+    # Chromium leaves its profile-lock directory (org.chromium.Chromium.*, a socket and a cookie) in
+    # TMPDIR even after a clean quit: here it goes to a directory of this test's, removed afterwards.
+    scratch = Path(tempfile.mkdtemp(prefix="runbook-chromium-"))
+    service = Service(chromedriver, log_output=str(artifacts / "chromedriver.log"),
+                      env={**os.environ, "TMPDIR": str(scratch)})
     try:
-        yield browser
-    finally:
+        browser = webdriver.Chrome(options=options, service=service)
+        browser.set_page_load_timeout(UI_TIMEOUT)
         try:
-            save_page(browser, artifacts, "final")
+            yield browser
         finally:
-            browser.quit()
+            try:
+                save_page(browser, artifacts, "final")
+            finally:
+                browser.quit()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_page(browser: Any, directory: Path, name: str, show: Any = None) -> Path:
