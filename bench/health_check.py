@@ -13,9 +13,7 @@ without --requeue-stuck --confirm.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import record, stats  # noqa: E402
+from _common import record, sandbox, stats  # noqa: E402
 
 
 def command_line(outputs: Path) -> tuple[float, int]:
@@ -55,52 +53,24 @@ def per_check() -> list[tuple[float, str]]:
     return times
 
 
-@contextlib.contextmanager
-def a_sandbox():
-    """The running sandbox, or one started here for the benchmark."""
-    from runbook_lib.core.profiles import load_settings
-
-    try:
-        load_settings("sandbox")
-        yield
-        return
-    except Exception:
-        pass
-    from runbook_sandbox import manager
-
-    state = Path(tempfile.mkdtemp(prefix="bench-health-sandbox-", dir="/tmp"))
-    state.chmod(0o755)
-    print(f"no running sandbox: starting one in {state} ...")
-    try:
-        manager.up(state, echo=lambda s: None)
-        os.environ["RUNBOOK_SANDBOX_DIR"] = str(state)
-        yield
-    finally:
-        manager.down(state, purge=True, echo=lambda s: None)
-        shutil.rmtree(state, ignore_errors=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--outputs-dir", type=Path, default=None)
     args = parser.parse_args()
-    with a_sandbox():
+    with sandbox() as state:
+        os.environ["RUNBOOK_SANDBOX_DIR"] = str(state)  # for the command line's process and the in-process checks
         measure(args)
 
 
 def measure(args: argparse.Namespace) -> None:
-    if args.outputs_dir is None:  # the runs' health records are not the benchmark's: thrown away after
-        with tempfile.TemporaryDirectory(prefix="bench-health-") as scratch:
-            args.outputs_dir = Path(scratch)
-            return measure(args)
-    outputs = args.outputs_dir
+    outputs = args.outputs_dir or Path(tempfile.mkdtemp(prefix="runbook-bench-health-"))
     runs = []
     for i in range(args.repeat):
         seconds, code = command_line(outputs)
         runs.append(seconds)
         print(f"runbook health #{i + 1}: {seconds:6.2f} s (exit {code})")
-    print(f"median: {statistics.median(runs):.2f} s (goal <= 10 s)")
+    print(f"median: {statistics.median(runs):.2f} s (goal <= 10 s); the runs' records in {outputs}")
     record("health_check", [{"figure": "runbook health (command line)", "stats": stats(runs), "unit": "s",
                              "goal": "<= 10 s"}])
     print("in-process, slowest first:")

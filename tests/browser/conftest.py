@@ -97,11 +97,11 @@ def driver(browser_binaries, artifacts, request) -> Iterator[Any]:
                 f"--window-size={WIDTH},1000", "--no-first-run", "--disable-extensions"):
         options.add_argument(arg)
     # Chromium leaves its profile-lock directory (org.chromium.Chromium.*, a socket and a cookie) in
-    # TMPDIR even after a clean quit: here it goes to a directory of this test's, removed afterwards.
-    scratch = Path(tempfile.mkdtemp(prefix="runbook-chromium-"))
-    service = Service(chromedriver, log_output=str(artifacts / "chromedriver.log"),
-                      env={**os.environ, "TMPDIR": str(scratch)})
-    try:
+    # TMPDIR even after a clean quit: here it goes to a directory of this test's, removed afterwards
+    # (a short path under /tmp, not tmp_path: a Unix socket's path is limited to 107 bytes).
+    with tempfile.TemporaryDirectory(prefix="runbook-chromium-", ignore_cleanup_errors=True) as scratch:
+        service = Service(chromedriver, log_output=str(artifacts / "chromedriver.log"),
+                          env={**os.environ, "TMPDIR": scratch})
         browser = webdriver.Chrome(options=options, service=service)
         browser.set_page_load_timeout(UI_TIMEOUT)
         try:
@@ -111,8 +111,6 @@ def driver(browser_binaries, artifacts, request) -> Iterator[Any]:
                 save_page(browser, artifacts, "final")
             finally:
                 browser.quit()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_page(browser: Any, directory: Path, name: str, show: Any = None) -> Path:
