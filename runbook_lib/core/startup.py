@@ -7,9 +7,10 @@ The bottom layer: the standard library only.
 from __future__ import annotations
 
 import gc
+import importlib
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 def without_iri_formats() -> None:
@@ -34,3 +35,28 @@ def no_collections_while_importing(*, freeze: bool = False) -> Iterator[None]:
             gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def declared_warm_imports(modules: Iterable[str]) -> list[str]:
+    """What `modules` (imported here) name in their `WARM_IMPORTS`: the modules they import lazily when
+    their code runs (a step that calls Prefect names Prefect's client: seconds of CPU at the first
+    call). A module that cannot be imported names nothing."""
+    found: list[str] = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - left for the code that imports it to raise
+            continue
+        found += [m for m in getattr(module, "WARM_IMPORTS", ()) if m not in found]
+    return found
+
+
+def warm_up(modules: Iterable[str]) -> None:
+    """Import `modules` and what they declare in `WARM_IMPORTS` (a prewarmed kernel, before its notebook
+    is due). A failing import is left for the notebook's own cell to raise."""
+    without_iri_formats()
+    for name in declared_warm_imports(modules):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - as above
+            pass

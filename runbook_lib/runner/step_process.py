@@ -72,9 +72,6 @@ class _Stopper:
         threading.Thread(target=self.stop, args=(f"received {signal.Signals(signum).name}",), daemon=True).start()
 
 
-# Imported in a prewarmed kernel besides the notebook's own imports: Prefect's import (seconds)
-# is lazy in runbook_lib, and nearly every step calls Prefect.
-WARM_IMPORTS = ("prefect", "prefect.client.orchestration")
 START_TIMEOUT = 60.0  # seconds for a kernel to start and answer (papermill's default)
 
 
@@ -98,17 +95,12 @@ def notebook_imports(notebook: str | Path) -> list[str]:
 
 
 def warm_up_code(modules: list[str]) -> str:
-    """Code that imports `modules` in a kernel and leaves no name behind; a failing import is left
-    for the notebook's own cell to raise."""
+    """Code that imports `modules` in a kernel, and what they declare they import lazily
+    (`WARM_IMPORTS`: a step that calls Prefect names Prefect's client), and leaves no name behind; a
+    failing import is left for the notebook's own cell to raise."""
     return ("def __runbook_warm_up(modules):\n"
-            "    import importlib\n"
-            "    from runbook_lib.core.startup import without_iri_formats\n"
-            "    without_iri_formats()\n"
-            "    for name in modules:\n"
-            "        try:\n"
-            "            importlib.import_module(name)\n"
-            "        except Exception:\n"
-            "            pass\n"
+            "    from runbook_lib.core.startup import warm_up\n"
+            "    warm_up(modules)\n"
             f"__runbook_warm_up({modules!r})\n"
             "del __runbook_warm_up\n")
 
@@ -139,12 +131,12 @@ class _WarmKernel:
             raise
 
     def warm_up(self, notebook: str) -> None:
-        """Wait for the kernel, then import the notebook's modules and Prefect's in it."""
+        """Wait for the kernel, then import the notebook's modules in it, and what they import lazily."""
         try:
             self.client.start_new_kernel_client()
             self.phases["kernel_ready"] = time.time()
             kc = self.client.kc
-            msg_id = kc.execute(warm_up_code(notebook_imports(notebook) + list(WARM_IMPORTS)),
+            msg_id = kc.execute(warm_up_code(notebook_imports(notebook)),
                                 silent=True, store_history=False)
             self.client.wait_for_reply(msg_id)
             self.phases["imports_done"] = time.time()

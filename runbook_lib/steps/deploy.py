@@ -32,7 +32,9 @@ from runbook_lib.systems.prefect import PrefectApi
 from runbook_lib.systems.prefect_deploy import (
     DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
+from runbook_lib.systems.prefect import CLIENT_MODULES
 
+WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 SMOKE_LOG_LINES = 40
 # What the plan checks, in order: the catalog's checks, shared with step 01.
 PLAN_CHECKS = [prefect.job_variables_secrets, *source.REPOSITORY, source.imports, prefect.api, prefect.work_pool,

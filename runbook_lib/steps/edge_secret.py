@@ -41,9 +41,10 @@ from runbook_lib.notebook.context import StepContext
 from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput
 from runbook_lib.records.results import StepResults, now
 from runbook_lib.steps.base import Step
-from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.systems.prefect import CLIENT_MODULES, PrefectApi
 from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 
+WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 DEPLOY_STEP = DeployOutput.STEP
 HISTORY_FILE = "edge_function_secret_history.jsonl"
 STALE = "the live state changed since the plan was shown"

@@ -52,11 +52,12 @@ from runbook_lib.notebook.context import StepContext, show
 from runbook_lib.notebook.context import start_step as _start_step
 from runbook_lib.records.outputs import DeployOutput, EdgeSecretOutput, FallbackOutput
 from runbook_lib.steps.base import Step
-from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.systems.prefect import CLIENT_MODULES, PrefectApi
 from runbook_lib.systems.prefect_deploy import (
     DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
 
+WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 STEP = FallbackOutput.STEP
 WORKER_MARKER_ENV = "RUNBOOK_FALLBACK_WORKER"
 SERVICE_DIR = "fallback_worker"

@@ -39,8 +39,10 @@ from runbook_lib.records.manifest import runs_of
 from runbook_lib.records.outputs import DeployOutput, E2EOutput, EdgeSecretOutput, HealthOutput, PrerequisitesOutput
 from runbook_lib.records.results import StepResults
 from runbook_lib.steps.base import Step
+from runbook_lib.systems.prefect import CLIENT_MODULES
 from runbook_lib.systems.supabase import invoke_edge_function
 
+WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 VERDICTS = {"ok": 0, "drift": 1, "fail": 2}
 E2E_STEP = E2EOutput.STEP
 HEALTH_DIR = "health"

@@ -19,7 +19,9 @@ from runbook_lib.notebook.context import StepContext
 from runbook_lib.records.outputs import PrerequisitesOutput
 from runbook_lib.records.results import StepResults
 from runbook_lib.steps.base import Step
+from runbook_lib.systems.prefect import CLIENT_MODULES
 
+WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 GROUPS: dict[str, list[CheckDef]] = {
     "local": local.LOCAL,
     "prefect": prefect.POOL,

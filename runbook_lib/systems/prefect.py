@@ -25,6 +25,10 @@ from runbook_lib.core.errors import PrefectApiError
 from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.core.settings import RunbookSettings
 
+# What the first call to Prefect imports (its client: seconds of CPU). A step that calls Prefect names
+# these in its module's WARM_IMPORTS: the runner's prewarmed kernel imports them before the step is due.
+CLIENT_MODULES = ("prefect", "prefect.client.orchestration")
+
 T = TypeVar("T")
 
 FINAL_STATE_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

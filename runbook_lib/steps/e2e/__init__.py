@@ -48,11 +48,13 @@ from runbook_lib.steps.e2e.links import (
 )
 from runbook_lib.steps.e2e.options import E2EError, E2EOptions, ExpectedDeployment, resolve_deployment
 from runbook_lib.systems.database import Database
-from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.systems.prefect import CLIENT_MODULES, PrefectApi
 
 __all__ = ["ChainTest", "E2EError", "E2EOptions", "E2EResult", "EndToEndTest", "ExpectedDeployment", "LINKS",
            "LINK_EDGE_FUNCTION", "LINK_FLOW_RUN", "LINK_ITEMS", "LINK_TRIGGER", "LINK_WORK_POOL", "Progress",
            "follows", "resolve_deployment"]
+
+WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 
 
 class EndToEndTest(Step):

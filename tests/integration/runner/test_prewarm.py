@@ -15,7 +15,9 @@ import nbformat
 import psutil
 
 from runbook_lib.core.paths import project_root
+from runbook_lib.core.startup import declared_warm_imports
 from runbook_lib.runner.step_process import notebook_imports, warm_up_code
+from runbook_lib.systems.prefect import CLIENT_MODULES
 
 ROOT = project_root()
 
@@ -60,6 +62,21 @@ def test_the_notebook_imports_are_what_its_code_cells_import():
     namespace: dict = {}
     exec(warm_up_code(["json", "no_such_module_xyz"]), namespace)  # a failing import is left to the notebook
     assert "__runbook_warm_up" not in namespace
+
+
+def test_prefects_client_is_warmed_for_the_steps_that_call_prefect_and_only_for_them():
+    """A step module names in WARM_IMPORTS what it imports lazily (Prefect's client: seconds of CPU); the
+    warm-up imports it. A notebook of the runbook's that calls no Prefect (02, git only), or one that
+    imports only the step context, gets no Prefect import in its kernel."""
+    declared = {nb.stem: declared_warm_imports(notebook_imports(nb)) for nb in (ROOT / "notebooks").glob("*.ipynb")}
+    assert declared.pop("02_merge_check") == []
+    assert declared and all(modules == list(CLIENT_MODULES) for modules in declared.values()), declared
+    for modules, warmed in ((["runbook_lib.notebook.context"], False),
+                            (notebook_imports(ROOT / "notebooks" / "03_deploy.ipynb"), True)):
+        code = warm_up_code(modules) + "import sys\nprint(sorted(m for m in %r if m in sys.modules))\n" % (CLIENT_MODULES,)
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(sorted(CLIENT_MODULES) if warmed else []), (modules, out.stdout)
 
 
 def test_go_runs_the_notebook_in_the_warm_kernel_and_the_record_is_a_cold_starts(tmp_path):
