@@ -26,6 +26,9 @@ from runbook_lib.core.errors import ResultsError
 from runbook_lib.core.secrets import redact_obj
 
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# Set by the runner in each step's process: which attempt of which step wrote a results file, so that
+# the runner claims the results its step's notebook wrote, whatever the clocks say.
+ATTEMPT_ENV = "RUNBOOK_STEP_ATTEMPT"
 
 
 def now() -> datetime:
@@ -73,6 +76,9 @@ class StepResults(BaseModel):
     gates: list[GateDecision] = Field(default_factory=list)  # every decision of every gate, in order
     values: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    # The runner's step attempt whose process wrote this (its environment's ATTEMPT_ENV); None when
+    # no runner ran the notebook (JupyterLab, papermill by hand).
+    attempt: str | None = Field(default_factory=lambda: os.environ.get(ATTEMPT_ENV) or None)
 
     @staticmethod
     def path(run_dir: Path, step: str) -> Path:

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,7 +71,7 @@ from runbook_lib.core.profiles import available_profiles, load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, SANDBOX_ENV_FILE, SECRET_SETTINGS, SETTING_ENV
 from runbook_lib.notebook.gate import HEADLESS_ENV
 from runbook_lib.records.manifest import Attempt, RunManifest, SecretScan, StepRecord, runs_of
-from runbook_lib.records.results import REFUSED, StepResults, list_results
+from runbook_lib.records.results import ATTEMPT_ENV, REFUSED, StepResults, list_results
 from runbook_lib.records.scan import scan_for_secrets
 from runbook_lib.runner.index import render_index, render_notebook_html, warm_html_exporter
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
@@ -211,6 +212,7 @@ class _StepProcess:
     def __init__(self, step: Step, spec: dict[str, Any], env: Mapping[str, str]):
         self.step = step
         self.prewarm = bool(spec.get("prewarm"))
+        self.attempt = env[ATTEMPT_ENV]  # in the results its notebook writes
         # A session of its own: a Ctrl-C in the terminal reaches the runner only, which stops the step.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runbook_lib.runner.step_process", json.dumps(spec)], env=dict(env),
@@ -523,6 +525,7 @@ class _Runner:
         env = dict(self.environ)
         env[HEADLESS_ENV] = "1"
         env[HELD_BY_ENV] = str(os.getpid())  # the step's start_step does not take the target's lock again
+        env[ATTEMPT_ENV] = f"{self.run_id}/{step.name}/{uuid.uuid4().hex[:12]}"  # this process's, not the step's
         root = str(project.project_root())
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root])
         return spec, env
@@ -582,7 +585,7 @@ class _Runner:
         record.ended_at = now()
         record.duration_seconds = round(time.monotonic() - started, 3)
         self._judge(record, exit_code, result_path, output, handle.stderr)
-        self._collect_results(record, record.started_at)
+        self._collect_results(record, handle.attempt)
         if output.is_file():  # rendered while the run goes on (the next step, the records' end)
             self.rendering.append(_Background(f"runbook-html-{step.name}", lambda: self._render_html(record, output)))
         shutil.rmtree(work, ignore_errors=True)
@@ -632,14 +635,14 @@ class _Runner:
             return
         record.status = "passed"
 
-    def _collect_results(self, record: StepRecord, since: datetime | None) -> None:
-        """The StepResults the notebook wrote during the step: values, gate, checks; a result that
-        says failed fails the step even when the notebook ran to the end, and one whose gate refused
-        the change makes the step `rejected` / `not_confirmed` (unless it was killed)."""
+    def _collect_results(self, record: StepRecord, attempt: str) -> None:
+        """The StepResults the notebook wrote in this step's process (their `attempt` is the one the
+        runner gave that process; never by time: a step before may end within the same millisecond, a
+        clock may be set back): values, gate, checks; a result that says failed fails the step even
+        when the notebook ran to the end, and one whose gate refused the change makes the step
+        `rejected` / `not_confirmed` (unless it was killed)."""
         for res in list_results(self.run_dir):
-            # Full precision: the step before may have ended within the same second (04 takes < 1 s
-            # and the next step's kernel is prewarmed), its results are not this step's.
-            if since is None or res.started_at < since:
+            if res.attempt != attempt:
                 continue
             record.result_files.append(StepResults.path(self.run_dir, res.step).name)
             record.results.update(res.values)
