@@ -51,12 +51,15 @@ def declared_warm_imports(modules: Iterable[str]) -> list[str]:
     return found
 
 
-def warm_up(modules: Iterable[str]) -> None:
+def warm_up(modules: Iterable[str], *, freeze: bool = True) -> None:
     """Import `modules` and what they declare in `WARM_IMPORTS` (a prewarmed kernel, before its notebook
-    is due). A failing import is left for the notebook's own cell to raise."""
+    is due; a step as it starts, in any kernel), without jsonschema's `iri` formats and without cyclic
+    collections; with `freeze`, what they import is moved out of the collector's sight (it lives as long
+    as the kernel). A failing import is left for the code that needs the module to raise."""
     without_iri_formats()
-    for name in declared_warm_imports(modules):
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - as above
-            pass
+    with no_collections_while_importing(freeze=freeze):
+        for name in declared_warm_imports(modules):
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - as above
+                pass

@@ -8,6 +8,7 @@ import contextlib
 from typing import Any, ClassVar, Iterator, Protocol
 
 from runbook_lib.core.errors import RunbookError
+from runbook_lib.core.startup import warm_up
 from runbook_lib.notebook.context import StepContext, show
 from runbook_lib.records.outputs import StepOutput
 
@@ -30,6 +31,10 @@ class Step:
     def __init__(self, ctx: StepContext):
         self.ctx = ctx
         self.settings = ctx.settings
+        # What the step imports lazily (its module's WARM_IMPORTS: Prefect's client), imported now the
+        # quick way: done already in a kernel the runner prewarmed, not in JupyterLab's. No freeze: a
+        # long-lived kernel's own objects stay collectable.
+        warm_up([type(self).__module__], freeze=False)
 
     @classmethod
     def name(cls) -> str:
