@@ -333,7 +333,9 @@ def test_worker_absent_fails_step_05_at_link_4(sandbox, settings, managed, datab
     outcome = None
     with worker_stopped(sandbox):
         try:
-            outcome = run(sandbox, tmp_path, "--only", "05", "-p", f"deployment_id={managed}", *E2E_FAST)
+            # Nothing serves the pool: the run never starts, however long 05 waits (test_e2e's 15 s).
+            outcome = run(sandbox, tmp_path, "--only", "05", "-p", f"deployment_id={managed}", *E2E_FAST,
+                          "-p", "flow_run_timeout=15")
         finally:
             if outcome is not None and (outcome.run_dir / f"{E2E}.json").is_file():
                 cancel_runs_of(settings, outcome.results(E2E)["values"].get("flow_run_id"))
