@@ -27,7 +27,7 @@ from runbook_lib.core.profiles import load_settings
 from runbook_lib.core.settings import DEFAULT_PROFILE, PROFILE_ENV, RunbookSettings
 from runbook_lib.notebook.gate import ConfirmationGate, in_kernel, parse_confirm
 from runbook_lib.records.outputs import StepOutput
-from runbook_lib.records.results import REFUSED, GateDecision, StepResults, check_step_name, now, refusal_status
+from runbook_lib.records.results import ATTEMPT_ENV, REFUSED, GateDecision, StepResults, check_step_name, now, refusal_status
 
 O = TypeVar("O", bound=StepOutput)
 
@@ -63,13 +63,14 @@ def register_settings_secrets(settings: RunbookSettings) -> None:
 class StepContext:
     """One notebook step's state: settings, run directory, results and the confirmation gate."""
 
-    def __init__(self, name: str, settings: RunbookSettings, run_dir: Path, confirm: bool | None, root: Path):
+    def __init__(self, name: str, settings: RunbookSettings, run_dir: Path, confirm: bool | None, root: Path,
+                 attempt: str | None = None):
         self.name = name
         self.settings = settings
         self.run_dir = run_dir
         self.confirm = confirm
         self.root = root
-        self.results = StepResults(step=name, profile=settings.profile)
+        self.results = StepResults(step=name, profile=settings.profile, attempt=attempt)
         self.gate: ConfirmationGate | None = None
         self.target_lock: Any = None  # the target's lock (core.locks), held from start_step to finish
         self.save()
@@ -247,18 +248,21 @@ def start_step(
     env = os.environ if environ is None else environ
     profile_name = profile or env.get(PROFILE_ENV) or DEFAULT_PROFILE
     directory = resolve_run_dir(run_dir, profile_name, root)
+    attempt = env.get(ATTEMPT_ENV) or None  # the runner's, for the results it collects
     try:
         settings = load_settings(profile_name, environ=environ, root=root, overrides=overrides)
     except RunbookError as exc:
-        failed = StepResults(step=name, profile=profile_name, status="failed", error=str(exc), finished_at=now())
+        failed = StepResults(step=name, profile=profile_name, status="failed", error=str(exc), finished_at=now(),
+                             attempt=attempt)
         failed.save(directory)
         raise
     register_settings_secrets(settings)
     try:  # one change at a time per target: the runner's lock (core.locks), also for JupyterLab
         lock = None if read_only(name) else hold_for_step(settings, name, directory, environ)
     except RunbookError as exc:
-        StepResults(step=name, profile=profile_name, status="failed", error=str(exc), finished_at=now()).save(directory)
+        StepResults(step=name, profile=profile_name, status="failed", error=str(exc), finished_at=now(),
+                    attempt=attempt).save(directory)
         raise
-    ctx = StepContext(name, settings, directory, confirm, root)
+    ctx = StepContext(name, settings, directory, confirm, root, attempt)
     ctx.target_lock = lock
     return ctx

@@ -76,9 +76,9 @@ class StepResults(BaseModel):
     gates: list[GateDecision] = Field(default_factory=list)  # every decision of every gate, in order
     values: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
-    # The runner's step attempt whose process wrote this (its environment's ATTEMPT_ENV); None when
-    # no runner ran the notebook (JupyterLab, papermill by hand).
-    attempt: str | None = Field(default_factory=lambda: os.environ.get(ATTEMPT_ENV) or None)
+    # The runner's step attempt whose process wrote this (start_step reads it from ATTEMPT_ENV); None
+    # when no runner ran the notebook (JupyterLab, papermill by hand).
+    attempt: str | None = None
 
     @staticmethod
     def path(run_dir: Path, step: str) -> Path:
