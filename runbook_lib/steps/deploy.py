@@ -28,11 +28,10 @@ from runbook_lib.notebook.context import StepContext, show
 from runbook_lib.notebook.progress import Activity
 from runbook_lib.records.outputs import DeployOutput
 from runbook_lib.steps.base import Step
-from runbook_lib.systems.prefect import PrefectApi
+from runbook_lib.systems.prefect import CLIENT_MODULES, PrefectApi
 from runbook_lib.systems.prefect_deploy import (
     DeployError, DesiredDeployment, FieldChange, changed_since_plan, deploy_flow, diff_fields, diff_table, live_digest,
 )
-from runbook_lib.systems.prefect import CLIENT_MODULES
 
 WARM_IMPORTS = CLIENT_MODULES  # the step calls Prefect: its client is imported in the prewarmed kernel
 SMOKE_LOG_LINES = 40
