@@ -489,11 +489,17 @@ class EdgeSecret(Step):
             }
             append_history(ctx.run_dir, entry)  # write-ahead: on record before the secret can change
             self.publish(change_id=entry["change_id"], change_status="pending")
+            written = False
             try:
                 supabase.upsert_secrets({the_plan.secret: the_plan.deployment_id}, mask_values=False)  # an id, no secret
+                written = True
                 after = supabase.secret_digests().get(the_plan.secret)
             except SupabaseApiError as exc:
-                state, unchanged = _state_after_failure(supabase, the_plan)
+                if written:  # the read-back itself failed, after its retries: reading again would repeat them
+                    state, unchanged = (f"the API accepted the write of {the_plan.secret}, but it could not be read back "
+                                        "to verify it"), False
+                else:
+                    state, unchanged = _state_after_failure(supabase, the_plan)
                 if unchanged:
                     self._finalise(entry, "not_applied")
                 detail = (f"{exc}; {state}" + ("" if unchanged else "; the change stays on record as pending: "

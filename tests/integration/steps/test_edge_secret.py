@@ -10,6 +10,7 @@ shared sandbox's secret is put back at the end of every test that changes it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from pathlib import Path
@@ -23,6 +24,7 @@ from runbook_lib.steps import edge_secret
 from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from runbook_sandbox.faults import admin_headers
+from tests.conftest import wait_for
 from tests.integration.chain_helpers import function_secret_digest as current_digest, management
 from tests.integration.chain_helpers import scripted_answer as fault, set_function_secret as set_secret
 from tests.integration.notebook_runs import assert_no_secrets, run_notebook, secret_values
@@ -347,6 +349,7 @@ def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sa
         return result
 
     monkeypatch.setattr(SupabaseManagementApi, "upsert_secrets", upsert_then_break_reads)
+    mark = log_mark(sandbox, "supabase")
     try:
         with pytest.raises(SupabaseApiError):
             secret_step(sandbox, runs / "2", a_overrides, a_id)
@@ -355,13 +358,24 @@ def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sa
             client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
         monkeypatch.undo()
     assert current_digest(sandbox) == secret_digest(a_id)  # the write happened
+    # One read-back, retried as the client retries (6 attempts); no second round of reads to learn the state
+    # the failed read-back could not tell (a persisting failure would make the user wait twice as long).
+    attempts = inspect.signature(SupabaseManagementApi).parameters["max_attempts"].default
+
+    def failed_reads() -> list[dict[str, Any]] | None:  # a request's line is written once it is answered
+        reads = [e for e in requests_since(sandbox, "supabase", mark)
+                 if e["path"] == path and e["method"] == "GET" and e["status"] == 500]
+        return reads if len(reads) >= attempts else None
+
+    assert len(wait_for(failed_reads, 30, f"{attempts} failed reads in the request log")) == attempts
     lines = [json.loads(line) for line in (runs / "2" / edge_secret.HISTORY_FILE).read_text().splitlines()]
     assert [e["status"] for e in lines] == ["pending"]
     assert lines[0]["previous_digest"] == secret_digest(b_id) and lines[0]["previous_deployment_id"] == b_id
     assert lines[0]["deployment_id"] == a_id and lines[0]["source"] == "the deployment_id parameter"
     saved = json.loads((runs / "2" / f"{STEP}.json").read_text())
     assert saved["status"] == "failed" and saved["values"]["change_status"] == "pending"
-    assert "pending" in next(c for c in saved["checks"] if c["id"] == "secret.write")["detail"]
+    write_detail = next(c for c in saved["checks"] if c["id"] == "secret.write")["detail"]
+    assert "pending" in write_detail and "accepted the write" in write_detail and "could not be read back" in write_detail
 
     back = secret_step(sandbox, runs / "3", overrides, rollback=True)
     assert back.results.status == "passed", [(c.id, c.status, c.detail) for c in back.results.checks]
