@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 from runbook_lib.checks.base import Check, CheckReport, define
 from runbook_lib.core.errors import ParameterError, PrefectApiError, ResultsError, RunbookError, SupabaseApiError
@@ -455,6 +455,16 @@ class EdgeSecret(Step):
                                                            "as it is now", settings=settings), exc)
             raise exc
 
+    def _write_failed(self, exc: SupabaseApiError, entry: dict[str, Any], state: str, unchanged: bool) -> NoReturn:
+        """Record the failed write with what the secret is known to hold (`state`), and raise `exc`. Known
+        unchanged: the change is finalised as not applied; else it stays pending, for a rollback."""
+        if unchanged:
+            self._finalise(entry, "not_applied")
+        detail = (f"{exc}; {state}" + ("" if unchanged else "; the change stays on record as pending: "
+                  "rollback=True restores the previous value from it"))
+        self.ctx.record_failure(WRITE.failed(detail, _access_remediation(exc.status), settings=self.settings), exc)
+        raise exc
+
     def _finalise(self, entry: dict[str, Any], status: str) -> None:
         """The second line of a write-ahead change: its outcome."""
         append_history(self.ctx.run_dir, {**entry, "status": status, "finalised_at": now().isoformat()})
@@ -489,23 +499,15 @@ class EdgeSecret(Step):
             }
             append_history(ctx.run_dir, entry)  # write-ahead: on record before the secret can change
             self.publish(change_id=entry["change_id"], change_status="pending")
-            written = False
             try:
                 supabase.upsert_secrets({the_plan.secret: the_plan.deployment_id}, mask_values=False)  # an id, no secret
-                written = True
-                after = supabase.secret_digests().get(the_plan.secret)
             except SupabaseApiError as exc:
-                if written:  # the read-back itself failed, after its retries: reading again would repeat them
-                    state, unchanged = (f"the API accepted the write of {the_plan.secret}, but it could not be read back "
-                                        "to verify it"), False
-                else:
-                    state, unchanged = _state_after_failure(supabase, the_plan)
-                if unchanged:
-                    self._finalise(entry, "not_applied")
-                detail = (f"{exc}; {state}" + ("" if unchanged else "; the change stays on record as pending: "
-                          "rollback=True restores the previous value from it"))
-                ctx.record_failure(WRITE.failed(detail, _access_remediation(exc.status), settings=settings), exc)
-                raise
+                self._write_failed(exc, entry, *_state_after_failure(supabase, the_plan))
+            try:
+                after = supabase.secret_digests().get(the_plan.secret)
+            except SupabaseApiError as exc:  # after the client's retries: reading again would only repeat them
+                self._write_failed(exc, entry, f"the API accepted the write of {the_plan.secret}, but it could not be "
+                                   "read back to verify it", False)
         retried = (f" after {len(waits)} retr{'y' if len(waits) == 1 else 'ies'} (waited {sum(waits):.1f}s as the API "
                    "asked)") if waits else ""
         self.publish(retries=len(waits))

@@ -59,6 +59,9 @@ def check_secret_value(name: str, value: str) -> None:
         raise SupabaseApiError(f"secret {name}: the value is longer than {MAX_VALUE_LENGTH} characters")
 
 
+MAX_ATTEMPTS = 6  # a request's attempts, unless the caller says otherwise (429 and 5xx are retried)
+
+
 class SupabaseManagementApi:
     def __init__(
         self,
@@ -67,7 +70,7 @@ class SupabaseManagementApi:
         project_ref: str,
         *,
         timeout: float = 30.0,
-        max_attempts: int = 6,
+        max_attempts: int = MAX_ATTEMPTS,
         max_wait: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ):

@@ -10,7 +10,6 @@ shared sandbox's secret is put back at the end of every test that changes it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError, SupabaseApiError
 from runbook_lib.steps import edge_secret
-from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
+from runbook_lib.systems.supabase import MAX_ATTEMPTS, SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from runbook_sandbox.faults import admin_headers
 from tests.conftest import wait_for
@@ -358,16 +357,15 @@ def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sa
             client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
         monkeypatch.undo()
     assert current_digest(sandbox) == secret_digest(a_id)  # the write happened
-    # One read-back, retried as the client retries (6 attempts); no second round of reads to learn the state
+    # One read-back, retried as the client retries (MAX_ATTEMPTS); no second round of reads to learn the state
     # the failed read-back could not tell (a persisting failure would make the user wait twice as long).
-    attempts = inspect.signature(SupabaseManagementApi).parameters["max_attempts"].default
 
     def failed_reads() -> list[dict[str, Any]] | None:  # a request's line is written once it is answered
         reads = [e for e in requests_since(sandbox, "supabase", mark)
                  if e["path"] == path and e["method"] == "GET" and e["status"] == 500]
-        return reads if len(reads) >= attempts else None
+        return reads if len(reads) >= MAX_ATTEMPTS else None
 
-    assert len(wait_for(failed_reads, 30, f"{attempts} failed reads in the request log")) == attempts
+    assert len(wait_for(failed_reads, 30, f"{MAX_ATTEMPTS} failed reads in the request log")) == MAX_ATTEMPTS
     lines = [json.loads(line) for line in (runs / "2" / edge_secret.HISTORY_FILE).read_text().splitlines()]
     assert [e["status"] for e in lines] == ["pending"]
     assert lines[0]["previous_digest"] == secret_digest(b_id) and lines[0]["previous_deployment_id"] == b_id
