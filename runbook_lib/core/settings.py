@@ -310,6 +310,9 @@ class SupabaseSettings(_Section):
     function_name: str = "trigger-prefect-orchestrator"
     deployment_id_secret: str = "PREFECT_DEPLOYMENT_ID"
     function_secrets: list[str] = Field(default_factory=list)
+    # Attempts per Management API request in step 04 (a 429 or 5xx is retried, waiting what `retry-after`
+    # or `x-ratelimit-reset` asks, else 0.5 s doubling: 6 attempts give up after about 15 s).
+    max_attempts: int = Field(default=6, ge=1, le=10)
 
     _check_urls = field_validator("api_url", "functions_url", "edge_function_url")(_http_url)
 

@@ -21,7 +21,7 @@ import httpx
 
 from runbook_lib.core.errors import SupabaseApiError
 from runbook_lib.core.secrets import redact, register_secret
-from runbook_lib.core.settings import RunbookSettings
+from runbook_lib.core.settings import RunbookSettings, SupabaseSettings
 
 MAX_NAME_LENGTH = 256
 MAX_VALUE_LENGTH = 24576
@@ -59,7 +59,8 @@ def check_secret_value(name: str, value: str) -> None:
         raise SupabaseApiError(f"secret {name}: the value is longer than {MAX_VALUE_LENGTH} characters")
 
 
-MAX_ATTEMPTS = 6  # a request's attempts, unless the caller says otherwise (429 and 5xx are retried)
+# A request's attempts (429 and 5xx are retried) unless the caller says otherwise: supabase.max_attempts's default.
+MAX_ATTEMPTS: int = SupabaseSettings.model_fields["max_attempts"].default
 
 
 class SupabaseManagementApi:
@@ -90,7 +91,10 @@ class SupabaseManagementApi:
 
     @classmethod
     def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "SupabaseManagementApi":
+        """A client for the settings' project; its attempts per request are supabase.max_attempts unless
+        `max_attempts` is passed (a check's shorter budget)."""
         settings.require("supabase.api_url", "supabase.access_token", "supabase.project_ref")
+        kwargs.setdefault("max_attempts", settings.supabase.max_attempts)
         return cls(
             settings.value("supabase.api_url"), settings.value("supabase.access_token"),
             settings.value("supabase.project_ref"), **kwargs,

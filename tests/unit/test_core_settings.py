@@ -99,6 +99,8 @@ MATRIX: dict[str, Bad] = {
                            env={"RUNBOOK_E2E__ITEM_COUNT": "0"}),
     "pip_package_invalid": Bad(("deployment.pip_packages", f"{ENV} RUNBOOK_DEPLOYMENT__PIP_PACKAGES", "invalid pip requirement"),
                                env={"RUNBOOK_DEPLOYMENT__PIP_PACKAGES": '["requests==="]'}),
+    "supabase_attempts_zero": Bad(("supabase.max_attempts", f"{ENV} RUNBOOK_SUPABASE__MAX_ATTEMPTS", "greater than or equal to 1"),
+                                  env={"RUNBOOK_SUPABASE__MAX_ATTEMPTS": "0"}),
     "override_of_no_setting": Bad(("RUNBOOK_DEPLOYMENT__NAMEE", "does not name a setting"),
                                   env={"RUNBOOK_DEPLOYMENT__NAMEE": "x"}),
     "override_of_a_secret": Bad(("RUNBOOK_PREFECT__API_KEY", "is a secret", "PREFECT_API_KEY"),

@@ -42,3 +42,17 @@ def test_supabase_retry_delay_honours_the_rate_limit_headers():
     assert 8 <= delay({"x-ratelimit-reset": str(int(time.time() * 1000) + 10000)}) <= 10
     assert 0.5 <= delay({}) <= 0.6
     api.close()
+
+
+def test_the_attempts_per_request_are_the_settings_unless_the_caller_sets_its_own(make_settings):
+    from runbook_lib.systems.supabase import MAX_ATTEMPTS, SupabaseManagementApi
+
+    environ = {"SUPABASE_ACCESS_TOKEN": "sbp_token0123456789", "SUPABASE_PROJECT_REF": "abcdefghijklmnopqrst",
+               "SUPABASE_API_URL": "http://127.0.0.1:9"}  # nothing listens: every attempt is refused
+    for extra, kwargs, attempts in [({}, {}, MAX_ATTEMPTS), ({"RUNBOOK_SUPABASE__MAX_ATTEMPTS": "2"}, {}, 2),
+                                    ({"RUNBOOK_SUPABASE__MAX_ATTEMPTS": "2"}, {"max_attempts": 3}, 3)]:
+        waits: list[float] = []
+        with SupabaseManagementApi.from_settings(make_settings({**environ, **extra}), sleep=waits.append, **kwargs) as api:
+            with pytest.raises(SupabaseApiError, match="cannot reach http://127.0.0.1:9"):
+                api.secret_digests()
+        assert len(waits) == attempts - 1, (extra, kwargs, waits)  # a wait between two attempts

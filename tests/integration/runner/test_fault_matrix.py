@@ -75,9 +75,11 @@ def environment(sandbox, flow_branch: bool = True) -> dict[str, str]:
     return dict(os.environ, RUNBOOK_SANDBOX_DIR=str(sandbox.state), **(KERNEL_ENV if flow_branch else {}))
 
 
-def run(sandbox, tmp_path: Path, *args: str, flow_branch: bool = True, timeout: float = 600) -> Outcome:
+def run(sandbox, tmp_path: Path, *args: str, flow_branch: bool = True, timeout: float = 600,
+        env: dict[str, str] | None = None) -> Outcome:
     outputs = tmp_path / "outputs"
-    proc = subprocess.run(command(outputs, "fault", *args), cwd=PROJECT_ROOT, env=environment(sandbox, flow_branch),
+    proc = subprocess.run(command(outputs, "fault", *args), cwd=PROJECT_ROOT,
+                          env={**environment(sandbox, flow_branch), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     return Outcome(proc.returncode, proc.stdout + proc.stderr, outputs / "fault")
 
@@ -257,14 +259,17 @@ def test_prefect_503_once_is_retried_and_step_04_passes(sandbox, managed, sandbo
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("status, words", [(500, ("server error 500", "6 attempts")),
-                                            (429, ("rate limited (429)", "6 attempts")),
+@pytest.mark.parametrize("status, words", [(500, ("server error 500", "3 attempts")),
+                                            (429, ("rate limited (429)", "3 attempts")),
                                             (401, ("401", "SUPABASE_ACCESS_TOKEN"))])
 def test_supabase_api_errors_fail_step_04_at_the_read_and_change_nothing(sandbox, managed, pending_secret_change,
                                                                          sandbox_fault, tmp_path, status, words):
     since = marks(sandbox)
     with sandbox_fault("supabase_api", "error", status=status):
-        outcome = run(sandbox, tmp_path, "--only", "04", "-p", f"deployment_id={managed}")
+        # Three attempts, not the default six: the same retries, a tenth of the waiting (the default budget:
+        # tests/unit/test_systems_supabase.py).
+        outcome = run(sandbox, tmp_path, "--only", "04", "-p", f"deployment_id={managed}",
+                      env={"RUNBOOK_SUPABASE__MAX_ATTEMPTS": "3"})
     assert_failed_at(sandbox, outcome, SECRET_STEP, "management_api.access", *words)
     assert function_digest(sandbox) == pending_secret_change
     assert writes_since(sandbox, since) == {}
@@ -333,9 +338,9 @@ def test_worker_absent_fails_step_05_at_link_4(sandbox, settings, managed, datab
     outcome = None
     with worker_stopped(sandbox):
         try:
-            # Nothing serves the pool: the run never starts, however long 05 waits (test_e2e's 15 s).
+            # Nothing serves the pool: the run never starts, however long 05 waits (5 s, as in test_e2e).
             outcome = run(sandbox, tmp_path, "--only", "05", "-p", f"deployment_id={managed}", *E2E_FAST,
-                          "-p", "flow_run_timeout=15")
+                          "-p", "flow_run_timeout=5")
         finally:
             if outcome is not None and (outcome.run_dir / f"{E2E}.json").is_file():
                 cancel_runs_of(settings, outcome.results(E2E)["values"].get("flow_run_id"))

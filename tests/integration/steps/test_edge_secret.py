@@ -20,7 +20,7 @@ import pytest
 
 from runbook_lib.core.errors import ChecksFailed, NotConfirmed, RunbookError, SupabaseApiError
 from runbook_lib.steps import edge_secret
-from runbook_lib.systems.supabase import MAX_ATTEMPTS, SupabaseManagementApi, secret_digest
+from runbook_lib.systems.supabase import SupabaseManagementApi, secret_digest
 from runbook_sandbox.supabase import STALE_DEPLOYMENT_ID
 from runbook_sandbox.faults import admin_headers
 from tests.conftest import wait_for
@@ -39,6 +39,9 @@ from tests.integration.steps.test_deploy import (
 
 STEP = "04_update_edge_function_secret"
 SECRET = "PREFECT_DEPLOYMENT_ID"
+# For the persisting failures: the same retries as the default budget (6 attempts, ~15 s of backoff), a tenth
+# of the waiting. The default itself: tests/unit/test_systems_supabase.py.
+THREE_ATTEMPTS = {"supabase.max_attempts": 3}
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -234,8 +237,8 @@ def test_a_persisting_server_error_fails_the_step_and_leaves_the_secret_unchange
     path = f"/v1/projects/{sandbox.supabase.project_ref}/secrets"
     mark = log_mark(sandbox, "supabase")
     with fault(sandbox, path=path, method="POST", status=500, count=None):
-        with pytest.raises(SupabaseApiError, match="server error 500"):
-            secret_step(sandbox, tmp_path / "run", overrides, other_id)
+        with pytest.raises(SupabaseApiError, match="server error 500 after 3 attempts"):
+            secret_step(sandbox, tmp_path / "run", {**overrides, **THREE_ATTEMPTS}, other_id)
     writes = secret_writes(requests_since(sandbox, "supabase", mark))
     assert len(writes) > 1 and {e["status"] for e in writes} == {500}  # retried, never accepted
     saved = json.loads((tmp_path / "run" / f"{STEP}.json").read_text())
@@ -351,21 +354,23 @@ def test_a_failed_read_back_leaves_the_change_on_record_and_rollback_restores(sa
     mark = log_mark(sandbox, "supabase")
     try:
         with pytest.raises(SupabaseApiError):
-            secret_step(sandbox, runs / "2", a_overrides, a_id)
+            secret_step(sandbox, runs / "2", {**a_overrides, **THREE_ATTEMPTS}, a_id)
     finally:
         with management(sandbox) as client:
             client.delete("/_sandbox/faults", headers=admin_headers(sandbox)).raise_for_status()
         monkeypatch.undo()
     assert current_digest(sandbox) == secret_digest(a_id)  # the write happened
-    # One read-back, retried as the client retries (MAX_ATTEMPTS); no second round of reads to learn the state
-    # the failed read-back could not tell (a persisting failure would make the user wait twice as long).
+    # One read-back, retried as the client retries (supabase.max_attempts, 3 here); no second round of reads
+    # to learn the state the failed read-back could not tell (a persisting failure would make the user wait
+    # twice as long).
+    attempts = THREE_ATTEMPTS["supabase.max_attempts"]
 
     def failed_reads() -> list[dict[str, Any]] | None:  # a request's line is written once it is answered
         reads = [e for e in requests_since(sandbox, "supabase", mark)
                  if e["path"] == path and e["method"] == "GET" and e["status"] == 500]
-        return reads if len(reads) >= MAX_ATTEMPTS else None
+        return reads if len(reads) >= attempts else None
 
-    assert len(wait_for(failed_reads, 30, f"{MAX_ATTEMPTS} failed reads in the request log")) == MAX_ATTEMPTS
+    assert len(wait_for(failed_reads, 30, f"{attempts} failed reads in the request log")) == attempts
     lines = [json.loads(line) for line in (runs / "2" / edge_secret.HISTORY_FILE).read_text().splitlines()]
     assert [e["status"] for e in lines] == ["pending"]
     assert lines[0]["previous_digest"] == secret_digest(b_id) and lines[0]["previous_deployment_id"] == b_id
