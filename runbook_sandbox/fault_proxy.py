@@ -16,7 +16,8 @@ pipeline's database leaves the Prefect API answering, and the other way round.
 Faults, one per route (none: bytes pass untouched):
 - `down`: the port refuses connections (the listener is closed) and open connections are dropped;
 - `reset`: connections are accepted, then reset (RST), open ones too;
-- `slow`: every chunk, each way, and every new connection wait `delay_ms` (default 3000);
+- `slow`: every chunk, each way, and every new connection wait `delay_ms` (default 3000), or until the
+  fault is lifted or replaced;
 - `clear`: back to normal (the port listens again).
 The upstream port is read from `config.json` at each connection, so a restarted service is found.
 
@@ -103,6 +104,8 @@ class FaultProxy:
         self.faults: dict[str, dict] = {}
         self.servers: dict[str, asyncio.base_events.Server | None] = {name: None for name in ROUTES}
         self.connections: dict[str, set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]]] = {n: set() for n in ROUTES}
+        # Per route, set when its fault is lifted or replaced: what a slow fault holds goes on at once.
+        self.lifted: dict[str, asyncio.Event] = {}
 
     # -- configuration ---------------------------------------------------------------------------
     def upstream(self, route: str) -> tuple[str, int]:
@@ -149,6 +152,9 @@ class FaultProxy:
             self.faults.pop(route, None)
         else:
             self.faults[route] = fault
+        lifted = self.lifted.pop(route, None)
+        if lifted is not None:
+            lifted.set()
 
     async def start(self) -> None:
         for route in ROUTES:
@@ -165,13 +171,19 @@ class FaultProxy:
         fault = self.faults.get(route)
         return fault["delay_ms"] / 1000 if fault and fault["mode"] == "slow" else 0.0
 
+    async def _slow(self, route: str) -> None:
+        """Wait out a slow fault's delay, or less: until the fault is lifted or replaced."""
+        delay = self._delay(route)
+        if delay:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.lifted.setdefault(route, asyncio.Event()).wait(), delay)
+
     async def _serve(self, route: str, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        fault = self.faults.get(route)
+        await self._slow(route)
+        fault = self.faults.get(route)  # as it is now: a slow fault may have been replaced meanwhile
         if fault and fault["mode"] in ("reset", "down"):  # down: accepted just before the listener closed
             _reset(client_w)
             return
-        if self._delay(route):
-            await asyncio.sleep(self._delay(route))
         try:
             up_r, up_w = await asyncio.wait_for(asyncio.open_connection(*self.upstream(route)), UPSTREAM_CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
@@ -197,9 +209,7 @@ class FaultProxy:
                 data = await reader.read(CHUNK)
                 if not data:
                     return
-                delay = self._delay(route)
-                if delay:
-                    await asyncio.sleep(delay)
+                await self._slow(route)
                 writer.write(data)
                 await writer.drain()
 

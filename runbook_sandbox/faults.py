@@ -14,8 +14,8 @@ Services and how each is cut:
   and each new connection delayed `delay_ms`, default 3000), `clear`.
 - `supabase_api`, `edge_function` (one port, the Supabase stand-in): at the HTTP level, by path
   (`http_common.ServiceFaults`); modes `down` (503, the service's own "unavailable" answer), `reset`
-  (the connection drops mid-answer), `slow`, `error` (`status`, for `count` requests or until
-  cleared), `clear`.
+  (the connection drops mid-answer), `slow` (answered after `delay_ms`, or once the fault is
+  lifted), `error` (`status`, for `count` requests or until cleared), `clear`.
 - `prefect_api` also has `error` (`status`, `count`), answered by the Prefect gateway itself
   (`prefect_gateway.cloud_error`: Cloud's body and headers), e.g. `error --status 503 --count 1`.
 Each call returns once the fault is in effect. Faults live in the running processes: a restarted

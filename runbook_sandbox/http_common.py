@@ -23,8 +23,9 @@ Service faults (`ServiceFaults`, `/_sandbox/service-faults`): several services b
 Supabase Management API and the Edge Function) are cut one at a time by path prefix: `PUT
 /_sandbox/service-faults/{name} {"mode": "down" | "reset" | "slow" | "error" | "clear", "delay_ms"?,
 "status"?, "count"?}`. down: the service's own "unavailable" answer (503); reset: the headers, then
-the connection is dropped before the body; slow: answered after `delay_ms`; error: `status`, for
-`count` requests (null: until cleared). `GET` lists, `DELETE` clears them all.
+the connection is dropped before the body; slow: answered after `delay_ms`, or as soon as the fault is
+lifted or replaced (a lifted fault leaves no request to be answered later, in another test's time);
+error: `status`, for `count` requests (null: until cleared). `GET` lists, `DELETE` clears them all.
 
 Admin token (`AdminTokenMiddleware`): every `/_sandbox/*` path but `/_sandbox/health` needs the header
 `X-Sandbox-Token: <cfg.admin_token>` (401 otherwise). The runbook never calls these endpoints.
@@ -411,6 +412,14 @@ class ServiceFaults:
         self.error_answers = error_answers or {}
         self.modes = modes
         self.table: dict[str, dict] = {}
+        # Per service, set when its fault is lifted or replaced: the requests a delay still holds go on
+        # at once, under what is set now, so that a lifted fault leaves no request answered later.
+        self.lifted: dict[str, asyncio.Event] = {}
+
+    def _lift(self, name: str) -> None:
+        event = self.lifted.pop(name, None)
+        if event is not None:
+            event.set()
 
     def parse(self, name: str, spec: object) -> dict | None:
         if name not in self.prefixes:
@@ -434,16 +443,23 @@ class ServiceFaults:
 
     async def take(self, path: str):
         """The ASGI app answering this request when a fault of its service is set (None: no fault);
-        a slow fault waits here and lets the request through."""
+        a slow fault waits here and lets the request through. A delay ends early when the fault is
+        lifted or replaced: the request is then answered as what is set now says."""
         for name, fault in list(self.table.items()):
             if not any(path.startswith(p) for p in self.prefixes[name]):
                 continue
             if fault["count"] is not None:
                 fault["count"] -= 1
                 if fault["count"] <= 0:
-                    self.table.pop(name, None)
+                    self.table.pop(name, None)  # used up, not lifted: the requests it holds keep their delay
             if fault["delay_ms"]:
-                await asyncio.sleep(fault["delay_ms"] / 1000)
+                lifted = self.lifted.setdefault(name, asyncio.Event())
+                try:
+                    await asyncio.wait_for(lifted.wait(), fault["delay_ms"] / 1000)
+                except asyncio.TimeoutError:
+                    pass
+                else:
+                    return await self.take(path)
             mode = fault["mode"]
             if mode == "down":
                 status, body = self.down_answers[name]
@@ -462,6 +478,8 @@ class ServiceFaults:
         async def list_or_clear(request: Request) -> Response:
             if request.method == "DELETE":
                 cleared, self.table = len(self.table), {}
+                for name in list(self.lifted):
+                    self._lift(name)
                 return JSONResponse({"cleared": cleared})
             return JSONResponse(self.table)
 
@@ -475,6 +493,7 @@ class ServiceFaults:
                 self.table.pop(name, None)
             else:
                 self.table[name] = fault
+            self._lift(name)
             return JSONResponse({"service": name, "fault": fault})
 
         return [Route(SERVICE_FAULTS_PATH, list_or_clear, methods=["GET", "DELETE"]),

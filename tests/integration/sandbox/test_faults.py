@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -157,6 +158,32 @@ def test_slow_delays_every_exchange_and_clear_restores_speed(sandbox, sandbox_fa
     assert faults.active(state_dir=sandbox.state) == {}
     assert prefect_status(sandbox) == 200
     assert db_error(sandbox) is None
+
+
+def test_a_slow_fault_lifted_or_replaced_lets_what_it_holds_go_at_once(sandbox, sandbox_fault):
+    """A request held by a slow fault (the Supabase stand-in's, HTTP; the fault proxy's, TCP) is answered
+    when the fault is lifted, not a minute later (by then another test could be reading the request log),
+    and under what is set then."""
+    def held(probe) -> tuple[threading.Thread, list]:
+        answer: list = []
+        thread = threading.Thread(target=lambda: answer.append(probe(sandbox)), daemon=True)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive() and answer == []  # held: a request here is otherwise answered in milliseconds
+        return thread, answer
+
+    for service, probe in (("supabase_api", supabase_status), ("git", git_refs)):
+        with sandbox_fault(service, "slow", delay_ms=60_000):
+            thread, answer = held(probe)
+        lifted = time.monotonic()
+        thread.join(10)
+        assert answer == [200] and time.monotonic() - lifted < 5, (service, answer)
+
+    with sandbox_fault("supabase_api", "slow", delay_ms=60_000):
+        thread, answer = held(supabase_status)
+        faults.set_fault("supabase_api", "error", state_dir=sandbox.state, status=500)
+        thread.join(10)
+        assert answer == [500]  # the fault set now answers it
 
 
 def test_http_level_error_for_count_requests_then_fine(sandbox, sandbox_fault):
