@@ -176,13 +176,14 @@ def test_a_slow_fault_lifted_or_replaced_lets_what_it_holds_go_at_once(sandbox, 
         with sandbox_fault(service, "slow", delay_ms=60_000):
             thread, answer = held(probe)
         lifted = time.monotonic()
-        thread.join(10)
-        assert answer == [200] and time.monotonic() - lifted < 5, (service, answer)
+        thread.join(20)
+        # Well before the fault's minute (the probes give up after 10 s), with room for a busy machine.
+        assert answer == [200] and time.monotonic() - lifted < 15, (service, answer)
 
     with sandbox_fault("supabase_api", "slow", delay_ms=60_000):
         thread, answer = held(supabase_status)
         faults.set_fault("supabase_api", "error", state_dir=sandbox.state, status=500)
-        thread.join(10)
+        thread.join(20)
         assert answer == [500]  # the fault set now answers it
 
 
