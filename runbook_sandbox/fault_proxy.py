@@ -48,7 +48,7 @@ from starlette.routing import Route
 from runbook_lib.core import processes
 
 from .config import SandboxConfig, config_from_argv
-from .http_common import DEFAULT_SLOW_MS, AdminTokenMiddleware, BadRequest, HTTPProblem, RequestLog, json_body
+from .http_common import DEFAULT_SLOW_MS, AdminTokenMiddleware, BadRequest, HTTPProblem, Lifts, RequestLog, json_body
 from .service import ServiceDef
 
 MODES = ("down", "reset", "slow", "clear")
@@ -104,8 +104,7 @@ class FaultProxy:
         self.faults: dict[str, dict] = {}
         self.servers: dict[str, asyncio.base_events.Server | None] = {name: None for name in ROUTES}
         self.connections: dict[str, set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]]] = {n: set() for n in ROUTES}
-        # Per route, set when its fault is lifted or replaced: what a slow fault holds goes on at once.
-        self.lifted: dict[str, asyncio.Event] = {}
+        self.lifts = Lifts()  # a lifted or replaced fault's delays end at once
 
     # -- configuration ---------------------------------------------------------------------------
     def upstream(self, route: str) -> tuple[str, int]:
@@ -152,9 +151,7 @@ class FaultProxy:
             self.faults.pop(route, None)
         else:
             self.faults[route] = fault
-        lifted = self.lifted.pop(route, None)
-        if lifted is not None:
-            lifted.set()
+        self.lifts.lift(route)
 
     async def start(self) -> None:
         for route in ROUTES:
@@ -175,8 +172,7 @@ class FaultProxy:
         """Wait out a slow fault's delay, or less: until the fault is lifted or replaced."""
         delay = self._delay(route)
         if delay:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.lifted.setdefault(route, asyncio.Event()).wait(), delay)
+            await self.lifts.delay(route, delay)
 
     async def _serve(self, route: str, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         await self._slow(route)

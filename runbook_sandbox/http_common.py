@@ -264,6 +264,33 @@ class RateLimiter:
 # -- faults ----------------------------------------------------------------------------------------
 
 
+class Lifts:
+    """What a slow fault holds, released when the fault is lifted or replaced: a delay is waited out with
+    `delay(key, seconds)` (True when the fault of `key` was lifted meanwhile), and `lift(key)` ends every
+    delay of `key` at once. So a lifted fault leaves nothing to be answered later, in another test's time.
+    Used by `ServiceFaults` (key: a service) and the fault proxy (key: a route)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    async def delay(self, key: str, seconds: float) -> bool:
+        event = self._events.setdefault(key, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def lift(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def lift_all(self) -> None:
+        for key in list(self._events):
+            self.lift(key)
+
+
 class Faults:
     """The table of a stand-in's injected faults behind `/_sandbox/faults`: `GET` lists, `DELETE`
     clears; a kind adds how faults are set (`_set_routes`) and how they are listed (`listing`).
@@ -412,14 +439,7 @@ class ServiceFaults:
         self.error_answers = error_answers or {}
         self.modes = modes
         self.table: dict[str, dict] = {}
-        # Per service, set when its fault is lifted or replaced: the requests a delay still holds go on
-        # at once, under what is set now, so that a lifted fault leaves no request answered later.
-        self.lifted: dict[str, asyncio.Event] = {}
-
-    def _lift(self, name: str) -> None:
-        event = self.lifted.pop(name, None)
-        if event is not None:
-            event.set()
+        self.lifts = Lifts()  # a lifted or replaced fault's delays end at once: answered under what is set now
 
     def parse(self, name: str, spec: object) -> dict | None:
         if name not in self.prefixes:
@@ -452,14 +472,8 @@ class ServiceFaults:
                 fault["count"] -= 1
                 if fault["count"] <= 0:
                     self.table.pop(name, None)  # used up, not lifted: the requests it holds keep their delay
-            if fault["delay_ms"]:
-                lifted = self.lifted.setdefault(name, asyncio.Event())
-                try:
-                    await asyncio.wait_for(lifted.wait(), fault["delay_ms"] / 1000)
-                except asyncio.TimeoutError:
-                    pass
-                else:
-                    return await self.take(path)
+            if fault["delay_ms"] and await self.lifts.delay(name, fault["delay_ms"] / 1000):
+                return await self.take(path)
             mode = fault["mode"]
             if mode == "down":
                 status, body = self.down_answers[name]
@@ -478,8 +492,7 @@ class ServiceFaults:
         async def list_or_clear(request: Request) -> Response:
             if request.method == "DELETE":
                 cleared, self.table = len(self.table), {}
-                for name in list(self.lifted):
-                    self._lift(name)
+                self.lifts.lift_all()
                 return JSONResponse({"cleared": cleared})
             return JSONResponse(self.table)
 
@@ -493,7 +506,7 @@ class ServiceFaults:
                 self.table.pop(name, None)
             else:
                 self.table[name] = fault
-            self._lift(name)
+            self.lifts.lift(name)
             return JSONResponse({"service": name, "fault": fault})
 
         return [Route(SERVICE_FAULTS_PATH, list_or_clear, methods=["GET", "DELETE"]),
