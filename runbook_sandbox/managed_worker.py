@@ -1,8 +1,11 @@
 """The worker behind the `prefect:managed` pool `managed-production`: Prefect Cloud's managed
 execution, on loopback.
 
-A ProcessWorker subclass of type `prefect:managed`, polling through the Cloud-shaped gateway with
-the API key like any Cloud client. For each run it does what the managed infrastructure does:
+A ProcessWorker subclass of type `prefect:managed`, talking to the Cloud-shaped gateway with the API
+key like any Cloud client. It picks a run up as the run is scheduled: it follows the pool's events
+(`/events/out`: a flow run Scheduled, the pool or a queue ready again) and asks for the pool's runs at
+each, with Prefect's own poll every few seconds as the fallback (`pick_up_on_events`). For each run it
+does what the managed infrastructure does:
 
 1. Prefect's templating resolves the job variables, `{{ prefect.blocks.secret.* }}` placeholders
    in `env` included; a missing Secret block fails the submission, so the run ends CRASHED with
@@ -107,7 +110,8 @@ def worker_env(cfg: SandboxConfig) -> dict[str, str]:
         # Flow runs' working directories, clones and run manifests (which hold the run's resolved
         # environment, secrets included) stay in the sandbox's state, even after a kill.
         "TMPDIR": str(tmp),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # The fallback poll: runs are picked up on their events (`pick_up_on_events`).
+        "PREFECT_WORKER_QUERY_SECONDS": str(FALLBACK_QUERY_SECONDS),
         "PREFECT_WORKER_PREFETCH_SECONDS": "2",
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
         "PREFECT_LOGGING_LEVEL": "INFO",
@@ -171,6 +175,58 @@ async def wait_for_pool(cfg: SandboxConfig, timeout: float = POOL_WAIT_SECONDS) 
     raise SystemExit(f"managed worker: the pool {cfg.prefect.work_pool} did not appear within {timeout:.0f}s ({last})")
 
 
+# What makes the worker ask for the pool's runs at once: one of its runs scheduled, the pool or one of
+# its queues becoming ready (or not ready: resumed while no worker is online). The pool is matched by
+# name, so a pool deleted and created again is still followed.
+PICKUP_EVENTS = [
+    "prefect.flow-run.Scheduled",
+    "prefect.work-pool.ready", "prefect.work-pool.not-ready",
+    "prefect.work-queue.ready", "prefect.work-queue.not-ready",
+]
+FALLBACK_QUERY_SECONDS = 5
+RESUBSCRIBE_SECONDS = (1.0, 10.0)  # the wait before subscribing again: doubled from the first to the second
+
+
+def pickup_filter(pool: str) -> Any:
+    """The events `pick_up_on_events` follows: PICKUP_EVENTS about the pool named `pool`."""
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+
+    return EventFilter(
+        event=EventNameFilter(name=PICKUP_EVENTS),
+        any_resource=EventAnyResourceFilter(id_prefix=["prefect.work-pool."],
+                                            labels={"prefect.resource.name": pool}),
+    )
+
+
+async def pick_up_on_events(worker: Any, pool: str) -> None:
+    """Ask for the pool's runs whenever one of its runs is scheduled (or the pool is ready again), so a
+    run starts within the event's ~0.1 s instead of the poll's interval; Prefect's poll (every
+    FALLBACK_QUERY_SECONDS) still picks up what an event did not announce. A lost subscription is
+    made again (Prefect's subscriber replays what it missed); a failed request is left to the poll."""
+    from prefect.events.clients import get_events_subscriber
+
+    wait = RESUBSCRIBE_SECONDS[0]
+    while True:
+        try:
+            async with get_events_subscriber(filter=pickup_filter(pool)) as events:
+                wait = RESUBSCRIBE_SECONDS[0]
+                print(f"managed_worker: following {pool}'s events for pickups", flush=True)
+                async for event in events:
+                    try:
+                        runs = await worker.get_and_submit_flow_runs()
+                    except Exception as exc:  # noqa: BLE001 - the poll asks again
+                        print(f"managed_worker: pickup on {event.event} failed ({type(exc).__name__}); "
+                              f"the poll asks again", flush=True)
+                        continue
+                    print(f"managed_worker: on {event.event} ({event.resource.id}) picked up "
+                          + (", ".join(str(r.id) for r in runs) or "nothing new"), flush=True)
+        except Exception as exc:  # noqa: BLE001 - subscribe again; the poll covers the gap
+            print(f"managed_worker: events of {pool} lost ({type(exc).__name__}: {str(exc)[:200]}); "
+                  f"subscribing again in {wait:.0f}s", flush=True)
+        await anyio.sleep(wait)
+        wait = min(wait * 2, RESUBSCRIBE_SECONDS[1])
+
+
 async def serve(cfg: SandboxConfig) -> None:
     began = time.monotonic()
     without_iri_formats()
@@ -190,7 +246,10 @@ async def serve(cfg: SandboxConfig) -> None:
         create_pool_if_not_found=False,
         blocked_modules_file=blocked,
     )
-    await worker.start()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(pick_up_on_events, worker, cfg.prefect.work_pool)
+        await worker.start()
+        tasks.cancel_scope.cancel()
 
 
 SERVICE = ServiceDef(

@@ -457,7 +457,8 @@ def test_paused_pool_holds_runs_until_resumed(sandbox, api, deployments):
             lines = [json.loads(line) for line in requests.read_text().splitlines()[seen:]]
             return sum(1 for line in lines if line["path"].endswith(f"/{pool}/get_scheduled_flow_runs"))
 
-        wait_for(lambda: polls() >= 5, 60, "five polls of the paused pool by the worker")
+        # The worker asks at the run's Scheduled event, then at its fallback poll (every few seconds).
+        wait_for(lambda: polls() >= 2, 60, "two requests for the paused pool's runs by the worker")
         held = api.get(f"flow_runs/{run['id']}").json()
         assert held["state"]["type"] == "SCHEDULED", held["state"]
         assert "submitting flow run" not in run_logs(api, run["id"])
@@ -465,6 +466,88 @@ def test_paused_pool_holds_runs_until_resumed(sandbox, api, deployments):
         assert api.patch(pool, json={"is_paused": False}).status_code == 204
     final = wait_for_state(api, run["id"], FINAL_STATES, timeout=180)
     assert final["state"]["type"] == "COMPLETED", final["state"]
+
+
+PICKUP_SCRIPT = r"""
+import asyncio, contextlib, io, json, sys
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from runbook_sandbox.managed_worker import pick_up_on_events
+
+followed, other = sys.argv[1], sys.argv[2]
+
+
+class Worker:
+    # What pick_up_on_events asks of the managed worker, counted.
+    asked = 0
+
+    async def get_and_submit_flow_runs(self):
+        Worker.asked += 1
+        return []
+
+
+async def until(predicate, what, timeout=60.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@flow(name="pickup-probe")
+def probe():
+    pass
+
+
+async def main():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        follower = asyncio.create_task(pick_up_on_events(Worker(), followed))
+        await until(lambda: "following" in out.getvalue(), "the subscription")
+        async with get_client() as client:
+            for pool in (followed, other):
+                await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            flow_id = await client.create_flow(probe)
+            runs = {}
+            for pool in (other, followed):
+                deployment = await client.create_deployment(flow_id=flow_id, name=f"probe-{pool}", work_pool_name=pool)
+                runs[pool] = str((await client.create_flow_run_from_deployment(deployment)).id)
+            await until(lambda: runs[followed] in out.getvalue(), "the followed pool's run")
+            paused_at = len(out.getvalue().splitlines())
+            await client.update_work_pool(followed, WorkPoolUpdate(is_paused=True))
+            await client.update_work_pool(followed, WorkPoolUpdate(is_paused=False))
+            await until(lambda: len(out.getvalue().splitlines()) > paused_at, "the pool resumed")
+            for pool in (followed, other):
+                await client.delete_work_pool(pool)
+        follower.cancel()
+    print(json.dumps({"lines": out.getvalue().splitlines(), "runs": runs, "paused_at": paused_at,
+                      "asked": Worker.asked}))
+
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_managed_worker_asks_for_runs_on_its_pools_events_only(sandbox_env, client_home):
+    """The worker's pick-up follows its pool's events through the gateway's `/events/out`: a run
+    scheduled on the pool, the pool resumed; not another pool's run, not the pause itself."""
+    suffix = os.urandom(3).hex()
+    followed, other = f"pickup-{suffix}", f"pickup-other-{suffix}"
+    proc = prefect_subprocess(sandbox_env, client_home, PICKUP_SCRIPT, followed, other, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines, runs = result["lines"], result["runs"]
+    assert lines[0] == f"managed_worker: following {followed}'s events for pickups"
+    asked = lines[1:]
+    assert any(f"on prefect.flow-run.Scheduled (prefect.flow-run.{runs[followed]}) picked up nothing new" == line
+               .removeprefix("managed_worker: ") for line in asked), lines
+    assert not any(runs[other] in line for line in lines), lines
+    after_pause = lines[result["paused_at"]:]
+    assert after_pause and all("prefect.work-pool.not-ready" in line for line in after_pause), lines
+    assert not any(word in line for line in lines for word in ("paused", "created", "deleted")), lines
+    assert result["asked"] == len(asked)
 
 
 @pytest.mark.timeout(120)
