@@ -101,6 +101,18 @@ def worker_home(cfg: SandboxConfig) -> str:
     return str(path)
 
 
+# What makes the worker ask for the pool's runs at once: one of its runs scheduled, the pool or one of
+# its queues becoming ready (or not ready: resumed while no worker is online). The pool is matched by
+# name, so a pool deleted and created again is still followed.
+PICKUP_EVENTS = [
+    "prefect.flow-run.Scheduled",
+    "prefect.work-pool.ready", "prefect.work-pool.not-ready",
+    "prefect.work-queue.ready", "prefect.work-queue.not-ready",
+]
+FALLBACK_QUERY_SECONDS = 5
+RESUBSCRIBE_SECONDS = (1.0, 10.0)  # the wait before subscribing again: doubled from the first to the second
+
+
 def worker_env(cfg: SandboxConfig) -> dict[str, str]:
     tmp = cfg.state / "prefect" / "worker" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -175,18 +187,6 @@ async def wait_for_pool(cfg: SandboxConfig, timeout: float = POOL_WAIT_SECONDS) 
     raise SystemExit(f"managed worker: the pool {cfg.prefect.work_pool} did not appear within {timeout:.0f}s ({last})")
 
 
-# What makes the worker ask for the pool's runs at once: one of its runs scheduled, the pool or one of
-# its queues becoming ready (or not ready: resumed while no worker is online). The pool is matched by
-# name, so a pool deleted and created again is still followed.
-PICKUP_EVENTS = [
-    "prefect.flow-run.Scheduled",
-    "prefect.work-pool.ready", "prefect.work-pool.not-ready",
-    "prefect.work-queue.ready", "prefect.work-queue.not-ready",
-]
-FALLBACK_QUERY_SECONDS = 5
-RESUBSCRIBE_SECONDS = (1.0, 10.0)  # the wait before subscribing again: doubled from the first to the second
-
-
 def pickup_filter(pool: str) -> Any:
     """The events `pick_up_on_events` follows: PICKUP_EVENTS about the pool named `pool`."""
     from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
@@ -196,6 +196,18 @@ def pickup_filter(pool: str) -> Any:
         any_resource=EventAnyResourceFilter(id_prefix=["prefect.work-pool."],
                                             labels={"prefect.resource.name": pool}),
     )
+
+
+async def _pick_up(worker: Any, event: Any) -> None:
+    """Ask for the pool's runs at `event`; one line of the log says what was picked up."""
+    try:
+        runs = await worker.get_and_submit_flow_runs()
+    except Exception as exc:  # noqa: BLE001 - the poll asks again
+        print(f"managed_worker: pickup on {event.event} failed ({type(exc).__name__}); the poll asks again",
+              flush=True)
+        return
+    print(f"managed_worker: on {event.event} ({event.resource.id}) picked up "
+          + (", ".join(str(r.id) for r in runs) or "nothing new"), flush=True)
 
 
 async def pick_up_on_events(worker: Any, pool: str) -> None:
@@ -212,14 +224,7 @@ async def pick_up_on_events(worker: Any, pool: str) -> None:
                 wait = RESUBSCRIBE_SECONDS[0]
                 print(f"managed_worker: following {pool}'s events for pickups", flush=True)
                 async for event in events:
-                    try:
-                        runs = await worker.get_and_submit_flow_runs()
-                    except Exception as exc:  # noqa: BLE001 - the poll asks again
-                        print(f"managed_worker: pickup on {event.event} failed ({type(exc).__name__}); "
-                              f"the poll asks again", flush=True)
-                        continue
-                    print(f"managed_worker: on {event.event} ({event.resource.id}) picked up "
-                          + (", ".join(str(r.id) for r in runs) or "nothing new"), flush=True)
+                    await _pick_up(worker, event)
         except Exception as exc:  # noqa: BLE001 - subscribe again; the poll covers the gap
             print(f"managed_worker: events of {pool} lost ({type(exc).__name__}: {str(exc)[:200]}); "
                   f"subscribing again in {wait:.0f}s", flush=True)
