@@ -114,13 +114,15 @@ class _WarmKernel:
         import nbformat
         from nbclient import NotebookClient
 
+        from runbook_lib.runner.kernel import KernelManager
+
         nb = nbformat.read(spec["input"], as_version=4)
         name = spec.get("kernel_name") or nb.metadata.get("kernelspec", {}).get("name")
         if not name:
             raise ValueError("No kernel name found in notebook and no override provided.")
         # timeout=None: the warm-up imports may take long on a busy machine; the runner's signals still stop it
         self.client = NotebookClient(nbformat.v4.new_notebook(), kernel_name=name, startup_timeout=START_TIMEOUT,
-                                     timeout=None)
+                                     timeout=None, kernel_manager_class=KernelManager)
         self.client.km = self.client.create_kernel_manager()
         self.km = self.client.km
         self.phases = phases
@@ -211,6 +213,8 @@ def execute_step(spec: dict[str, Any]) -> int:
                  "papermill starts one when the step is due")
     import papermill
 
+    from runbook_lib.runner.kernel import KernelManager
+
     phases["papermill_imported"] = time.time()
     if spec.get("prewarm"):
         if warm is not None:
@@ -233,7 +237,7 @@ def execute_step(spec: dict[str, Any]) -> int:
             spec["input"], spec["output"], parameters=spec["parameters"], cwd=spec["cwd"],
             kernel_name=spec["kernel_name"], execution_timeout=spec["execution_timeout"],
             progress_bar=False, log_output=False, request_save_on_cell_execute=True,
-            **({"km": warm.km} if warm is not None else {}),
+            kernel_manager_class=KernelManager, **({"km": warm.km} if warm is not None else {}),
         )
     except papermill.PapermillExecutionError as exc:
         result = {"ok": False, "error_type": exc.ename, "error": exc.evalue}

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import papermill
 from papermill.exceptions import PapermillExecutionError
 
+from runbook_lib.runner.kernel import KernelManager
 from tests.conftest import PROJECT_ROOT
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -81,6 +82,7 @@ def run_notebook(notebook: str, sandbox_dir: Path, run_dir: Path, parameters: di
             papermill.execute_notebook(
                 str(NOTEBOOKS / f"{notebook}.ipynb"), str(output), parameters={"run_dir": str(run_dir), **(parameters or {})},
                 cwd=str(NOTEBOOKS), kernel_name="python3", progress_bar=False, log_output=False, execution_timeout=timeout,
+                kernel_manager_class=KernelManager,
             )
         except PapermillExecutionError as exc:
             error = exc
