@@ -39,8 +39,8 @@ class ShellChannel(AsyncZMQSocketChannel):
     async def get_msg(self, timeout: float | None = None) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            left = POLL_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
-            if await self.socket.poll(int(min(POLL_SLICE, left) * 1000)):
+            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, max(0.0, deadline - time.monotonic()))
+            if await self.socket.poll(int(wait * 1000)):
                 return await self._recv()
             if deadline is not None and time.monotonic() >= deadline:
                 raise Empty
