@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 
 import pytest
 
@@ -75,8 +76,6 @@ class _TlsFront:
     relays the bytes, so the same Prefect API answers over HTTPS with this certificate."""
 
     def __init__(self, cert_file, key_file, upstream_port: int):
-        import threading
-
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert_file, key_file)
         self.upstream_port = upstream_port
@@ -150,8 +149,7 @@ def test_clients_share_one_tls_context_per_setting_and_verify_as_prefect_says(sa
             (tmp_path / "renewed").mkdir()
             renewed_cert, _ = _self_signed(tmp_path / "renewed")
             cert_file.write_bytes(renewed_cert.read_bytes())
-            renewed = tls_context()
-            assert renewed is not ours
+            assert tls_context() is not ours
             with pytest.raises(RunbookError, match="CERTIFICATE_VERIFY_FAILED"):
                 api.check_access()  # the front still presents the first certificate
         missing = tmp_path / "no-such-bundle.pem"
