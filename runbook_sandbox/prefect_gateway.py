@@ -59,7 +59,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from runbook_lib.core import processes
+from runbook_lib.core import processes, tls
 
 from .config import SandboxConfig, config_from_argv
 from .http_common import AdminTokenMiddleware, RequestLog, RequestLogMiddleware, ServiceFaults, bearer_token
@@ -360,6 +360,7 @@ def api(cfg: SandboxConfig) -> httpx.Client:
         base_url=cfg.prefect_api_url + "/",
         headers={"Authorization": f"Bearer {cfg.prefect.api_key}"},
         timeout=30,
+        verify=tls.httpx_default(),
     )
 
 

@@ -5,12 +5,12 @@ everything it started in that group. Processes may also carry a marker in their 
 (`INSTANCE_ENV=<value>`, inherited by their children): `processes_of` finds them by it and `sweep`
 kills them, even those that started a session of their own.
 
-The bottom layer: the standard library, psutil and httpx; nothing from runbook_lib or runbook_sandbox.
+The bottom layer: the standard library, psutil and httpx, and `core.tls` beside it; nothing else from
+runbook_lib, nothing from runbook_sandbox.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import socket
@@ -205,14 +205,16 @@ def http_health(url: str, timeout: float = 3.0) -> str | None:
     return None if r.status_code == 200 else f"{url} answered {r.status_code}"
 
 
-@functools.lru_cache(maxsize=1)
 def probe_tls() -> ssl.SSLContext:
-    """The TLS context of this process's probes, built once as httpx builds its default one (certifi's
-    bundle loaded): a request without one builds its own, ~20 ms of CPU, and a start polls each service
-    it waits for up to four times a second. The probes speak HTTP on loopback: no handshake uses it."""
-    import httpx
+    """The TLS context of this process's probes, shared (`core.tls`), as httpx builds it for a client
+    that ignores the environment (certifi's bundle): a request without one builds its own, ~20 ms of
+    CPU, and a start polls each service it waits for up to four times a second. The probes speak HTTP
+    on loopback: no handshake uses it."""
+    import certifi
 
-    return httpx.create_ssl_context(trust_env=False)
+    from runbook_lib.core import tls  # here, as httpx: the small stand-ins import this module, not ssl
+
+    return tls.verified(cafile=certifi.where())
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -22,7 +22,7 @@ import html
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import quote, quote_plus, unquote_to_bytes
 
 from runbook_lib.core.secrets import JWT, MIN_SECRET_LENGTH, jwt_role
@@ -46,6 +46,11 @@ _JWT = re.compile(JWT.pattern.encode())
 
 _BASE64_RUN = re.compile(rb"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{24,}={0,2}")
 _PERCENT_RUN = re.compile(rb"(?:[A-Za-z0-9._~+-]|%[0-9A-Fa-f]{2}){24,}")  # linear: no nested optional groups
+# Where a URL-encoded run can hold something encoded: the stretches of the bytes such runs are made of
+# around each `%xx` (a record is mostly runs of letters with no `%` in them: not decoded, so not matched).
+_PERCENT_HIT = re.compile(rb"%[0-9A-Fa-f]{2}")
+_STRETCH = re.compile(rb"[A-Za-z0-9._~+%-]*")
+_BEFORE_STRETCH = re.compile(rb"(?s).*[^A-Za-z0-9._~+%-]")  # up to the last byte outside a stretch
 
 
 def _shaped(data: bytes) -> list[str]:
@@ -80,7 +85,7 @@ def _mask_shapes(data: bytes, names: list[str]) -> bytes:
             if f"{label} (URL-encoded)" not in names:
                 names.append(f"{label} (URL-encoded)")
         return f"[redacted:{labels[0]} (URL-encoded)]".encode() if labels else run
-    data = _PERCENT_RUN.sub(percent, data)
+    data = _in_percent_stretches(data, lambda stretch: _PERCENT_RUN.sub(percent, stretch))
     for label, pattern in SHAPES:
         data, hits = pattern.subn(f"[redacted:{label}]".encode(), data)
         if hits and label not in names:
@@ -95,6 +100,28 @@ def _mask_shapes(data: bytes, names: list[str]) -> bytes:
             names.append(label)
         return f"[redacted:{label}]".encode()
     return _JWT.sub(jwt, data)
+
+
+def _in_percent_stretches(data: bytes, change: Callable[[bytes], bytes]) -> bytes:
+    """`data` with `change` applied to each maximal stretch of URL-run bytes (letters, digits,
+    `._~+-%`) that holds a `%xx`, the rest as it is. No `_PERCENT_RUN` match crosses a stretch's
+    ends, so `_PERCENT_RUN.sub` over the stretches finds what it finds over the whole `data`."""
+    pieces, done = [], 0
+    for hit in _PERCENT_HIT.finditer(data):
+        if hit.start() < done:
+            continue  # in the stretch just changed
+        start, window = hit.start(), 256
+        while True:  # back to the byte after the last one outside the stretch (a window in C, widened)
+            low = max(done, hit.start() - window)
+            before = _BEFORE_STRETCH.match(data, low, hit.start())
+            if before is not None or low == done:
+                start = before.end() if before is not None else low
+                break
+            window *= 4
+        end = _STRETCH.match(data, hit.start()).end()
+        pieces += [data[done:start], change(data[start:end])]
+        done = end
+    return b"".join(pieces + [data[done:]]) if pieces else data
 
 
 def _html_forms(text: str) -> set[str]:

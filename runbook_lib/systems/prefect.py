@@ -13,8 +13,6 @@ URL) for the APIs that take no client (`flow.from_source(...).deploy()`, `Secret
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from uuid import UUID
 
 import httpx
 
+from runbook_lib.core import tls
 from runbook_lib.core.aio import run_sync
 from runbook_lib.core.errors import PrefectApiError
 from runbook_lib.core.secrets import redact, register_secret
@@ -244,31 +243,17 @@ class LogLine:
 
 
 def tls_context() -> ssl.SSLContext:
-    """The TLS context of this process's Prefect clients, built by Prefect's own rules for its client
+    """The TLS context of this process's Prefect clients, by Prefect's own rules for its client
     (`PREFECT_API_TLS_INSECURE_SKIP_VERIFY`: no verification; else `PREFECT_API_SSL_CERT_FILE`, else
-    certifi's bundle), read at each call, and kept per setting and file: a client given a context uses it
-    as it is, and loading the CA bundle is 25-35 ms of CPU, which every call paid when each client built
-    its own (a call's client side is ~5 ms without it). A changed certificate file (its size or its
-    modification time) is loaded again."""
+    certifi's bundle), read at each call and shared (`core.tls`): every call paid 25-35 ms of CPU
+    loading the CA bundle when each client built its own (a call's client side is ~5 ms without it)."""
     from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
 
     if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
-        return _tls_context(None)
+        return tls.unverified()
     import certifi
 
-    cert_file = PREFECT_API_SSL_CERT_FILE.value() or certifi.where()
-    stat = os.stat(cert_file)  # a missing file: FileNotFoundError, naming it
-    return _tls_context(cert_file, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _tls_context(cert_file: str | None, *_version: int) -> ssl.SSLContext:
-    if cert_file is None:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    return ssl.create_default_context(cafile=cert_file)
+    return tls.verified(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
 
 
 async def _or_none(awaitable: Awaitable[T]) -> T | None:

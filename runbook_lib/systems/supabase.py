@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import httpx
 
+from runbook_lib.core import tls
 from runbook_lib.core.errors import SupabaseApiError
 from runbook_lib.core.secrets import redact, register_secret
 from runbook_lib.core.settings import RunbookSettings, SupabaseSettings
@@ -87,6 +88,7 @@ class SupabaseManagementApi:
             base_url=self.api_url,
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
             timeout=timeout,
+            verify=tls.httpx_default(),  # httpx's own default, shared by the process's clients
         )
 
     @classmethod
@@ -231,7 +233,7 @@ def preflight_function(url: str, *, timeout: float = 20.0) -> FunctionAnswer:
     SupabaseApiError when the function's URL cannot be reached at all."""
     headers = {"Origin": "https://runbook.invalid", "Access-Control-Request-Method": "POST"}
     try:
-        response = httpx.options(url, headers=headers, timeout=timeout)
+        response = httpx.options(url, headers=headers, timeout=timeout, verify=tls.httpx_default())
     except httpx.HTTPError as exc:
         raise SupabaseApiError(f"OPTIONS {url}: cannot reach the Edge Function: {type(exc).__name__}: {exc}") from None
     message = _message(response, 200)
@@ -263,7 +265,8 @@ def invoke_edge_function(url: str, anon_key: str, body: dict[str, Any], *, timeo
     """POST `body` to the Edge Function as the database trigger does (`Authorization: Bearer <anon
     key>`); (status, the JSON answer or its text). A transport failure is a SupabaseApiError."""
     try:
-        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {anon_key}"}, timeout=timeout)
+        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {anon_key}"}, timeout=timeout,
+                              verify=tls.httpx_default())
     except httpx.HTTPError as exc:
         raise SupabaseApiError(f"POST {url}: cannot reach the Edge Function: {type(exc).__name__}: {exc}") from None
     try:

@@ -140,3 +140,23 @@ def test_an_unknown_service_role_key_url_encoded_and_a_url_encoded_known_value_a
     assert known[:12] not in text and encode(known)[:16] not in text, text  # the head of a known value too
     assert "eyJ" not in text, text
     assert "a JWT with role 'service_role' (by shape) (URL-encoded)" in {f.secret for f in scan.findings}
+
+
+def test_url_encoded_keys_are_masked_wherever_their_stretch_starts_and_plain_runs_stay(tmp_path: Path):
+    """The URL-encoded pass looks only at the stretches around a `%xx`: a key's run found at the start of a
+    file, at its end, after another one, and after letters long past the stretch's first look-back (300 and
+    5,000 characters glued to it), while long runs with no `%xx` and `%` signs that encode nothing stay."""
+    planted = sandbox_like_secrets()
+    key = planted["SUPABASE_SERVICE_ROLE_KEY"]
+    encoded = "".join(c if c.isalnum() else "%%%02X" % ord(c) for c in "k=" + key)
+    plain = "x" * 5_000
+    lines = [encoded + "&a=1", "width: 100%; " + plain, "a" * 300 + encoded, "b" * 5_000 + encoded + "%41" + encoded,
+             "50% done, 100%", "end " + encoded]
+    (tmp_path / "r.txt").write_text("\n".join(lines))
+    scan = scan_for_secrets(tmp_path, {})
+    assert {f.secret for f in scan.findings} == {"a JWT with role 'service_role' (by shape) (URL-encoded)"}
+    masked = (tmp_path / "r.txt").read_text().split("\n")
+    label = "[redacted:a JWT with role 'service_role' (by shape) (URL-encoded)]"
+    assert masked[0] == label + "&a=1"
+    assert masked[1] == lines[1] and masked[4] == lines[4]
+    assert masked[2] == label and masked[3] == label and masked[5] == "end " + label  # the glued letters went with it
