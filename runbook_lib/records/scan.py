@@ -110,7 +110,7 @@ def _in_percent_stretches(data: bytes, change: Callable[[bytes], bytes]) -> byte
     for hit in _PERCENT_HIT.finditer(data):
         if hit.start() < done:
             continue  # in the stretch just changed
-        start, window = hit.start(), 256
+        window = 256
         while True:  # back to the byte after the last one outside the stretch (a window in C, widened)
             low = max(done, hit.start() - window)
             before = _BEFORE_STRETCH.match(data, low, hit.start())

@@ -182,3 +182,24 @@ def test_repository_imports_follow_local_modules_and_feed_the_package_check():
     assert [(m.module, m.distribution) for m in missing] == [("sklearn", "scikit-learn")]
     missing = missing_imports([i.module for i in external], ["psycopg2-binary"], local_modules=local)
     assert {m.module for m in missing} == {"modal", "sklearn"}
+
+
+@pytest.mark.parametrize("ends", ["\n", "\r\n", "\r"])
+def test_source_segments_are_the_standard_librarys_whatever_the_line_ends_and_characters(ends):
+    """The segments (decorators, annotations, defaults) read from lines split once per source: for every
+    node of the orchestrator, with each kind of line end, non-ASCII text before and inside the nodes, a
+    form feed (not a line end for the parser) and a last line without an end, they are what
+    `ast.get_source_segment` gives, or the node unparsed where it gives nothing."""
+    import ast
+
+    from runbook_lib.source.flow import _segment
+
+    source = ORCHESTRATOR + (
+        '\n\x0c\n@flow(name="café-ünïcode")\ndef é(x: "ñ" = {"k": ("é",\n    1)}, *, y: int = (\n  2)) -> "ø":\n'
+        '    return "naïve"  # ✓\nz = [1,\n 2]')
+    source = source.replace("\r\n", "\n").replace("\n", ends)
+    tree = ast.parse(source)
+    nodes = [n for n in ast.walk(tree) if hasattr(n, "end_lineno")]
+    assert len(nodes) > 100
+    for node in nodes:
+        assert _segment(source, node) == (ast.get_source_segment(source, node) or ast.unparse(node)), ast.dump(node)[:200]
