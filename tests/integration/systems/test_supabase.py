@@ -75,9 +75,12 @@ def test_clients_share_one_tls_context_and_verify_as_httpx_does(sandbox_settings
         return SupabaseManagementApi(f"https://127.0.0.1:{front.port}", token, ref, max_attempts=1)
 
     try:
-        # SSL_CERT_FILE names the endpoint's certificate: the API answers over TLS; a second client loads nothing.
+        # SSL_CERT_FILE names the endpoint's certificate (and wins over SSL_CERT_DIR, here a directory without it):
+        # the API answers over TLS; a second client loads nothing.
+        other_dir = tmp_path / "other-certs"
+        other_dir.mkdir()
         monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
-        monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")
+        monkeypatch.setenv("SSL_CERT_DIR", str(other_dir))
         with api() as first:
             assert any(s.name == "SUPABASE_URL" for s in first.list_secrets())
         built = []
@@ -86,7 +89,7 @@ def test_clients_share_one_tls_context_and_verify_as_httpx_does(sandbox_settings
             second.list_secrets()
         assert built == [] and tls.httpx_default().verify_mode == ssl.CERT_REQUIRED
         # Without it, SSL_CERT_DIR: a directory holding the certificate (by its subject hash, as OpenSSL looks
-        # it up) verifies it, the system's does not; without either, certifi's bundle does not.
+        # it up) verifies it, one without it does not; without either, certifi's bundle does not.
         monkeypatch.delenv("SSL_CERT_FILE")
         hashed = tmp_path / "certs"
         hashed.mkdir()
@@ -96,7 +99,7 @@ def test_clients_share_one_tls_context_and_verify_as_httpx_does(sandbox_settings
         monkeypatch.setenv("SSL_CERT_DIR", str(hashed))
         with api() as client:
             client.list_secrets()
-        monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")
+        monkeypatch.setenv("SSL_CERT_DIR", str(other_dir))
         with api() as client, pytest.raises(SupabaseApiError, match="CERTIFICATE_VERIFY_FAILED"):
             client.list_secrets()
         monkeypatch.delenv("SSL_CERT_DIR")
