@@ -33,7 +33,7 @@ import anyio
 import httpx
 import psutil
 
-from runbook_lib.core.processes import probe_tls
+from runbook_lib.core import tls
 from runbook_lib.core.startup import no_collections_while_importing, without_iri_formats
 
 from .config import SandboxConfig, config_from_argv
@@ -148,7 +148,7 @@ def health(cfg: SandboxConfig) -> str | None:
             json={},
             headers={"Authorization": f"Bearer {cfg.prefect.api_key}"},
             timeout=5,
-            verify=probe_tls(),
+            verify=tls.verified(),
         )
     except httpx.HTTPError as exc:
         return f"gateway unreachable: {type(exc).__name__}"

@@ -17,12 +17,9 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import psutil
-
-if TYPE_CHECKING:
-    import ssl
 
 INSTANCE_ENV = "RUNBOOK_SANDBOX_INSTANCE"  # the default marker: the sandbox instance a process belongs to
 STOP_GRACE = 1.5  # seconds `stop` lets a process group end after its signal, before SIGKILL
@@ -196,25 +193,15 @@ def _wait_gone(procs: list[psutil.Process], timeout: float, leader: int | None =
 def http_health(url: str, timeout: float = 3.0) -> str | None:
     """A service's health probe: None when GET url answers 200, else a short reason. Loopback only,
     so proxy settings from the environment are ignored."""
-    import httpx  # here: the sandbox's small stand-ins import this module but not httpx
+    import httpx  # here: the sandbox's small stand-ins import this module but not httpx (nor ssl)
 
-    try:
-        r = httpx.get(url, timeout=timeout, trust_env=False, verify=probe_tls())
+    from runbook_lib.core import tls
+
+    try:  # one TLS context for every probe of the process (unused on plain HTTP, ~20 ms of CPU to build)
+        r = httpx.get(url, timeout=timeout, trust_env=False, verify=tls.verified())
     except httpx.HTTPError as exc:
         return f"no answer from {url}: {type(exc).__name__}"
     return None if r.status_code == 200 else f"{url} answered {r.status_code}"
-
-
-def probe_tls() -> ssl.SSLContext:
-    """The TLS context of this process's probes, shared (`core.tls`), as httpx builds it for a client
-    that ignores the environment (certifi's bundle): a request without one builds its own, ~20 ms of
-    CPU, and a start polls each service it waits for up to four times a second. The probes speak HTTP
-    on loopback: no handshake uses it."""
-    import certifi
-
-    from runbook_lib.core import tls  # here, as httpx: the small stand-ins import this module, not ssl
-
-    return tls.verified(cafile=certifi.where())
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

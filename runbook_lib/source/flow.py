@@ -213,7 +213,7 @@ def module_imports(tree: ast.Module) -> list[Import]:
         in_fn = _enclosing_function(node, parents) is not None
         if isinstance(node, ast.Import):
             out += [Import(a.name, node.lineno, 0, in_fn) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        else:  # ImportFrom
             if node.level:
                 base = "." * node.level + (node.module or "")
                 if node.module:

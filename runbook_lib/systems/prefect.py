@@ -251,9 +251,7 @@ def tls_context() -> ssl.SSLContext:
 
     if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
         return tls.unverified()
-    import certifi
-
-    return tls.verified(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+    return tls.verified(cafile=PREFECT_API_SSL_CERT_FILE.value())
 
 
 async def _or_none(awaitable: Awaitable[T]) -> T | None:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from runbook_lib.core.processes import probe_tls
+from runbook_lib.core import tls
 from runbook_lib.core.profiles import load_settings
 from runbook_lib.steps import deploy, e2e
 from runbook_lib.systems.database import Database
@@ -82,7 +82,7 @@ FUNCTION_SECRET = "PREFECT_DEPLOYMENT_ID"
 
 
 def management(sandbox) -> httpx.Client:
-    return httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False, verify=probe_tls(),
+    return httpx.Client(base_url=sandbox.supabase_api_url, timeout=30, trust_env=False, verify=tls.verified(),
                         headers={"Authorization": f"Bearer {sandbox.supabase.access_token}"})
 
 
