@@ -55,14 +55,18 @@ def _postgres_version() -> str:
     return subprocess.run([_bin("postgres"), "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _prefect_distributions() -> dict[str, str]:
-    """prefect and every installed prefect-* collection (their block types are registered too)."""
+@lru_cache(maxsize=1)
+def _prefect_distributions() -> tuple[tuple[str, str], ...]:
+    """prefect and every installed prefect-* collection (their block types are registered too), read
+    once per process like the Postgres version: reading every installed distribution's metadata costs
+    ~80 ms of CPU, and the key is asked for at every `entry()` (three times per fresh `up`, and at
+    every poll of whoever waits for a build)."""
     found = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
         if name == "prefect" or name.startswith("prefect-"):
             found[name] = dist.version
-    return dict(sorted(found.items()))
+    return tuple(sorted(found.items()))
 
 
 def key_inputs(user: str) -> dict:
@@ -75,7 +79,7 @@ def key_inputs(user: str) -> dict:
         "format": FORMAT,
         "postgres": _postgres_version(),
         "sql": sql.hexdigest(),
-        "prefect": _prefect_distributions(),
+        "prefect": dict(_prefect_distributions()),
         "superuser": user,
     }
 

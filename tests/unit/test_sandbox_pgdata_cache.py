@@ -1,14 +1,34 @@
-"""Pruning the sandbox's cached Postgres data directories (runbook_sandbox/pgdata_cache.py): what older
-builds and other checkouts left behind goes, what is in use or being built stays."""
+"""The sandbox's cached Postgres data directories (runbook_sandbox/pgdata_cache.py): their key, and
+pruning: what older builds and other checkouts left behind goes, what is in use or being built stays."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 
 from runbook_sandbox import pgdata_cache
+
+
+def test_the_key_names_the_installed_prefect_and_reads_the_distributions_once_per_process(tmp_path, monkeypatch):
+    """`entry()` is polled while a build runs: the key must not read every distribution's metadata again
+    at each call (~80 ms of CPU), and it still names what is installed."""
+    reads = []
+    real = importlib.metadata.distributions
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda *a, **kw: reads.append(1) or real(*a, **kw))
+    monkeypatch.setenv(pgdata_cache.CACHE_ENV, str(tmp_path))
+    pgdata_cache._prefect_distributions.cache_clear()
+    try:
+        keys = {pgdata_cache.cache_key("postgres") for _ in range(5)}
+        assert [pgdata_cache.entry("postgres") for _ in range(5)] == [None] * 5  # an empty cache
+        inputs = pgdata_cache.key_inputs("postgres")
+    finally:
+        pgdata_cache._prefect_distributions.cache_clear()
+    assert len(keys) == 1 and len(reads) == 1
+    assert inputs["prefect"]["prefect"] == importlib.metadata.version("prefect")
+    assert inputs["superuser"] == "postgres" and pgdata_cache.cache_key("pgserver") not in keys
 
 
 def _entry(root, key: str, used_at: float) -> None:
