@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from psycopg.rows import dict_row
 
 from runbook_lib.core.errors import DatabaseError
@@ -27,6 +29,9 @@ from runbook_lib.core.values import parse_dsn
 TRIGGER_NAME = "trigger_batch_ready"
 TRIGGER_FUNCTION = "public.notify_prefect_on_batch_insert"
 HTTP_POST_SIGNATURE = "net.http_post(text,jsonb,jsonb,jsonb,integer)"
+# Seconds a connection may take to open, unless the DSN's `connect_timeout` or PGCONNECT_TIMEOUT (libpq's own
+# ways) says otherwise: libpq's default is to wait for ever.
+CONNECT_TIMEOUT_SECONDS = 10
 ITEM_COLUMNS = ("company_name", "company_domain", "company_linkedin_url", "person_first_name",
                 "person_last_name", "person_linkedin_url", "person_title", "original_data")
 
@@ -65,16 +70,35 @@ class LaunchedBatch:
     launched_at: datetime | None = None  # the database's clock when the batch became PENDING
 
 
+def _chosen_connect_timeout(dsn: str) -> int | None:
+    """The connect timeout the DSN's `connect_timeout` or PGCONNECT_TIMEOUT names, in seconds as psycopg applies
+    it (libpq's rules: under 2 means 2; 0 or less no timeout, for which psycopg waits 130 s), or None when
+    neither names one. A value that is not a number is refused without quoting the DSN."""
+    try:
+        params = conninfo_to_dict(dsn)
+        if "connect_timeout" not in params and os.environ.get("PGCONNECT_TIMEOUT") is None:
+            return None
+        return timeout_from_conninfo(params)
+    except psycopg.Error:  # its message may quote the DSN
+        raise DatabaseError("the database URL's connect_timeout (or PGCONNECT_TIMEOUT) is not a number of seconds, "
+                            "or the URL does not parse as a libpq connection string") from None
+
+
 class Database:
-    def __init__(self, dsn: str, *, connect_timeout: int = 10):
+    def __init__(self, dsn: str, *, connect_timeout: int | None = None):
+        """`connect_timeout`: seconds; by default the DSN's `connect_timeout`, else PGCONNECT_TIMEOUT, else
+        CONNECT_TIMEOUT_SECONDS."""
         self._dsn = dsn
-        self.connect_timeout = connect_timeout
         try:
             parts = parse_dsn(dsn)
         except ValueError as exc:  # its message never quotes the DSN
             raise DatabaseError(f"the database URL {exc}") from None
         register_secret(parts.password, "DATABASE_PASSWORD")
         self.where = f"{parts.host}:{parts.port}/{parts.database}"
+        chosen = _chosen_connect_timeout(dsn) if connect_timeout is None else None
+        self.connect_timeout = connect_timeout or chosen or CONNECT_TIMEOUT_SECONDS
+        # Passed to psycopg only when the DSN and the environment name none: a keyword would override theirs.
+        self._connect_args = {} if chosen else {"connect_timeout": self.connect_timeout}
 
     @classmethod
     def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "Database":
@@ -83,9 +107,12 @@ class Database:
 
     def connect(self, *, autocommit: bool = True) -> psycopg.Connection:
         try:
-            return psycopg.connect(self._dsn, autocommit=autocommit, connect_timeout=self.connect_timeout, row_factory=dict_row)
+            return psycopg.connect(self._dsn, autocommit=autocommit, row_factory=dict_row, **self._connect_args)
         except psycopg.Error as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if isinstance(exc, psycopg.errors.ConnectionTimeout):
+                reason += (f" (after {self.connect_timeout} s: the URL's connect_timeout, else PGCONNECT_TIMEOUT, sets it; "
+                           f"{CONNECT_TIMEOUT_SECONDS} s when neither does)")
             raise DatabaseError(f"cannot connect to {self.where}: {redact(reason)}; check DATABASE_URL") from None
 
     def query(self, sql: str, params: Any = None) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration import notebook_runs
 from tests.integration.notebook_runs import Run, assert_no_secrets, secret_values
-from tests.integration.steps.test_prerequisites import ALL_CHECKS, STEP
+from tests.integration.steps.test_prerequisites import ALL_CHECKS, STEP, copied_sandbox_env
 
 DATABASE_SCHEMA = {"database.tables", "database.enums", "database.unique_constraint", "database.pg_net",
                    "database.trigger", "database.trigger_target", "database.trigger_secrets"}
@@ -78,13 +78,20 @@ def test_one_service_down_fails_exactly_its_checks(service, sandbox, sandbox_env
 
 
 @pytest.mark.timeout(400)
-def test_the_database_slow_past_the_connect_timeout_is_reported_as_the_database(sandbox, sandbox_fault, tmp_path):
-    """A database that answers too slowly (each exchange 15 s) is the database's failure too, not Prefect's."""
+def test_the_database_slow_past_the_connect_timeout_is_reported_as_the_database(sandbox, sandbox_env, sandbox_fault,
+                                                                                tmp_path):
+    """A database that answers too slowly (each exchange 15 s) is the database's failure too, not Prefect's;
+    the connect timeout is the one DATABASE_URL names (libpq's `connect_timeout`, 2 s here; 10 s when it
+    names none, tests/unit/test_systems_database.py), and the detail says which it was and what sets it."""
+    url = sandbox_env["DATABASE_URL"]
+    settings = copied_sandbox_env(sandbox, tmp_path, "DATABASE_URL", url + ("&" if "?" in url else "?") + "connect_timeout=2")
     with sandbox_fault("database", "slow", delay_ms=15000):
-        run = run_step01(sandbox, tmp_path)
+        run = notebook_runs.run_notebook(STEP, settings, tmp_path / "run", output=tmp_path / f"{STEP}.ipynb", timeout=180)
     assert run.ids("fail") == {"database.connect"}
     assert run.ids("skip") == {"database.block_dsn"} | DATABASE_SCHEMA
-    assert "timeout" in run.check("database.connect")["detail"].lower()
+    detail = run.check("database.connect")["detail"]
+    assert "connection timeout expired (after 2 s: the URL's connect_timeout" in detail, detail
+    assert_no_secrets(run, secret_values(sandbox, sandbox_env))
 
 
 # -- the step that uses the service --------------------------------------------------------------------
