@@ -95,10 +95,8 @@ class Database:
             raise DatabaseError(f"the database URL {exc}") from None
         register_secret(parts.password, "DATABASE_PASSWORD")
         self.where = f"{parts.host}:{parts.port}/{parts.database}"
-        chosen = _chosen_connect_timeout(dsn) if connect_timeout is None else None
-        self.connect_timeout = connect_timeout or chosen or CONNECT_TIMEOUT_SECONDS
-        # Passed to psycopg only when the DSN and the environment name none: a keyword would override theirs.
-        self._connect_args = {} if chosen else {"connect_timeout": self.connect_timeout}
+        # Resolved here and always passed: psycopg's keyword overrides the DSN's own parameter.
+        self.connect_timeout = connect_timeout or _chosen_connect_timeout(dsn) or CONNECT_TIMEOUT_SECONDS
 
     @classmethod
     def from_settings(cls, settings: RunbookSettings, **kwargs: Any) -> "Database":
@@ -107,7 +105,8 @@ class Database:
 
     def connect(self, *, autocommit: bool = True) -> psycopg.Connection:
         try:
-            return psycopg.connect(self._dsn, autocommit=autocommit, row_factory=dict_row, **self._connect_args)
+            return psycopg.connect(self._dsn, autocommit=autocommit, row_factory=dict_row,
+                                   connect_timeout=self.connect_timeout)
         except psycopg.Error as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if isinstance(exc, psycopg.errors.ConnectionTimeout):
