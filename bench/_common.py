@@ -3,7 +3,8 @@ results file each benchmark writes for `bench/report.py` (the one table `make be
 
 A benchmark uses the sandbox named by RUNBOOK_SANDBOX_DIR (or .sandbox/) when it is up, else starts
 one in a temporary directory and stops it at the end. Figures are whole-process wall times on this
-machine: quote medians, and the machine's load with them (`machine()`).
+machine: quote medians, and the machine's load and the host's speed with them (`machine()`): a
+benchmark calls `begin()` first, which starts the host probe; `record()` stops it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from runbook_lib.core import processes
 from runbook_lib.core.paths import project_root
 
 ROOT = project_root()
-LOAD_AT_START = os.getloadavg()[0]  # when the benchmark script started
 RESULTS_DIR = Path(os.environ.get("RUNBOOK_BENCH_RESULTS", ROOT / "outputs" / "bench"))
 
 
@@ -46,13 +46,69 @@ def fmt(s: dict | None, unit: str = "s", digits: int = 1) -> str:
     return f"{s['median']:.{digits}f} {unit} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f}, n={s['n']})"
 
 
+_START: dict = {}  # begin()'s readings
+
+
+class HostProbe:
+    """bench/_host_probe.py in a process of its own for the length of a benchmark: its samples (ms of CPU
+    time for a fixed loop, every 0.5 s) say how fast the host ran this guest meanwhile. Figures from two
+    runs compare only beside it: a smaller probe is a faster host."""
+
+    SCRIPT = Path(__file__).resolve().with_name("_host_probe.py")
+
+    def __init__(self) -> None:
+        self._out = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen([sys.executable, str(self.SCRIPT)], stdin=subprocess.PIPE, stdout=self._out,
+                                      stderr=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+        self.samples: list[float] | None = None
+
+    def stop(self) -> list[float]:
+        """Stop it (its stdin closed, killed after 5 s) and return its samples."""
+        if self.samples is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._out.seek(0)
+            self.samples = [float(line) for line in self._out.read().split()]
+            self._out.close()
+        return self.samples
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks of the machine so far (/proc/stat): time the hypervisor gave our
+    virtual CPUs' turns to someone else."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def begin() -> None:
+    """A benchmark's first call: the load and the CPU ticks at its start, and the host probe, which
+    samples until `record()`."""
+    _START.update(load=os.getloadavg()[0], ticks=_cpu_ticks(), probe=HostProbe())
+
+
 def machine() -> dict:
+    """The machine, its load at the benchmark's start (`begin()`), and since then the host's speed (the
+    probe's samples) and the share of CPU time the hypervisor stole."""
+    probe = stats(_START["probe"].stop()) if "probe" in _START else None
+    ticks, started = _cpu_ticks(), _START.get("ticks")
+    steal = (round(100 * (ticks[0] - started[0]) / (ticks[1] - started[1]), 1)
+             if ticks and started and ticks[1] > started[1] else None)
     return {
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_1m_at_start": round(LOAD_AT_START, 2),
+        "load_1m_at_start": None if "load" not in _START else round(_START["load"], 2),
+        "host_probe_ms": None if not probe or not probe["n"] else {k: round(v, 2) for k, v in probe.items()},
+        "steal_percent": steal,
         "python": platform.python_version(),
     }
 
@@ -74,7 +130,18 @@ def record(name: str, figures: list[dict], **extra) -> Path:
     data = {"benchmark": name, "at": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine(),
             "load_1m_at_end": round(os.getloadavg()[0], 2), "figures": figures, **extra}
     path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"  measured under: {conditions(data)}")
     return path
+
+
+def conditions(data: dict) -> str:
+    """A record's machine state in words: load at the start and end, the host probe, the steal."""
+    m = data["machine"]
+    probe, steal = m.get("host_probe_ms"), m.get("steal_percent")
+    return (f"load {m.get('load_1m_at_start')} -> {data.get('load_1m_at_end')}, "
+            + ("host probe n/a" if not probe else
+               f"host probe {probe['median']:.1f} ms ({probe['min']:.1f}-{probe['max']:.1f}, n={probe['n']})")
+            + f", steal {'n/a' if steal is None else f'{steal:g}%'}")
 
 
 # -- the sandbox ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
+from _common import begin, fmt, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
 from runbook import _at, step_phases  # noqa: E402
 
 STEP = "03_deploy"
@@ -76,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
+    begin()
     outputs = Path(tempfile.mkdtemp(prefix="runbook-bench-deploy-"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     step_walls, step_durations, bare_walls, ratios = [], [], [], []

@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
+from _common import begin, fmt, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
 
 E2E = "05_end_to_end_test"
 EVENTS = [  # (timeline key, label)
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--no-setup", action="store_true", help="the profile's deployment is already deployed")
     args = parser.parse_args()
+    begin()
     outputs = Path(tempfile.mkdtemp(prefix="runbook-bench-e2e-"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     timelines: list[dict] = []

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import record, sandbox, stats  # noqa: E402
+from _common import begin, record, sandbox, stats  # noqa: E402
 
 
 def command_line(outputs: Path) -> tuple[float, int]:
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--outputs-dir", type=Path, default=None)
     args = parser.parse_args()
+    begin()
     with sandbox() as state:
         os.environ["RUNBOOK_SANDBOX_DIR"] = str(state)  # for the command line's process and the in-process checks
         measure(args)

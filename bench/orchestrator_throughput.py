@@ -32,7 +32,7 @@ import psycopg2
 
 from runbook_lib.core.paths import project_root
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt, record, stats  # noqa: E402
+from _common import begin, fmt, record, stats  # noqa: E402
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 
@@ -192,6 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="(a) and (c): best of this many runs")
     parser.add_argument("--runs", type=int, default=3, help="whole measurements, reported as min/median/max")
     args = parser.parse_args()
+    begin()
     orch = load_orchestrator()
     runs = []
     with database() as dsn:

@@ -1,6 +1,8 @@
 """The one table of `make bench`: every figure the benchmarks recorded (outputs/bench/*.json), with its
 median, min, max and goal, and the machine and load they were measured under. `--markdown` prints the
-same as a Markdown table (the README's performance section).
+same as a Markdown table (the README's performance section). Figures from two runs compare only beside
+the host probe each benchmark records while it runs (bench/_host_probe.py: the CPU time of a fixed Python
+loop every 0.5 s; smaller is a faster host).
 
 Usage: python bench/report.py [--markdown]
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR  # noqa: E402
+from _common import RESULTS_DIR, conditions  # noqa: E402
 
 ORDER = ["sandbox_lifecycle", "runbook", "e2e_latency", "deploy_overhead", "orchestrator_throughput"]
 
@@ -37,8 +39,7 @@ def main() -> None:
     for name in [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]:
         data = found[name]
         m = data["machine"]
-        machines.append(f"{name}: {data['at']}, {m['cpus']} x {m['cpu']}, {m['memory_gib']} GiB, "
-                        f"load {m['load_1m_at_start']} -> {data.get('load_1m_at_end')}")
+        machines.append(f"{name}: {data['at']}, {m['cpus']} x {m['cpu']}, {m['memory_gib']} GiB, {conditions(data)}")
         for fig in data["figures"]:
             s, unit = fig["stats"], fig.get("unit", "")
             rows.append([name, fig["figure"], cell(s.get("median"), unit), cell(s.get("min"), unit),
@@ -55,7 +56,9 @@ def main() -> None:
         for row in [header, ["-" * w for w in widths], *rows]:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print()
-    print("Measured on (1-minute load average at the start and end of each benchmark):")
+    print("Measured on (1-minute load average at the start and end of each benchmark; while it ran, the host probe,")
+    print("the CPU time of a fixed Python loop, median (min-max), smaller is a faster host, and the share of CPU time")
+    print("the hypervisor stole):")
     for line in machines:
         print(f"  {line}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakRss, fmt, instance_id, mib, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
+from _common import PeakRss, begin, fmt, instance_id, mib, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
 
 
 def one_run(state: Path, outputs: Path, run_id: str) -> tuple[float, dict, float]:
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-warmup", action="store_true", help="count every run (the cache is already warm)")
     args = parser.parse_args()
+    begin()
     outputs = Path(tempfile.mkdtemp(prefix="runbook-bench-runs-"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     walls, peaks, statuses = [], [], []

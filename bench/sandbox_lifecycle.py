@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt, instance_id, mib, record, runbook_cli, sandbox_rss, stats  # noqa: E402
+from _common import begin, fmt, instance_id, mib, record, runbook_cli, sandbox_rss, stats  # noqa: E402
 
 from runbook_lib.core import processes  # noqa: E402
 
@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="fresh and warm cycles each")
     args = parser.parse_args()
+    begin()
     fresh, warm, downs, left, rss, nproc = [], [], [], [], [], []
     warm_state = Path()
     per_service: dict[str, dict[str, list[float]]] = {}

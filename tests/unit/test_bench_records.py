@@ -1,0 +1,102 @@
+"""The benchmarks' records and their one table (bench/_common.py, bench/report.py): every record carries
+the machine's load at its start and end and, while it ran, the host probe's samples (the CPU time of a
+fixed Python loop every 0.5 s, in a process of its own) and the share of CPU time the hypervisor stole:
+this machine's host runs the same code faster at some times than at others, and figures from two runs
+compare only beside it. A benchmark here is a small script run as `make bench` runs one, writing into a
+results directory of the test's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BENCH = PROJECT_ROOT / "bench"
+
+BENCHMARK = """
+import os
+import sys
+import time
+sys.path.insert(0, {bench!r})
+import _common
+from _common import begin, record, stats
+
+begin()
+print(_common._START["probe"].pid, flush=True)
+if {die!r}:
+    os._exit(3)  # gone before its record, as a benchmark that crashes or is killed
+time.sleep(1.6)  # the benchmark's own work, long enough for the probe's samples at 0, 0.5, 1.0 and 1.5 s
+record("tiny", [{{"figure": "tiny figure", "stats": stats([1.0, 2.0, 3.0]), "unit": "s", "goal": "<= 5 s"}}])
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def run(args: list[str], results: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RUNBOOK_BENCH_RESULTS": str(results)}, cwd=PROJECT_ROOT)
+
+
+def test_a_record_carries_the_host_probe_sampled_while_it_ran_and_the_table_prints_it(tmp_path: Path) -> None:
+    script = tmp_path / "tiny.py"
+    script.write_text(BENCHMARK.format(bench=str(BENCH), die=False))
+    results = tmp_path / "results"
+    done = run([str(script)], results)
+    assert done.returncode == 0, done.stderr
+    assert not running(int(done.stdout.split()[0])), "the probe outlived its benchmark"
+
+    machine = json.loads((results / "tiny.json").read_text())["machine"]
+    probe = machine["host_probe_ms"]
+    assert probe["n"] >= 3, machine  # sampled the whole time, not once
+    assert 0 < probe["min"] <= probe["median"] <= probe["max"] < 10_000, machine
+    assert isinstance(machine["load_1m_at_start"], float), machine
+    # /proc/stat's ticks moved between begin() and record(): a share of them, not a missing figure
+    assert isinstance(machine["steal_percent"], float) and 0 <= machine["steal_percent"] <= 100, machine
+
+    table = run([str(BENCH / "report.py")], results)
+    assert table.returncode == 0, table.stderr
+    assert re.search(r"tiny figure\s+2\.0\s+1\.0\s+3\.0\s+s\s+3\s+<= 5 s", table.stdout), table.stdout
+    line = next(l for l in table.stdout.splitlines() if l.strip().startswith("tiny:"))
+    assert (f"host probe {probe['median']:.1f} ms ({probe['min']:.1f}-{probe['max']:.1f}, n={probe['n']}), "
+            f"steal {machine['steal_percent']:g}%") in line, line
+    assert "smaller is a faster host" in table.stdout
+
+
+def test_the_probe_stops_when_its_benchmark_dies_before_recording(tmp_path: Path) -> None:
+    script = tmp_path / "dies.py"
+    script.write_text(BENCHMARK.format(bench=str(BENCH), die=True))
+    done = run([str(script)], tmp_path / "results")
+    assert done.returncode == 3, done.stderr
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30  # it notices its stdin closed within its 0.5 s interval
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(pid), "the probe outlived its benchmark"
+    assert not (tmp_path / "results" / "tiny.json").exists()
+
+
+def test_a_record_from_before_the_probe_prints_as_not_measured(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "old.json").write_text(json.dumps({
+        "benchmark": "old", "at": "2026-12-01 15:56:00 +0000", "load_1m_at_end": 0.5,
+        "machine": {"host": "vm", "cpus": 2, "cpu": "AMD EPYC", "memory_gib": 23.5, "load_1m_at_start": 0.4,
+                    "python": "3.11.7"},
+        "figures": [{"figure": "old figure", "stats": {"min": 1, "median": 1, "max": 1, "n": 1}, "unit": "s"}],
+    }))
+    table = run([str(BENCH / "report.py")], results)
+    assert table.returncode == 0, table.stderr
+    line = next(l for l in table.stdout.splitlines() if l.strip().startswith("old:"))
+    assert "load 0.4 -> 0.5, host probe n/a, steal n/a" in line, line
