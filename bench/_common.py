@@ -52,7 +52,8 @@ _START: dict = {}  # begin()'s readings
 class HostProbe:
     """bench/_host_probe.py in a process of its own for the length of a benchmark: its samples (ms of CPU
     time for a fixed loop, every 0.5 s) say how fast the host ran this guest meanwhile. Figures from two
-    runs compare only beside it: a smaller probe is a faster host."""
+    runs compare only beside it: a smaller probe is a faster host. The samples fall in two modes (the
+    host's two speeds), so their mean, not their median, follows the mix of the two."""
 
     SCRIPT = Path(__file__).resolve().with_name("_host_probe.py")
 
@@ -97,7 +98,8 @@ def begin() -> None:
 def machine() -> dict:
     """The machine, its load at the benchmark's start (`begin()`), and since then the host's speed (the
     probe's samples) and the share of CPU time the hypervisor stole."""
-    probe = stats(_START["probe"].stop()) if "probe" in _START else None
+    samples = _START["probe"].stop() if "probe" in _START else []
+    probe = {**stats(samples), "mean": statistics.fmean(samples)} if samples else None
     ticks, started = _cpu_ticks(), _START.get("ticks")
     steal = (round(100 * (ticks[0] - started[0]) / (ticks[1] - started[1]), 1)
              if ticks and started and ticks[1] > started[1] else None)
@@ -107,7 +109,7 @@ def machine() -> dict:
         "cpu": _cpu_model(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "load_1m_at_start": None if "load" not in _START else round(_START["load"], 2),
-        "host_probe_ms": None if not probe or not probe["n"] else {k: round(v, 2) for k, v in probe.items()},
+        "host_probe_ms": None if not probe else {k: round(v, 2) for k, v in probe.items()},
         "steal_percent": steal,
         "python": platform.python_version(),
     }
@@ -140,7 +142,7 @@ def conditions(data: dict) -> str:
     probe, steal = m.get("host_probe_ms"), m.get("steal_percent")
     return (f"load {m.get('load_1m_at_start')} -> {data.get('load_1m_at_end')}, "
             + ("host probe n/a" if not probe else
-               f"host probe {probe['median']:.1f} ms ({probe['min']:.1f}-{probe['max']:.1f}, n={probe['n']})")
+               f"host probe {probe['mean']:.1f} ms mean ({probe['min']:.1f}-{probe['max']:.1f}, n={probe['n']})")
             + f", steal {'n/a' if steal is None else f'{steal:g}%'}")
 
 

@@ -57,7 +57,7 @@ def main() -> None:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print()
     print("Measured on (1-minute load average at the start and end of each benchmark; while it ran, the host probe,")
-    print("the CPU time of a fixed Python loop, median (min-max), smaller is a faster host, and the share of CPU time")
+    print("the CPU time of a fixed Python loop, mean (min-max), smaller is a faster host, and the share of CPU time")
     print("the hypervisor stole):")
     for line in machines:
         print(f"  {line}")
