@@ -64,6 +64,11 @@ class HostProbe:
         self.pid = self._proc.pid
         self.samples: list[float] | None = None
 
+    def count(self) -> int:
+        """How many samples it has written so far (read without moving the offset it writes at)."""
+        fd = self._out.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).count(b"\n")
+
     def stop(self) -> list[float]:
         """Stop it (its stdin closed, killed after 5 s) and return its samples."""
         if self.samples is None:
