@@ -85,10 +85,10 @@ class HostProbe:
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
-    """(stolen, all) CPU ticks of the machine so far (/proc/stat): time the hypervisor gave our
-    virtual CPUs' turns to someone else."""
+    """(stolen, all) CPU ticks of the machine so far (/proc/stat's user ... steal; guest time is already
+    counted in user): stolen is time the hypervisor gave our virtual CPUs' turns to someone else."""
     try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     except (OSError, ValueError):
         return None
     return (fields[7] if len(fields) > 7 else 0), sum(fields)
