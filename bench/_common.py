@@ -84,20 +84,18 @@ class HostProbe:
         return self.samples
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(stolen, all) CPU ticks of the machine so far (/proc/stat's user ... steal; guest time is already
-    counted in user): stolen is time the hypervisor gave our virtual CPUs' turns to someone else."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+def _cpu_ticks() -> tuple[float, float]:
+    """(stolen, all) CPU seconds of the machine so far: stolen is time the hypervisor gave our virtual
+    CPUs' turns to someone else; all is user ... steal (guest time is already inside user time)."""
+    times = psutil.cpu_times()
+    return times.steal, sum(times[:8])
 
 
-def begin() -> None:
-    """A benchmark's first call: the load and the CPU ticks at its start, and the host probe, which
-    samples until `record()`."""
+def begin() -> HostProbe:
+    """A benchmark's first call: the load and the CPU ticks at its start, and the host probe (returned),
+    which samples until `record()`."""
     _START.update(load=os.getloadavg()[0], ticks=_cpu_ticks(), probe=HostProbe())
+    return _START["probe"]
 
 
 def machine() -> dict:
@@ -107,7 +105,7 @@ def machine() -> dict:
     probe = {**stats(samples), "mean": statistics.fmean(samples)} if samples else None
     ticks, started = _cpu_ticks(), _START.get("ticks")
     steal = (round(100 * (ticks[0] - started[0]) / (ticks[1] - started[1]), 1)
-             if ticks and started and ticks[1] > started[1] else None)
+             if started and ticks[1] > started[1] else None)
     return {
         "host": platform.node(),
         "cpus": os.cpu_count(),

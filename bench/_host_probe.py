@@ -4,8 +4,8 @@ time of a fixed pure-Python loop, printed in milliseconds, one line each; it sto
 
 CPU time, not wall time: waiting for a core (our own load: the sandbox, the benchmark's processes) does not
 count, so what moves it is how fast the host runs this guest's instructions: this machine is a virtual one
-whose host runs the same loop at two speeds, ~1.6x apart, switching from second to second in proportions
-that change by the hour. The process runs at low priority (nice 10): it takes ~2% of one core.
+whose host runs the same loop at two speeds, ~1.6x apart, switching from second to second. The process
+runs at low priority (nice 10): it takes ~2% of one core.
 """
 
 from __future__ import annotations

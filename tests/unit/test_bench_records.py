@@ -25,15 +25,14 @@ import os
 import sys
 import time
 sys.path.insert(0, {bench!r})
-import _common
 from _common import begin, record, stats
 
-begin()
-print(_common._START["probe"].pid, flush=True)
+probe = begin()
+print(probe.pid, flush=True)
 if {die!r}:
     os._exit(3)  # gone before its record, as a benchmark that crashes or is killed
 deadline = time.monotonic() + 60  # the benchmark's own work: as long as three of the probe's samples take
-while _common._START["probe"].count() < 3 and time.monotonic() < deadline:
+while probe.count() < 3 and time.monotonic() < deadline:
     time.sleep(0.05)
 record("tiny", [{{"figure": "tiny figure", "stats": stats([1.0, 2.0, 3.0]), "unit": "s", "goal": "<= 5 s"}}])
 """
