@@ -1,5 +1,8 @@
 """The orchestrator flow (flows/src/orchestrator.py) against the sandbox: real Postgres, the real Modal
-stand-in over HTTP, and a real (temporary) Prefect server for the flows and the Secret block.
+stand-in over HTTP, and the sandbox's Prefect through its Cloud-shaped gateway (API key, account and
+workspace in the URL) for the flows and the Secret block, as the deployed flow reaches Prefect Cloud.
+The flow runs made here have no deployment, so nothing that reads the deployment's runs sees them; a
+test that needs the Secret block missing deletes the sandbox's and puts it back.
 
 Every test works on its own client, workstream, registry rows and Modal function names, and scopes the
 orchestrator to its own batches (`batch_id`), so no other row is touched; all of it is deleted after."""
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
 import json
 import logging
 import sys
@@ -20,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runbook_sandbox import git_seed
+from runbook_sandbox import git_seed, prefect_gateway
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 ORCHESTRATOR_PATH = PROJECT_ROOT / "flows" / "src" / "orchestrator.py"
@@ -48,12 +52,35 @@ def orch():
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    """A temporary Prefect server of our own (Secret blocks here never collide with other tests)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(sandbox):
+    """This process's Prefect pointed at the sandbox's gateway for the module (as Prefect's own test
+    harness points it at a temporary server: the settings context, and the process-wide one for
+    threads whose context was copied before); the log and event workers drained at the end."""
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, PREFECT_CLOUD_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
-    with prefect_test_harness(server_startup_timeout=120):
+    client = sandbox.prefect_client_settings()
+    updates = {PREFECT_API_URL: client["PREFECT_API_URL"], PREFECT_API_KEY: client["PREFECT_API_KEY"],
+               PREFECT_CLOUD_API_URL: client["PREFECT_CLOUD_API_URL"]}
+    with temporary_settings(updates=updates), \
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
         yield
+
+        async def drain() -> None:
+            try:
+                logs = APILogWorker.instance().drain()
+                if inspect.isawaitable(logs):
+                    await logs
+            except RuntimeError:  # never started
+                pass
+            events = EventsWorker.drain_all()
+            if inspect.isawaitable(events):
+                await events
+
+        run_coro_as_sync(drain())
 
 
 @pytest.fixture
@@ -76,12 +103,23 @@ def modal(sandbox):
 
 @pytest.fixture
 def secret_block(prefect_api, sandbox):
-    """The Secret block `postgres-connection-string` holding the sandbox DSN; deleted afterwards."""
+    """The Secret block `postgres-connection-string` holding the sandbox DSN (the sandbox's own block,
+    made sure of: a test before may have changed it)."""
+    prefect_gateway.ensure_secret_blocks(sandbox)
+    yield
+
+
+@pytest.fixture
+def no_secret_block(prefect_api, sandbox):
+    """The sandbox's Secret block `postgres-connection-string` deleted for the test, put back after."""
     from prefect.blocks.system import Secret
 
-    Secret(value=sandbox.database_url).save(BLOCK, overwrite=True)
-    yield
+    prefect_gateway.ensure_secret_blocks(sandbox)
     Secret.delete(BLOCK)
+    try:
+        yield
+    finally:
+        prefect_gateway.ensure_secret_blocks(sandbox)
 
 
 class World:
@@ -480,7 +518,7 @@ def test_two_step_pipeline_through_the_modal_standin(orch, world, dispatch_env, 
 # -- the DSN source ----------------------------------------------------------------------------------------
 
 
-def test_missing_secret_block_fails_naming_it_and_changes_nothing(orch, world, dispatch_env, prefect_api,
+def test_missing_secret_block_fails_naming_it_and_changes_nothing(orch, world, dispatch_env, no_secret_block,
                                                                  sandbox, monkeypatch):
     batch = world.batch(3)
     monkeypatch.setenv("DATABASE_URL", sandbox.database_url)  # present, but not allowed as a fallback
@@ -493,7 +531,7 @@ def test_missing_secret_block_fails_naming_it_and_changes_nothing(orch, world, d
     assert all(s["status"] == "PENDING" and s["meta"] is None for s in world.states(batch))
 
 
-def test_env_fallback_only_when_enabled_and_logged_without_the_value(orch, world, dispatch_env, prefect_api,
+def test_env_fallback_only_when_enabled_and_logged_without_the_value(orch, world, dispatch_env, no_secret_block,
                                                                    sandbox, monkeypatch):
     batch = world.batch(2)
     monkeypatch.setenv("DATABASE_URL", sandbox.database_url)
@@ -597,15 +635,13 @@ def claim_age(db, batch_id: str) -> float:
 
 
 def test_a_flow_run_killed_between_claim_and_dispatch_is_requeued_and_dispatched_by_the_next_run(
-        orch, world, dispatch_env, secret_block, modal, blackhole, db):
+        orch, world, dispatch_env, secret_block, sandbox, modal, blackhole, db):
     """A real flow run (its own process) claims the items, hangs in its spawn and is SIGKILLed. A run
     within the lease leaves the claims alone; the first run after the lease puts them back (reason in
     meta and in the audit) and dispatches them; none is left QUEUED."""
     import os
     import signal
     import subprocess
-
-    from prefect.settings import PREFECT_API_URL
 
     batch = world.batch(5)
     script = (
@@ -614,7 +650,7 @@ def test_a_flow_run_killed_between_claim_and_dispatch_is_requeued_and_dispatched
         "m = importlib.util.module_from_spec(spec); sys.modules['orchestrator'] = m; spec.loader.exec_module(m)\n"
         f"m.orchestrator_main(batch_id={batch!r}, spawn_timeout_seconds=120, claim_lease_seconds=600)\n"
     )
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), ENRICHMENT_DISPATCH_URL=blackhole.url)
+    env = dict(os.environ, **sandbox.prefect_client_settings(), ENRICHMENT_DISPATCH_URL=blackhole.url)
     doomed = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
