@@ -14,8 +14,7 @@ PROBE = """
 import gc, json, sys, threading
 from pathlib import Path
 from runbook_lib.runner.run import _warm_up
-notebook = Path(sys.argv[1]) if sys.argv[1] else None
-thread = threading.Thread(target=_warm_up, args=(notebook,))
+thread = threading.Thread(target=_warm_up, args=(Path(sys.argv[1]),))
 thread.start()
 thread.join()
 print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),

@@ -52,20 +52,18 @@ def orch():
 
 
 @pytest.fixture(scope="module")
-def prefect_api(sandbox):
-    """This process's Prefect pointed at the sandbox's gateway for the module (as Prefect's own test
-    harness points it at a temporary server: the settings context, and the process-wide one for
+def prefect_api(settings):
+    """This process's Prefect pointed at the sandbox's gateway for the module (the runbook's own
+    `prefect_settings`; and, as Prefect's own test harness does, as the process-wide settings too, for
     threads whose context was copied before); the log and event workers drained at the end."""
     import prefect.context
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL, PREFECT_CLOUD_API_URL, temporary_settings
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    client = sandbox.prefect_client_settings()
-    updates = {PREFECT_API_URL: client["PREFECT_API_URL"], PREFECT_API_KEY: client["PREFECT_API_KEY"],
-               PREFECT_CLOUD_API_URL: client["PREFECT_CLOUD_API_URL"]}
-    with temporary_settings(updates=updates), \
+    from runbook_lib.systems.prefect import prefect_settings
+
+    with prefect_settings(settings), \
             prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
         yield
 
