@@ -202,10 +202,29 @@ def instance_id(state_dir: Path) -> str:
     return SandboxConfig.load_or_create(state_dir).instance_id
 
 
-def sandbox_rss(marker: str) -> tuple[int, int]:
-    """(resident bytes summed over the sandbox's processes, how many): every process carrying the
-    sandbox's marker, Postgres's backends, Deno and flow runs included. Shared pages count once per
-    process, as `ps` shows them: an upper bound."""
+def _kind(p: psutil.Process) -> str:
+    """What a sandbox process is, for the memory breakdown: a Python module run with -m (the stand-ins,
+    the Prefect server, the managed worker), a flow run (Prefect's engine or its workspace supervisor),
+    a Postgres backend, Deno, or its executable's name."""
+    try:
+        cmd = p.cmdline()
+    except psutil.Error:
+        return "gone"
+    if "-m" in cmd[:-1]:
+        module = cmd[cmd.index("-m") + 1]
+        return "flow run" if module.startswith("prefect") else module.rpartition(".")[2]
+    name = os.path.basename(cmd[0]) if cmd else ""
+    if name.startswith("postgres") or (cmd and cmd[0].startswith("postgres:")):
+        return "postgres"
+    if any("prefect" in part and "engine" in part for part in cmd):
+        return "flow run"
+    return name or "?"
+
+
+def sandbox_rss_by_kind(marker: str) -> dict[str, tuple[int, int]]:
+    """Resident bytes and process count per kind of process (`_kind`) over the sandbox's processes:
+    every process carrying the sandbox's marker, Postgres's backends, Deno and flow runs included.
+    Shared pages count once per process, as `ps` shows them: an upper bound."""
     found: dict[int, psutil.Process] = {}
     for p in processes.processes_of(marker):
         found[p.pid] = p
@@ -213,30 +232,36 @@ def sandbox_rss(marker: str) -> tuple[int, int]:
             found.update({c.pid: c for c in p.children(recursive=True)})
         except psutil.Error:
             continue
-    total = count = 0
+    kinds: dict[str, tuple[int, int]] = {}
     for p in found.values():
         try:
-            total += p.memory_info().rss
-            count += 1
+            rss = p.memory_info().rss
         except psutil.Error:
             continue
-    return total, count
+        kind = _kind(p)
+        total, count = kinds.get(kind, (0, 0))
+        kinds[kind] = (total + rss, count + 1)
+    return kinds
 
 
 class PeakRss:
-    """Samples the sandbox's resident memory in a thread while a block runs; `.peak` in bytes."""
+    """Samples the sandbox's resident memory in a thread while a block runs; `.peak` in bytes, and
+    `.at_peak`, what made it up (`sandbox_rss_by_kind` at that sample)."""
 
     def __init__(self, marker: str, interval: float = 0.5):
         self.marker, self.interval = marker, interval
         self.peak = self.peak_processes = 0
+        self.at_peak: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, n = sandbox_rss(self.marker)
+            kinds = sandbox_rss_by_kind(self.marker)
+            rss = sum(total for total, _ in kinds.values())
             if rss > self.peak:
-                self.peak, self.peak_processes = rss, n
+                self.peak, self.peak_processes = rss, sum(count for _, count in kinds.values())
+                self.at_peak = kinds
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRss":
@@ -246,6 +271,13 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def breakdown(kinds: dict[str, tuple[int, int]]) -> str:
+    """`kinds` (from `sandbox_rss_by_kind`) in words, largest first: "prefect_server 212 MiB, postgres (9) 160 MiB"."""
+    ordered = sorted(kinds.items(), key=lambda item: -item[1][0])
+    return ", ".join(f"{kind}{f' ({count})' if count > 1 else ''} {total / 2**20:.0f} MiB"
+                     for kind, (total, count) in ordered)
 
 
 def mib(n: float) -> float:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PeakRss, begin, fmt, instance_id, mib, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
+from _common import PeakRss, begin, breakdown, fmt, instance_id, mib, record, runbook_cli, sandbox, sandbox_env, stats  # noqa: E402
 
 
-def one_run(state: Path, outputs: Path, run_id: str) -> tuple[float, dict, float]:
-    """(wall seconds, manifest, peak sandbox RSS in MiB) of one whole run."""
+def one_run(state: Path, outputs: Path, run_id: str) -> tuple[float, dict, PeakRss]:
+    """(wall seconds, manifest, the sandbox's peak memory: `.peak` bytes, `.at_peak` by kind) of one whole run."""
     env = {**sandbox_env(state), "RUNBOOK_SANDBOX_DIR": str(state)}
     with PeakRss(instance_id(state)) as peak:
         seconds, proc = runbook_cli("run", "--profile", "sandbox", "--confirm", "--run-id", run_id,
@@ -33,7 +33,7 @@ def one_run(state: Path, outputs: Path, run_id: str) -> tuple[float, dict, float
     if proc.returncode != 0:
         failed = [s["step"] for s in manifest["steps"] if s["status"] not in ("passed", "not_run")]
         print(f"  run {run_id} ended {manifest['status']} (steps {failed}); see {outputs / run_id}")
-    return seconds, manifest, mib(peak.peak)
+    return seconds, manifest, peak
 
 
 def _at(text: str | None) -> datetime | None:
@@ -79,17 +79,21 @@ def main() -> None:
     outputs = Path(tempfile.mkdtemp(prefix="runbook-bench-runs-"))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     walls, peaks, statuses = [], [], []
+    highest: PeakRss | None = None  # the run whose peak was the highest: what made it up
     steps: dict[str, list[float]] = {}
     phases: dict[str, dict[str, list[float]]] = {}
     with sandbox() as state:
         if not args.no_warmup:
             seconds, manifest, peak = one_run(state, outputs, f"bench-{stamp}-warmup")
             print(f"  warm-up run (managed environment cache filled): {seconds:.1f} s, {manifest['status']}")
-            peaks.append(peak)
+            peaks.append(mib(peak.peak))
+            highest = peak
         for i in range(args.repeats):
             seconds, manifest, peak = one_run(state, outputs, f"bench-{stamp}-{i}")
             walls.append(seconds)
-            peaks.append(peak)
+            peaks.append(mib(peak.peak))
+            if highest is None or peak.peak > highest.peak:
+                highest = peak
             statuses.append(manifest["status"])
             for step in manifest["steps"]:
                 if step.get("duration_seconds") is not None:
@@ -107,13 +111,17 @@ def main() -> None:
     for name, values in phases.items():
         print(f"  {name:34} " + " ".join(f"{stats(values.get(n, []))['median'] or 0:13.2f}" for n in names))
     print(f"  {'sandbox peak RSS during the runs':34} {fmt(s_peak, 'MiB', 0)}   goal <= 1024 MiB")
+    at_peak = highest.at_peak if highest is not None else {}
+    print(f"  {'at the highest peak':34} {breakdown(at_peak) or 'n/a'}")
     figures = [{"figure": f"step {name}", "stats": stats(values), "unit": "s"} for name, values in steps.items()]
     figures += [
         {"figure": "runbook 01-05, whole run", "stats": s_wall, "unit": "s", "goal": "<= 40 s",
          "note": ", ".join(sorted(set(statuses)))},
         {"figure": "sandbox peak RSS during make run", "stats": s_peak, "unit": "MiB", "goal": "<= 1024 MiB"},
     ]
-    record("runbook", figures, phases={step: {n: stats(v) for n, v in p.items()} for step, p in phases.items()})
+    record("runbook", figures, phases={step: {n: stats(v) for n, v in p.items()} for step, p in phases.items()},
+           peak_rss_by_kind={kind: {"mib": round(mib(total), 1), "processes": count}
+                             for kind, (total, count) in at_peak.items()})
 
 
 if __name__ == "__main__":

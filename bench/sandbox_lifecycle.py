@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import begin, fmt, instance_id, mib, record, runbook_cli, sandbox_rss, stats  # noqa: E402
+from _common import begin, breakdown, fmt, instance_id, mib, record, runbook_cli, sandbox_rss_by_kind, stats  # noqa: E402
 
 from runbook_lib.core import processes  # noqa: E402
 
@@ -50,6 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     begin()
     fresh, warm, downs, left, rss, nproc = [], [], [], [], [], []
+    by_kind: dict[str, tuple[int, int]] = {}  # the last cycle's, once up
     warm_state = Path()
     per_service: dict[str, dict[str, list[float]]] = {}
     for kind in ["fresh"] * args.repeats + ["warm"] * args.repeats:
@@ -60,7 +61,8 @@ def main() -> None:
             (fresh if kind == "fresh" else warm).append(seconds)
             marker = instance_id(state)
             time.sleep(2)  # settle: resident memory once idle, not mid-start
-            total, n = sandbox_rss(marker)
+            by_kind = sandbox_rss_by_kind(marker)
+            total, n = sum(t for t, _ in by_kind.values()), sum(c for _, c in by_kind.values())
             rss.append(mib(total))
             nproc.append(n)
             for name, timing in service_timings(state).items():
@@ -85,6 +87,7 @@ def main() -> None:
     print(f"  up, existing state          {fmt(s_warm)}   goal <= 8 s")
     print(f"  down                        {fmt(s_down)}   goal <= 2 s; processes left after down: {max(left)}")
     print(f"  resident memory once up     {fmt(s_rss, 'MiB', 0)} over {max(nproc)} processes   goal <= 1024 MiB")
+    print(f"    the last cycle's, by kind: {breakdown(by_kind) or 'n/a'}")
     print("  per service, median seconds (waited = until what it needs was up; start = spawn to healthy; "
           "setup_waited = until what its set-up needs was up; after_start = its set-up hook):")
     rows = []

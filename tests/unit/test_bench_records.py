@@ -102,3 +102,36 @@ def test_a_record_from_before_the_probe_prints_as_not_measured(tmp_path: Path) -
     assert table.returncode == 0, table.stderr
     line = next(l for l in table.stdout.splitlines() if l.strip().startswith("old:"))
     assert "load 0.4 -> 0.5, host probe n/a, steal n/a" in line, line
+
+
+def test_the_sandbox_memory_is_broken_down_by_kind_of_process_and_adds_up() -> None:
+    """`sandbox_rss_by_kind`: the marked processes by kind (a `python -m` module by its last name, others
+    by their executable), their resident bytes and count; `breakdown` says it largest first. Unmarked
+    processes are not counted."""
+    sys.path.insert(0, str(BENCH))
+    from _common import breakdown, sandbox_rss_by_kind
+
+    from runbook_lib.core.processes import INSTANCE_ENV
+
+    marker = f"bench-test-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, INSTANCE_ENV: marker}
+    started = [subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               subprocess.Popen(["sleep", "60"], env=env),
+               subprocess.Popen(["sleep", "60"], env=env),
+               subprocess.Popen(["sleep", "60"])]  # not the sandbox's
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            kinds = sandbox_rss_by_kind(marker)
+            if {k: c for k, (_, c) in kinds.items()} == {"server": 1, "sleep": 2}:
+                break
+            time.sleep(0.05)
+        assert {k: c for k, (_, c) in kinds.items()} == {"server": 1, "sleep": 2}
+        assert all(total > 0 for total, _ in kinds.values())
+        said = breakdown(kinds)
+        assert re.fullmatch(r"server \d+ MiB, sleep \(2\) \d+ MiB", said), said  # the interpreter is the larger
+    finally:
+        for p in started:
+            p.kill()
+            p.wait()
