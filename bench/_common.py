@@ -214,7 +214,7 @@ def _kind(p: psutil.Process) -> str:
         module = cmd[cmd.index("-m") + 1]
         return "flow run" if module.startswith("prefect") else module.rpartition(".")[2]
     name = os.path.basename(cmd[0]) if cmd else ""
-    if name.startswith("postgres") or (cmd and cmd[0].startswith("postgres:")):
+    if name.startswith("postgres"):  # the postmaster, and its processes by their titles ("postgres: checkpointer")
         return "postgres"
     if any("prefect" in part and "engine" in part for part in cmd):
         return "flow run"
