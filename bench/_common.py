@@ -244,13 +244,18 @@ def sandbox_rss_by_kind(marker: str) -> dict[str, tuple[int, int]]:
     return kinds
 
 
+def summed(kinds: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(resident bytes, processes) over every kind of `sandbox_rss_by_kind`."""
+    return sum(total for total, _ in kinds.values()), sum(count for _, count in kinds.values())
+
+
 class PeakRss:
     """Samples the sandbox's resident memory in a thread while a block runs; `.peak` in bytes, and
     `.at_peak`, what made it up (`sandbox_rss_by_kind` at that sample)."""
 
     def __init__(self, marker: str, interval: float = 0.5):
         self.marker, self.interval = marker, interval
-        self.peak = self.peak_processes = 0
+        self.peak = 0
         self.at_peak: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -258,10 +263,9 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.is_set():
             kinds = sandbox_rss_by_kind(self.marker)
-            rss = sum(total for total, _ in kinds.values())
+            rss, _ = summed(kinds)
             if rss > self.peak:
-                self.peak, self.peak_processes = rss, sum(count for _, count in kinds.values())
-                self.at_peak = kinds
+                self.peak, self.at_peak = rss, kinds
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRss":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import begin, breakdown, fmt, instance_id, mib, record, runbook_cli, sandbox_rss_by_kind, stats  # noqa: E402
+from _common import begin, breakdown, fmt, instance_id, mib, record, runbook_cli, sandbox_rss_by_kind, stats, summed  # noqa: E402
 
 from runbook_lib.core import processes  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
             marker = instance_id(state)
             time.sleep(2)  # settle: resident memory once idle, not mid-start
             by_kind = sandbox_rss_by_kind(marker)
-            total, n = sum(t for t, _ in by_kind.values()), sum(c for _, c in by_kind.values())
+            total, n = summed(by_kind)
             rss.append(mib(total))
             nproc.append(n)
             for name, timing in service_timings(state).items():

@@ -104,7 +104,7 @@ def test_a_record_from_before_the_probe_prints_as_not_measured(tmp_path: Path) -
     assert "load 0.4 -> 0.5, host probe n/a, steal n/a" in line, line
 
 
-def test_the_sandbox_memory_is_broken_down_by_kind_of_process_and_adds_up() -> None:
+def test_the_sandbox_memory_is_broken_down_by_kind_of_process() -> None:
     """`sandbox_rss_by_kind`: the marked processes by kind (a `python -m` module by its last name, others
     by their executable), their resident bytes and count; `breakdown` says it largest first. Unmarked
     processes are not counted."""
