@@ -39,7 +39,9 @@ def main() -> None:
     for name in [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]:
         data = found[name]
         m = data["machine"]
-        machines.append(f"{name}: {data['at']}, {m['cpus']} x {m['cpu']}, {m['memory_gib']} GiB, {conditions(data)}")
+        python = f"Python {m.get('python')}" + (f" ({m['interpreter']})" if m.get("interpreter") else "")
+        machines.append(f"{name}: {data['at']}, {m['cpus']} x {m['cpu']}, {m['memory_gib']} GiB, {python}, "
+                        f"{conditions(data)}")
         for fig in data["figures"]:
             s, unit = fig["stats"], fig.get("unit", "")
             rows.append([name, fig["figure"], cell(s.get("median"), unit), cell(s.get("min"), unit),
@@ -56,9 +58,9 @@ def main() -> None:
         for row in [header, ["-" * w for w in widths], *rows]:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
     print()
-    print("Measured on (1-minute load average at the start and end of each benchmark; while it ran, the host probe,")
-    print("the CPU time of a fixed Python loop, mean (min-max), smaller is a faster host, and the share of CPU time")
-    print("the hypervisor stole):")
+    print("Measured on (the interpreter; the 1-minute load average at the start and end of each benchmark; while it")
+    print("ran, the host probe, the CPU time of a fixed Python loop on that interpreter, mean (min-max),")
+    print("smaller is a faster host, and the share of CPU time the hypervisor stole):")
     for line in machines:
         print(f"  {line}")
 

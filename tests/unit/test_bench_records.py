@@ -66,6 +66,8 @@ def test_a_record_carries_the_host_probe_sampled_while_it_ran_and_the_table_prin
     assert isinstance(machine["load_1m_at_start"], float), machine
     # /proc/stat's ticks moved between begin() and record(): a share of them, not a missing figure
     assert isinstance(machine["steal_percent"], float) and 0 <= machine["steal_percent"] <= 100, machine
+    # the interpreter the loop ran on, .venv's base (its build moves the probe as the host does)
+    assert machine["interpreter"] == os.path.realpath(sys._base_executable) and os.access(machine["interpreter"], os.X_OK)
 
     table = run([str(BENCH / "report.py")], results)
     assert table.returncode == 0, table.stderr
@@ -73,6 +75,7 @@ def test_a_record_carries_the_host_probe_sampled_while_it_ran_and_the_table_prin
     line = next(l for l in table.stdout.splitlines() if l.strip().startswith("tiny:"))
     assert (f"host probe {probe['mean']:.1f} ms mean ({probe['min']:.1f}-{probe['max']:.1f}, n={probe['n']}), "
             f"steal {machine['steal_percent']:g}%") in line, line
+    assert f"Python {machine['python']} ({machine['interpreter']})," in line, line
     assert "smaller is a faster host" in table.stdout
 
 
@@ -101,7 +104,7 @@ def test_a_record_from_before_the_probe_prints_as_not_measured(tmp_path: Path) -
     table = run([str(BENCH / "report.py")], results)
     assert table.returncode == 0, table.stderr
     line = next(l for l in table.stdout.splitlines() if l.strip().startswith("old:"))
-    assert "load 0.4 -> 0.5, host probe n/a, steal n/a" in line, line
+    assert "Python 3.11.7, load 0.4 -> 0.5, host probe n/a, steal n/a" in line, line  # no interpreter recorded
 
 
 def test_the_sandbox_memory_is_broken_down_by_kind_of_process() -> None:
