@@ -1,7 +1,7 @@
 # The newcomer's two commands: `make test` and `make run`. Everything else is set-up they call.
 # PYTHON: the interpreter .venv is built on (3.11 to 3.13). What the suite and the runbook spend is
 # mostly Python's own CPU, and how the interpreter was built moves it: Debian's /usr/bin/python3 (PGO
-# and LTO, the interpreter linked into the executable) spends ~17% less than pyenv's default build (a
+# and LTO, the interpreter linked into the executable) spends ~19% less than pyenv's default build (a
 # shared libpython, no --enable-optimizations). `.ci/run` builds on /usr/bin/python3 where it is one
 # (README, Performance). A PYTHON given on the command line or in the environment that is not the
 # interpreter .venv was built on builds .venv again, on it.
