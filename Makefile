@@ -31,7 +31,7 @@ PYTHON_WANTED := $(shell $(PYTHON) -c 'import ensurepip, os, sys; sys.version_in
 ifeq ($(PYTHON_WANTED),)
 $(error PYTHON=$(PYTHON): not a Python 3.11 or newer with venv's ensurepip (Debian: apt-get install python3-venv))
 endif
-VENV_REBUILD := $(if $(and $(VENV_BUILT_ON),$(PYTHON_WANTED)),$(if $(filter-out $(PYTHON_WANTED),$(realpath $(VENV_BUILT_ON))),rebuild))
+VENV_REBUILD := $(if $(VENV_BUILT_ON),$(filter-out $(PYTHON_WANTED),$(realpath $(VENV_BUILT_ON))))
 endif
 $(STAMP): pyproject.toml constraints.txt $(if $(VENV_REBUILD),FORCE)
 	$(if $(VENV_REBUILD),rm -rf $(VENV))

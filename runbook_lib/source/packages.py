@@ -97,13 +97,15 @@ def _marker_environment(python: str) -> dict[str, str]:
 
 
 @lru_cache(maxsize=8)
-def dependency_closure(distribution: str = "prefect", python: str = RUNTIME_PYTHON) -> frozenset[str]:
-    """Canonical names of `distribution` and everything it requires (extras followed), for Python
-    `python`, as recorded in the installed packages' metadata (this project pins the runtime's prefect)."""
+def dependency_closure(distribution: str = "prefect", python: str = RUNTIME_PYTHON,
+                       extras: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Canonical names of `distribution` (with its `extras`) and everything it requires (extras followed),
+    for Python `python`, as recorded in the installed packages' metadata (this project pins the runtime's
+    prefect). A requirement not installed here is named, not followed."""
     env = _marker_environment(python)
     seen: set[tuple[str, frozenset[str]]] = set()
     names: set[str] = set()
-    todo = [(canonicalize_name(distribution), frozenset())]
+    todo = [(canonicalize_name(distribution), frozenset(extras))]
     while todo:
         name, extras = todo.pop()
         if (name, extras) in seen:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import tomllib
 from importlib import metadata
 
-from packaging.markers import default_environment
-from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
+from runbook_lib.source.packages import dependency_closure
 from tests.conftest import PROJECT_ROOT
 
 PROJECT = "prefect-deployment-runbook"
@@ -30,12 +29,11 @@ def pins() -> dict[str, str]:
 
 
 def floor() -> str:
-    """The lowest Python pyproject.toml's requires-python admits, as a full version (">=3.11" -> 3.11.0)."""
+    """The lowest Python pyproject.toml's requires-python admits, as major.minor (">=3.11" -> "3.11")."""
     spec = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     lows = [s.version for s in SpecifierSet(spec) if s.operator == ">="]
-    assert len(lows) == 1, f"requires-python {spec!r}: expected one lower bound"
-    parts = (lows[0].split(".") + ["0", "0"])[:3]
-    return ".".join(parts)
+    assert len(lows) == 1 and lows[0].count(".") == 1, f"requires-python {spec!r}: expected one lower bound, X.Y"
+    return lows[0]
 
 
 def installed(name: str) -> metadata.Distribution | None:
@@ -46,7 +44,7 @@ def installed(name: str) -> metadata.Distribution | None:
 
 
 def test_every_pinned_release_installed_here_admits_the_oldest_python_the_project_admits():
-    oldest, checked, refused = floor(), 0, []
+    oldest, checked, refused = f"{floor()}.0", 0, []
     for name, version in pins().items():
         dist = installed(name)
         if dist is None or dist.version != version:
@@ -63,24 +61,8 @@ def test_every_pinned_release_installed_here_admits_the_oldest_python_the_projec
 def test_what_the_oldest_python_installs_is_pinned():
     """Every distribution `pip install -e '.[sandbox,test]'` reaches on the floor Python (markers evaluated
     there, e.g. `python_full_version < "3.11.3"`) is pinned, installed here or not."""
-    oldest, pinned = floor(), pins()
-    env = {**default_environment(), "python_full_version": oldest,
-           "python_version": ".".join(oldest.split(".")[:2])}
-    todo, seen, unpinned = [(PROJECT, frozenset(EXTRAS))], set(), []
-    while todo:
-        name, extras = todo.pop()
-        if (name, extras) in seen:
-            continue
-        seen.add((name, extras))
-        if name != PROJECT and name not in pinned:
-            unpinned.append(name)
-        dist = installed(name)
-        if dist is None:
-            continue  # pinned but not installed here (its requirements unknown here): pinned is what counts
-        for line in dist.requires or []:
-            req = Requirement(line)
-            if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in extras | {""}):
-                todo.append((canonicalize_name(req.name), frozenset(req.extras)))
-    assert len(seen) > 100, f"the walk reached only {len(seen)} distributions: is the project installed here?"
-    assert not unpinned, (f"reached on Python {oldest} but not pinned in constraints.txt: {sorted(set(unpinned))}; "
+    reached = dependency_closure(PROJECT, floor(), frozenset(EXTRAS)) - {PROJECT}
+    assert len(reached) > 100, f"the walk reached only {len(reached)} distributions: is the project installed here?"
+    unpinned = sorted(reached - pins().keys())
+    assert not unpinned, (f"reached on Python {floor()}.0 but not pinned in constraints.txt: {unpinned}; "
                           "pin the version CI installs")
