@@ -182,11 +182,30 @@ class Relay:
                     await self._claim_and_send(work)
                     await self._cleanup(work)
                     self._beat(None)
-                    async for _ in listen.notifies(timeout=POLL_SECONDS, stop_after=1):
-                        pass
+                    await self._until_notified(listen)
             finally:
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
+
+    async def _until_notified(self, listen: psycopg.AsyncConnection) -> None:
+        """Wait for a notification, at most POLL_SECONDS, and not past a stop signal: `sandbox down`
+        does not wait out the poll (up to a second) for the relay to notice it."""
+        notified = asyncio.ensure_future(self._next_notification(listen))
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({notified, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not notified.done():
+                notified.cancel()
+                await asyncio.gather(notified, return_exceptions=True)  # the connection's lock released
+        if not notified.cancelled():
+            notified.result()  # a lost connection raises here, for run()'s reconnect
+
+    @staticmethod
+    async def _next_notification(listen: psycopg.AsyncConnection) -> None:
+        async for _ in listen.notifies(timeout=POLL_SECONDS, stop_after=1):
+            pass
 
     def _beat(self, error: str | None) -> None:
         path = heartbeat_path(self.cfg)

@@ -1,5 +1,6 @@
 """What a sandbox service is: `ServiceDef`, which each service module exposes as `SERVICE`, and the
-sandbox's state file (`<state>/sandbox.json`: per service url, pid, healthy) that `manager` writes.
+sandbox's state file (`<state>/sandbox.json`: per service url, pid, healthy, how to stop it) that `manager`
+writes.
 
 Service modules import this module, never `manager`; `manager` imports the service modules (by name,
 from its list) and this module.

@@ -4,7 +4,10 @@ its log tail and what needed it is not started, and `down` leaves nothing runnin
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,56 @@ def test_needs_in_a_cycle_are_refused_before_anything_starts(tmp_path, stack):
     with pytest.raises(manager.SandboxError, match="cycle: egg -> hen -> egg"):
         manager.up(tmp_path, echo=lambda s: None)
     assert manager.read_state(SandboxConfig.load_or_create(tmp_path))["services"] == {}
+
+
+# Ignores SIGTERM, ends at once on SIGINT (Python's KeyboardInterrupt): a service whose stop signal is SIGINT.
+SIGINT_ONLY = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + IDLE
+
+
+def sigint_service(name: str) -> ServiceDef:
+    svc = fake(name, script=SIGINT_ONLY)
+    svc.stop_signal, svc.stop_timeout = signal.SIGINT, 60.0  # SIGTERM would wait out the minute
+    return svc
+
+
+def test_down_stops_as_up_recorded_without_importing_the_service_modules(tmp_path, stack):
+    user = sigint_service("user")
+    user.uses = ["used"]
+    stack += [fake("used"), user]
+    manager.up(tmp_path, echo=lambda s: None)
+    cfg = SandboxConfig.load_or_create(tmp_path)
+    recs = manager.read_state(cfg)["services"]
+    assert recs["user"]["stop"] == {"signal": signal.SIGINT, "grace": 60.0, "before": ["used"]}
+    # A fresh interpreter that knows only the state file: no service module imported, no server library.
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from runbook_sandbox import manager\n"
+        f"began = time.monotonic(); lines = []; left = manager.down(Path({str(tmp_path)!r}), echo=lines.append)\n"
+        "print(round(time.monotonic() - began, 1), left, [ln.split()[0] for ln in lines])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('runbook_sandbox.') and m.split('.')[1] in "
+        "manager.SERVICE_MODULES or m in ('uvicorn', 'starlette', 'httpx', 'psycopg', 'jwt')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    seconds, left, order = out[0].split(" ", 1)[0], *out[0].split(" ", 1)[1].split("] ", 1)
+    assert float(seconds) < 10, out  # SIGINT, as recorded: not SIGTERM and a minute's grace
+    assert left == "[" and order == "['user', 'used']", out  # no straggler; what it uses after it
+    assert out[1] == "[]", out
+    assert processes.processes_of(cfg.instance_id) == []
+
+
+def test_down_of_a_state_written_before_stop_records_uses_the_service_definitions(tmp_path, stack):
+    stack += [sigint_service("old"), sigint_service("edited")]
+    manager.up(tmp_path, echo=lambda s: None)
+    cfg = SandboxConfig.load_or_create(tmp_path)
+    state = manager.read_state(cfg)
+    del state["services"]["old"]["stop"]
+    state["services"]["edited"]["stop"] = {"signal": "SIGINT"}
+    manager.write_state(cfg, state)
+    began = time.monotonic()
+    assert manager.down(tmp_path, echo=lambda s: None) == []
+    assert time.monotonic() - began < 10  # the definition's SIGINT
+    assert processes.processes_of(cfg.instance_id) == []
