@@ -62,7 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runbook_lib.core import processes
+from runbook_lib.core import processes, tls
 
 from .config import PROJECT_ROOT, SandboxConfig, config_from_argv
 from .http_common import (
@@ -479,7 +479,7 @@ def seed_secrets(cfg: SandboxConfig) -> list[str]:
     seeded: dict[str, str] = json.loads(seeded_path.read_text()) if seeded_path.exists() else {}
     url = f"{cfg.supabase_api_url}/v1/projects/{cfg.supabase.project_ref}/secrets"
     headers = {"Authorization": f"Bearer {cfg.supabase.access_token}"}
-    with httpx.Client(timeout=30, trust_env=False, headers=headers) as http:
+    with httpx.Client(timeout=30, trust_env=False, headers=headers, verify=tls.verified()) as http:
         r = http.get(url)
         r.raise_for_status()
         current = {row["name"]: row["value"] for row in r.json()}

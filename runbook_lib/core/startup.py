@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -35,6 +37,17 @@ def no_collections_while_importing(*, freeze: bool = False) -> Iterator[None]:
             gc.freeze()
         if was_enabled:
             gc.enable()
+
+
+def lower_this_threads_priority(niceness: int = 10) -> None:
+    """Run the calling thread (only it: Linux schedules threads apart) at a lower priority, for work done
+    ahead of need while something else is what a user waits for. It cannot be raised back without
+    privilege, so it is for threads that end with their work; where threads have no nice value of
+    their own, nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
 
 
 def declared_warm_imports(modules: Iterable[str]) -> list[str]:

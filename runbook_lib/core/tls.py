@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import ssl
+import threading
 
 
 def httpx_default() -> ssl.SSLContext:
@@ -38,8 +39,18 @@ def verified(*, cafile: str | None = None, capath: str | None = None) -> ssl.SSL
     return _verified(cafile, capath, stat.st_size, stat.st_mtime_ns)
 
 
+_building = threading.Lock()
+
+
+def _verified(cafile: str | None, capath: str | None, *version: int) -> ssl.SSLContext:
+    # Threads asking at once (`sandbox up` probes its services from one thread each) wait for one
+    # build instead of each loading the bundle: lru_cache alone lets every first caller build its own.
+    with _building:
+        return _build_verified(cafile, capath, *version)
+
+
 @functools.lru_cache(maxsize=8)
-def _verified(cafile: str | None, capath: str | None, *_version: int) -> ssl.SSLContext:
+def _build_verified(cafile: str | None, capath: str | None, *_version: int) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile, capath=capath)
 
 

@@ -77,7 +77,7 @@ from runbook_lib.runner.index import render_index, render_notebook_html, warm_ht
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
-from runbook_lib.core.startup import no_collections_while_importing, without_iri_formats
+from runbook_lib.core.startup import lower_this_threads_priority, no_collections_while_importing, without_iri_formats
 from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
 
 DEFAULT_CELL_TIMEOUT = 3600.0
@@ -160,10 +160,7 @@ def _warm_up(notebook: Path | None) -> None:
     collections, as a kernel imports: what it loads lives as long as the runner, so it is frozen after
     (1.8 -> 1.6 s of CPU, medians of 5, and ~250,000 objects fewer for each full collection of the run
     to scan, ~0.1 s each)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
-    except (AttributeError, OSError):
-        pass
+    lower_this_threads_priority()
     try:
         with no_collections_while_importing(freeze=True):
             warm_html_exporter(notebook)
