@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from runbook_lib.core.startup import skip_exit_collections  # the standard library only
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="The loopback stand-ins for Prefect Cloud, Supabase, GitHub and Modal.")
 
 StateDir = typer.Option(None, "--state-dir", envvar="RUNBOOK_SANDBOX_DIR", help="Where the sandbox keeps its state (default .sandbox/).")
@@ -41,6 +43,8 @@ def up(
     """Start every stand-in in the background; return once each one is healthy."""
     from . import manager
 
+    skip_exit_collections()
+
     if database_url_file is not None:
         if database_url is not None:
             typer.secho("sandbox up: give --database-url or --database-url-file, not both", fg="red", err=True)
@@ -61,6 +65,7 @@ def status(state_dir: Optional[Path] = StateDir, as_json: bool = typer.Option(Fa
     """Show each service's health; exit 1 when any is unhealthy."""
     from . import manager
 
+    skip_exit_collections()
     rows = manager.status(state_dir)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -76,6 +81,8 @@ def status(state_dir: Optional[Path] = StateDir, as_json: bool = typer.Option(Fa
 def down(state_dir: Optional[Path] = StateDir, purge: bool = typer.Option(False, help="Also delete the sandbox's data.")) -> None:
     """Stop every process the sandbox started."""
     from . import manager
+
+    skip_exit_collections()
 
     manager.down(state_dir, purge=purge, echo=typer.echo)
     typer.echo("sandbox is down")

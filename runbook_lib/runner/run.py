@@ -37,8 +37,6 @@ confirmed, rejected) or a secret was found; 2 refused before running (bad option
 
 from __future__ import annotations
 
-import atexit
-import gc
 import getpass
 import json
 import math
@@ -77,7 +75,12 @@ from runbook_lib.runner.index import render_index, render_notebook_html, warm_ht
 from runbook_lib.runner.lock import RunLock, _read_json, _same_process, kill_tree
 from runbook_lib.runner.params import STEP_FILE, RunRefused, Step, check_params, discover_steps, find_step
 from runbook_lib.runner.progress import Progress
-from runbook_lib.core.startup import lower_this_threads_priority, no_collections_while_importing, without_iri_formats
+from runbook_lib.core.startup import (
+    lower_this_threads_priority,
+    no_collections_while_importing,
+    skip_exit_collections,
+    without_iri_formats,
+)
 from runbook_lib.runner.step_process import DEFAULT_INTERRUPT_GRACE
 
 DEFAULT_CELL_TIMEOUT = 3600.0
@@ -189,16 +192,6 @@ class _Background(threading.Thread):
         if self.error is not None:
             raise self.error
         return self.value
-
-
-def _quick_exit() -> None:
-    """At this process's exit (atexit: once every record is written and every handler has run), skip the
-    interpreter's last cyclic garbage collections over the objects the runner leaves (Prefect, nbconvert,
-    pydantic): they cost 1-1.5 s after the run has ended, and the process's end is the run's end for
-    its caller. Nothing is left unwritten: files are closed, atexit handlers still run, the OS frees the rest."""
-    if not getattr(_quick_exit, "registered", False):
-        _quick_exit.registered = True  # type: ignore[attr-defined]
-        atexit.register(gc.freeze)
 
 
 def _latest_run(outputs_dir: Path, profile: str) -> str | None:
@@ -820,7 +813,7 @@ def run_runbook(
     settings (e.g. RUNBOOK_SANDBOX_DIR). SIGTERM/SIGINT are handled when called from the main thread."""
     root = project.project_root()
     without_iri_formats()
-    _quick_exit()
+    skip_exit_collections()
     runner = _Runner(
         profile=profile, confirm=confirm, from_step=from_step, only=only, run_id=run_id, params=params or {},
         notebooks_dir=Path(notebooks_dir or root / "notebooks").resolve(),

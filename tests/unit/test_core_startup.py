@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 
 import pytest
 
 from runbook_lib.core.startup import lower_this_threads_priority
+from tests.conftest import PROJECT_ROOT
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have nice values of their own on Linux")
@@ -31,3 +33,20 @@ def test_lowering_a_threads_priority_leaves_the_rest_of_the_process_as_it_was():
     after.start()
     after.join()
     assert later == [main_before]
+
+
+def test_exit_collections_are_skipped_once_registered_however_often_asked():
+    probe = (
+        "import atexit, gc\n"
+        "from runbook_lib.core.startup import skip_exit_collections\n"
+        "before = atexit._ncallbacks()\n"
+        "skip_exit_collections(); skip_exit_collections()\n"
+        "registered = atexit._ncallbacks() - before\n"
+        "frozen = gc.get_freeze_count()\n"
+        "atexit._run_exitfuncs()  # what the interpreter runs at its exit, before its last collections: then\n"
+        "# nothing is left for them (every tracked object frozen)\n"
+        "print(registered, frozen, gc.get_freeze_count() > 1_000 and not gc.get_objects())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0", "True"]
