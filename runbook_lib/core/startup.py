@@ -1,5 +1,7 @@
-"""How our long-lived Python processes start faster: import-time tuning shared by the runner's step
-processes and kernels and the sandbox's Prefect server and managed worker.
+"""How our Python processes start and end faster: import-time tuning shared by the runner's step
+processes and kernels and the sandbox's Prefect server and managed worker; work done ahead of need at
+a lower priority (the runner's warm-up, the worker's scan); no collections at exit (the runner, the
+sandbox's commands).
 
 The bottom layer: the standard library only.
 """
@@ -40,6 +42,9 @@ def no_collections_while_importing(*, freeze: bool = False) -> Iterator[None]:
             gc.enable()
 
 
+_exit_collections_skipped = False
+
+
 def skip_exit_collections() -> None:
     """At this process's exit (atexit: once every handler registered before has run, files closed),
     skip the interpreter's last cyclic garbage collections over what the process imported and built
@@ -50,9 +55,6 @@ def skip_exit_collections() -> None:
     if not _exit_collections_skipped:
         _exit_collections_skipped = True
         atexit.register(gc.freeze)
-
-
-_exit_collections_skipped = False
 
 
 def lower_this_threads_priority(niceness: int = 10) -> None:
