@@ -125,8 +125,13 @@ def test_needs_in_a_cycle_are_refused_before_anything_starts(tmp_path, stack):
     assert manager.read_state(SandboxConfig.load_or_create(tmp_path))["services"] == {}
 
 
-# Ignores SIGTERM, ends at once on SIGINT (Python's KeyboardInterrupt): a service whose stop signal is SIGINT.
-SIGINT_ONLY = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + IDLE
+# Ignores SIGTERM, ends at once on SIGINT (Python's KeyboardInterrupt, set here: a process inherits an ignored
+# SIGINT, and Python then leaves it ignored; a test run in the background can be such a parent): a service whose
+# stop signal is SIGINT.
+SIGINT_ONLY = (
+    "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    + IDLE
+)
 
 
 def sigint_service(name: str) -> ServiceDef:
