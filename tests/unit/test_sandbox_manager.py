@@ -4,6 +4,7 @@ its log tail and what needed it is not started, and `down` leaves nothing runnin
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from runbook_lib.core import processes
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 from runbook_sandbox.service import ServiceDef
+from tests.conftest import PROJECT_ROOT
 
 # Touches its flag file (argv[2]) once the flag of what it needs (argv[1], or "-") exists, then idles.
 IDLE = (
@@ -150,22 +152,20 @@ def test_down_stops_as_up_recorded_without_importing_the_service_modules(tmp_pat
     assert recs["user"]["stop"] == {"signal": signal.SIGINT, "grace": 60.0, "before": ["used"]}
     # A fresh interpreter that knows only the state file: no service module imported, no server library.
     script = (
-        "import sys, time\n"
+        "import json, sys, time\n"
         "from pathlib import Path\n"
         "from runbook_sandbox import manager\n"
         f"began = time.monotonic(); lines = []; left = manager.down(Path({str(tmp_path)!r}), echo=lines.append)\n"
-        "print(round(time.monotonic() - began, 1), left, [ln.split()[0] for ln in lines])\n"
-        "print(sorted(m for m in sys.modules if m.startswith('runbook_sandbox.') and m.split('.')[1] in "
-        "manager.SERVICE_MODULES or m in ('uvicorn', 'starlette', 'httpx', 'psycopg', 'jwt')))\n"
+        "print(json.dumps({'seconds': time.monotonic() - began, 'left': left, 'order': [ln.split()[0] for ln in lines],\n"
+        "    'imported': sorted(m for m in sys.modules if m.startswith('runbook_sandbox.') and m.split('.')[1] in\n"
+        "                       manager.SERVICE_MODULES or m in ('uvicorn', 'starlette', 'httpx', 'psycopg', 'jwt'))}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout.splitlines()
-    seconds, left, order = out[0].split(" ", 1)[0], *out[0].split(" ", 1)[1].split("] ", 1)
-    assert float(seconds) < 10, out  # SIGINT, as recorded: not SIGTERM and a minute's grace
-    assert left == "[" and order == "['user', 'used']", out  # no straggler; what it uses after it
-    assert out[1] == "[]", out
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["seconds"] < 10, out  # SIGINT, as recorded: not SIGTERM and a minute's grace
+    assert out["left"] == [] and out["order"] == ["user", "used"], out  # no straggler; what it uses after it
+    assert out["imported"] == [], out
     assert processes.processes_of(cfg.instance_id) == []
 
 
