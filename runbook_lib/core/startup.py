@@ -26,6 +26,15 @@ def without_iri_formats() -> None:
     sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]  # import -> ImportError
 
 
+def without_httpx_cli() -> None:
+    """Leave out httpx's command-line client in this process, before httpx is imported: `import httpx`
+    imports it (`httpx._main`) whenever click, rich and pygments are installed, as they are here
+    (Prefect's and typer's dependencies): ~75 ms of CPU and ~6 MiB resident in a process that never runs
+    it. httpx's own fallback stands in for `httpx.main`; nothing else of httpx changes. Where httpx is
+    already imported, nothing changes at all."""
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]  # import -> ImportError
+
+
 @contextmanager
 def no_collections_while_importing(*, freeze: bool = False) -> Iterator[None]:
     """Cyclic garbage collection off for a block of heavy imports (Prefect's: millions of objects and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -50,3 +51,40 @@ def test_exit_collections_are_skipped_once_registered_however_often_asked():
     done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "0", "True"]
+
+
+def _fresh(script: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+REPORT_HTTPX = (
+    "import json, sys, httpx\n"
+    "cli = [m for m in ('httpx._main', 'click', 'rich', 'pygments') if sys.modules.get(m) is not None]\n"
+    "with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(204))) as c:\n"
+    "    status = c.get('http://x.invalid/').status_code\n"
+    "real = sys.modules.get('httpx._main') is not None and httpx.main is sys.modules['httpx._main'].main\n"
+    "print(json.dumps({'cli': cli, 'status': status, 'main': 'the CLI' if real else 'the fallback'}))\n"
+)
+
+
+def test_httpx_without_its_command_line_client_works_as_before():
+    # Without the helper, this environment's httpx loads its CLI and what the CLI needs.
+    plain = _fresh(REPORT_HTTPX)
+    assert plain["cli"] == ["httpx._main", "click", "rich", "pygments"] and plain["main"] == "the CLI", plain
+    lean = _fresh("from runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n" + REPORT_HTTPX)
+    assert lean == {"cli": [], "status": 204, "main": "the fallback"}, lean  # httpx's own
+    # Once httpx is imported, the helper changes nothing.
+    late = _fresh("import httpx\nfrom runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n"
+                  + REPORT_HTTPX)
+    assert late["main"] == "the CLI", late
+
+
+def test_the_sandbox_services_that_speak_httpx_start_without_its_command_line_client():
+    # As `python -m runbook_sandbox.<module>` imports them: the package first.
+    for module in ("pgnet_relay", "supabase", "prefect_gateway"):
+        seen = _fresh(f"import json, sys, runbook_sandbox.{module}\n"
+                      "print(json.dumps({'httpx': 'httpx' in sys.modules, 'cli': [m for m in "
+                      "('httpx._main', 'click', 'rich', 'pygments') if sys.modules.get(m) is not None]}))\n")
+        assert seen == {"httpx": True, "cli": []}, (module, seen)
