@@ -36,9 +36,16 @@ def test_lowering_a_threads_priority_leaves_the_rest_of_the_process_as_it_was():
     assert later == [main_before]
 
 
+def _fresh(script: str) -> dict | list:
+    """Run a script in a fresh interpreter; its last line of output, read as JSON."""
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def test_exit_collections_are_skipped_once_registered_however_often_asked():
-    probe = (
-        "import atexit, gc\n"
+    seen = _fresh(
+        "import atexit, gc, json\n"
         "from runbook_lib.core.startup import skip_exit_collections\n"
         "before = atexit._ncallbacks()\n"
         "skip_exit_collections(); skip_exit_collections()\n"
@@ -46,22 +53,18 @@ def test_exit_collections_are_skipped_once_registered_however_often_asked():
         "frozen = gc.get_freeze_count()\n"
         "atexit._run_exitfuncs()  # what the interpreter runs at its exit, before its last collections: then\n"
         "# nothing is left for them (every tracked object frozen)\n"
-        "print(registered, frozen, gc.get_freeze_count() > 1_000 and not gc.get_objects())\n"
+        "print(json.dumps([registered, frozen, gc.get_freeze_count() > 1_000 and not gc.get_objects()]))\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "0", "True"]
+    assert seen == [1, 0, True]
 
 
-def _fresh(script: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
-
+# httpx's command-line client and what it loads.
+HTTPX_CLI = ("httpx._main", "click", "rich", "pygments")
+LOADED_CLI = f"[m for m in {HTTPX_CLI!r} if sys.modules.get(m) is not None]"
 
 REPORT_HTTPX = (
     "import json, sys, httpx\n"
-    "cli = [m for m in ('httpx._main', 'click', 'rich', 'pygments') if sys.modules.get(m) is not None]\n"
+    f"cli = {LOADED_CLI}\n"
     "with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(204))) as c:\n"
     "    status = c.get('http://x.invalid/').status_code\n"
     "real = sys.modules.get('httpx._main') is not None and httpx.main is sys.modules['httpx._main'].main\n"
@@ -72,7 +75,7 @@ REPORT_HTTPX = (
 def test_httpx_without_its_command_line_client_works_as_before():
     # Without the helper, this environment's httpx loads its CLI and what the CLI needs.
     plain = _fresh(REPORT_HTTPX)
-    assert plain["cli"] == ["httpx._main", "click", "rich", "pygments"] and plain["main"] == "the CLI", plain
+    assert plain["cli"] == list(HTTPX_CLI) and plain["main"] == "the CLI", plain
     lean = _fresh("from runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n" + REPORT_HTTPX)
     assert lean == {"cli": [], "status": 204, "main": "the fallback"}, lean  # httpx's own
     # Once httpx is imported, the helper changes nothing.
@@ -85,6 +88,5 @@ def test_the_sandbox_services_that_speak_httpx_start_without_its_command_line_cl
     # As `python -m runbook_sandbox.<module>` imports them: the package first.
     for module in ("pgnet_relay", "supabase", "prefect_gateway"):
         seen = _fresh(f"import json, sys, runbook_sandbox.{module}\n"
-                      "print(json.dumps({'httpx': 'httpx' in sys.modules, 'cli': [m for m in "
-                      "('httpx._main', 'click', 'rich', 'pygments') if sys.modules.get(m) is not None]}))\n")
+                      f"print(json.dumps({{'httpx': 'httpx' in sys.modules, 'cli': {LOADED_CLI}}}))\n")
         assert seen == {"httpx": True, "cli": []}, (module, seen)
