@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +31,15 @@ def make_state_dir(prefix: str = "rbsb-") -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o755)
     return path
+
+
+def run_fresh(script: str, *args: str, timeout: float = 60) -> Any:
+    """Run `script` in a fresh interpreter (`python -c`, in the project's root, with `args`): it must exit 0;
+    the last line it printed, read as JSON. For what only a new process shows (imports, the collector, exit)."""
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.hookimpl(tryfirst=True)

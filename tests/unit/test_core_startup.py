@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import threading
 
 import pytest
 
 from runbook_lib.core.startup import lower_this_threads_priority
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import run_fresh
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have nice values of their own on Linux")
@@ -36,15 +34,8 @@ def test_lowering_a_threads_priority_leaves_the_rest_of_the_process_as_it_was():
     assert later == [main_before]
 
 
-def _fresh(script: str) -> dict | list:
-    """Run a script in a fresh interpreter; its last line of output, read as JSON."""
-    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
-
-
 def test_exit_collections_are_skipped_once_registered_however_often_asked():
-    seen = _fresh(
+    seen = run_fresh(
         "import atexit, gc, json\n"
         "from runbook_lib.core.startup import skip_exit_collections\n"
         "before = atexit._ncallbacks()\n"
@@ -74,12 +65,12 @@ REPORT_HTTPX = (
 
 def test_httpx_without_its_command_line_client_works_as_before():
     # Without the helper, this environment's httpx loads its CLI and what the CLI needs.
-    plain = _fresh(REPORT_HTTPX)
+    plain = run_fresh(REPORT_HTTPX)
     assert plain["cli"] == list(HTTPX_CLI) and plain["main"] == "the CLI", plain
-    lean = _fresh("from runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n" + REPORT_HTTPX)
+    lean = run_fresh("from runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n" + REPORT_HTTPX)
     assert lean == {"cli": [], "status": 204, "main": "the fallback"}, lean  # httpx's own
     # Once httpx is imported, the helper changes nothing.
-    late = _fresh("import httpx\nfrom runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n"
+    late = run_fresh("import httpx\nfrom runbook_lib.core.startup import without_httpx_cli\nwithout_httpx_cli()\n"
                   + REPORT_HTTPX)
     assert late["main"] == "the CLI", late
 
@@ -87,6 +78,6 @@ def test_httpx_without_its_command_line_client_works_as_before():
 def test_the_sandbox_services_that_speak_httpx_start_without_its_command_line_client():
     # As `python -m runbook_sandbox.<module>` imports them: the package first.
     for module in ("pgnet_relay", "supabase", "prefect_gateway"):
-        seen = _fresh(f"import json, sys, runbook_sandbox.{module}\n"
+        seen = run_fresh(f"import json, sys, runbook_sandbox.{module}\n"
                       f"print(json.dumps({{'httpx': 'httpx' in sys.modules, 'cli': {LOADED_CLI}}}))\n")
         assert seen == {"httpx": True, "cli": []}, (module, seen)

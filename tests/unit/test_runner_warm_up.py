@@ -4,11 +4,7 @@ Each case runs in an interpreter of its own (the collector's state is the proces
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, run_fresh
 
 PROBE = """
 import gc, json, sys, threading
@@ -24,10 +20,7 @@ print(json.dumps({"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(),
 
 
 def warm_up(notebook: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, notebook], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.splitlines()[-1])
+    return run_fresh(PROBE, notebook, timeout=120)
 
 
 def test_the_warm_up_imports_freezes_and_leaves_the_collector_on():

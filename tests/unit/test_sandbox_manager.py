@@ -4,9 +4,7 @@ its log tail and what needed it is not started, and `down` leaves nothing runnin
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +15,7 @@ from runbook_lib.core import processes
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
 from runbook_sandbox.service import ServiceDef
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import run_fresh
 
 # Touches its flag file (argv[2]) once the flag of what it needs (argv[1], or "-") exists, then idles.
 IDLE = (
@@ -160,9 +158,7 @@ def test_down_stops_as_up_recorded_without_importing_the_service_modules(tmp_pat
         "    'imported': sorted(m for m in sys.modules if m.startswith('runbook_sandbox.') and m.split('.')[1] in\n"
         "                       manager.SERVICE_MODULES or m in ('uvicorn', 'starlette', 'httpx', 'psycopg', 'jwt'))}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.splitlines()[-1])
+    out = run_fresh(script, timeout=120)
     assert out["seconds"] < 10, out  # SIGINT, as recorded: not SIGTERM and a minute's grace
     assert out["left"] == [] and out["order"] == ["user", "used"], out  # no straggler; what it uses after it
     assert out["imported"] == [], out
