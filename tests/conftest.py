@@ -18,8 +18,14 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from runbook_lib.core.startup import without_iri_formats
 from runbook_sandbox import manager
 from runbook_sandbox.config import SandboxConfig
+
+# The test processes (pytest and its xdist workers) leave jsonschema's `iri` formats out, as the runner, its
+# kernels and the sandbox's services do: papermill and Prefect's client import jsonschema here too, which
+# would build rfc3987_syntax's grammar in each worker (~2.5 s of CPU). No test checks an `iri` format.
+without_iri_formats()
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SEED_CLIENT_ID = "00000000-0000-4000-8000-000000000001"  # the client runbook_sandbox/sql/003_seed.sql creates

@@ -9,7 +9,9 @@ from tests.conftest import PROJECT_ROOT, run_fresh
 PROBE = """
 import gc, json, sys, threading
 from pathlib import Path
+from runbook_lib.core.startup import without_iri_formats
 from runbook_lib.runner.run import _warm_up
+without_iri_formats()  # as `run` does before it starts the thread
 thread = threading.Thread(target=_warm_up, args=(Path(sys.argv[1]),))
 thread.start()
 thread.join()
