@@ -154,6 +154,16 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str, *, interval: f
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
+def kernel_connection_files(processes: list[Any]) -> list[Path]:
+    """The connection files (`ipykernel_launcher -f FILE`) of the kernels among `processes` (psutil's)."""
+    files = []
+    for proc in processes:
+        command = proc.cmdline()
+        if "ipykernel_launcher" in command and "-f" in command[:-1]:
+            files.append(Path(command[command.index("-f") + 1]))
+    return files
+
+
 # -- a partial sandbox (test_modal_standin, test_pgnet_relay) -----------------------------------------
 
 

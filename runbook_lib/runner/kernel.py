@@ -22,6 +22,7 @@ one slice. The timeout's meaning is unchanged.
 from __future__ import annotations
 
 import time
+import weakref
 from queue import Empty
 from typing import Any
 
@@ -50,9 +51,24 @@ class KernelClient(AsyncKernelClient):
     shell_channel_class = Type(ShellChannel)
 
 
+_WROTE_CONNECTION_FILES: "weakref.WeakSet[KernelManager]" = weakref.WeakSet()
+
+
 class KernelManager(AsyncKernelManager):
     """nbclient's kernel manager, whose clients use `ShellChannel`. Give it to papermill (and to
     nbclient) as `kernel_manager_class`."""
 
     client_class = DottedObjectName(f"{__name__}.KernelClient")
     client_factory = Type(KernelClient)  # what `client()` builds (set from client_class only when that changes)
+
+    def write_connection_file(self, **kwargs: Any) -> None:
+        super().write_connection_file(**kwargs)
+        _WROTE_CONNECTION_FILES.add(self)
+
+
+def remove_connection_files() -> None:
+    """Remove the connection files this process's kernel managers wrote and have not removed: a
+    kernel killed rather than shut down (a process leaving with `os._exit`) leaves its file, with the
+    kernel's signing key, in the temporary directory. A file already removed is left alone."""
+    for manager in list(_WROTE_CONNECTION_FILES):
+        manager.cleanup_connection_file()

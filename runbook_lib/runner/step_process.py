@@ -198,6 +198,9 @@ def execute_step(spec: dict[str, Any]) -> int:
         stopper.stop("the runner disappeared")
         stopper.finished.wait(10)  # the record of an interrupted notebook is written, nobody reads the verdict
         _kill_children()
+        kernels = sys.modules.get("runbook_lib.runner.kernel")  # imported once a kernel is started
+        if kernels is not None:
+            kernels.remove_connection_files()  # what the kernel managers' cleanup would have removed
         os._exit(3)
 
     if threading.current_thread() is threading.main_thread():

@@ -1,7 +1,8 @@
 """runner.kernel: the shell channel notebooks are executed with reads a reply that arrived while the
 client was sending on the same socket (nbclient answering a widget), within one poll slice instead of
 at the end of the cell timeout. Real zmq sockets and jupyter_client's own Session (no kernel: the
-peer is a ROUTER socket, as the kernel's shell is)."""
+peer is a ROUTER socket, as the kernel's shell is). And the connection files its kernel managers wrote
+are removed on demand when their kernels were killed rather than shut down."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import zmq.asyncio
 from jupyter_client.session import Session
 
 from runbook_lib.runner.kernel import POLL_SLICE, KernelManager, ShellChannel
+from tests.conftest import run_fresh
 
 
 class _Pair:
@@ -97,3 +99,31 @@ def test_the_kernel_managers_clients_wait_on_this_channel():
     """papermill and the warm kernel are given KernelManager; the client it builds must use ShellChannel
     (jupyter_client builds clients from `client_factory`, not from `client_class` as declared)."""
     assert KernelManager().client().shell_channel_class is ShellChannel
+
+
+LEFT_BEHIND = """
+import json, sys
+from pathlib import Path
+from runbook_lib.runner.kernel import KernelManager, remove_connection_files
+directory = Path(sys.argv[1])
+killed, shut_down = KernelManager(), KernelManager()
+for name, manager in (("killed", killed), ("shut-down", shut_down)):
+    manager.connection_file = str(directory / f"kernel-{name}.json")
+    manager.write_connection_file()
+shut_down.cleanup_connection_file()  # as its manager's cleanup does when the kernel is shut down
+before = sorted(p.name for p in directory.iterdir())
+remove_connection_files()
+remove_connection_files()  # again: nothing left to do
+print(json.dumps({"before": before, "after": sorted(p.name for p in directory.iterdir())}))
+"""
+
+
+def test_connection_files_left_by_killed_kernels_are_removed(tmp_path):
+    """A kernel killed rather than shut down (a step process leaving with `os._exit` once its runner is gone)
+    leaves the connection file its manager wrote, with the kernel's signing key: `remove_connection_files`
+    removes what this process's managers wrote and did not remove, and nothing else. In a fresh interpreter:
+    the managers are the process's."""
+    (tmp_path / "someone-elses.json").write_text("{}")
+    files = run_fresh(LEFT_BEHIND, str(tmp_path))
+    assert files["before"] == ["kernel-killed.json", "someone-elses.json"]
+    assert files["after"] == ["someone-elses.json"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import PROJECT_ROOT, wait_for
+from tests.conftest import PROJECT_ROOT, kernel_connection_files, wait_for
 from tests.integration.chain_helpers import FIRST_SENDER, KERNEL_ENV, modal_fault
 
 STEP = "05_end_to_end_test"
@@ -123,9 +123,12 @@ def test_after_everything_is_killed_the_next_05_deletes_the_orphaned_batch(sandb
     try:
         batch_id = wait_in_link_5(database, outputs / "lost")
         everything = [psutil.Process(run.pid)] + psutil.Process(run.pid).children(recursive=True)
+        orphaned_files = kernel_connection_files(everything)
         for process in everything:  # a lost machine: nothing gets to clean up
             process.send_signal(signal.SIGKILL)
         psutil.wait_procs(everything, timeout=10)
+        for path in orphaned_files:  # what the lost machine's reboot would clear: not this test's subject
+            path.unlink(missing_ok=True)
     finally:
         if run.poll() is None:
             run.kill()

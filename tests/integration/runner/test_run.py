@@ -19,6 +19,7 @@ import pytest
 from runbook_lib.core import secrets as redaction
 from runbook_lib.runner.params import RunRefused, check_params, parse_param_args
 from runbook_lib.runner.run import run_runbook
+from tests.conftest import kernel_connection_files
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "pnu_runnertestkey0123456789"
@@ -292,6 +293,18 @@ def test_after_sigkill_the_manifest_says_running_and_the_next_run_marks_it_inter
         step = wait_for(lambda: running_step(out / "doomed"), 240, "the slow step to run")
         worker = psutil.Process(step["pid"])
         kernel = [p for p in worker.children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+
+        def both_kernels() -> list[Path] | None:
+            try:
+                files = kernel_connection_files(psutil.Process(first.pid).children(recursive=True))
+            except psutil.NoSuchProcess:  # a short-lived child gone while listed
+                return None
+            return files if len(files) == 2 else None
+
+        # 01's kernel and 02's, prewarmed while 01 runs: each connection file holds its kernel's signing key.
+        connection_files = wait_for(both_kernels, 120, "01's kernel and 02's (prewarmed)")
+        assert all(f.exists() for f in connection_files)
+        descendants = psutil.Process(first.pid).children(recursive=True)
         first.kill()
         first.wait(timeout=10)
     finally:
@@ -302,6 +315,10 @@ def test_after_sigkill_the_manifest_says_running_and_the_next_run_marks_it_inter
     # The orphaned step process notices and takes its kernel down with it.
     gone, alive = psutil.wait_procs([worker] + kernel, timeout=60)
     assert not alive
+    # So does 02's prewarmed process; neither leaves a kernel's connection file (its signing key) behind.
+    gone, alive = psutil.wait_procs(descendants, timeout=60)
+    assert not alive
+    assert [f for f in connection_files if f.exists()] == []
 
     nxt = cli(["--only", "fast", "--notebooks-dir", str(nbs), "--outputs-dir", str(out), "--run-id", "next"], sbx)
     assert nxt.returncode == 0, nxt.stdout + nxt.stderr
