@@ -155,10 +155,16 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str, *, interval: f
 
 
 def kernel_connection_files(processes: list[Any]) -> list[Path]:
-    """The connection files (`ipykernel_launcher -f FILE`) of the kernels among `processes` (psutil's)."""
+    """The connection files (`ipykernel_launcher -f FILE`) of the kernels among `processes` (psutil's; one
+    gone meanwhile is passed over)."""
+    import psutil
+
     files = []
     for proc in processes:
-        command = proc.cmdline()
+        try:
+            command = proc.cmdline()
+        except psutil.NoSuchProcess:
+            continue
         if "ipykernel_launcher" in command and "-f" in command[:-1]:
             files.append(Path(command[command.index("-f") + 1]))
     return files

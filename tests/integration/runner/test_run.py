@@ -295,10 +295,7 @@ def test_after_sigkill_the_manifest_says_running_and_the_next_run_marks_it_inter
         kernel = [p for p in worker.children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
 
         def both_kernels() -> list[Path] | None:
-            try:
-                files = kernel_connection_files(psutil.Process(first.pid).children(recursive=True))
-            except psutil.NoSuchProcess:  # a short-lived child gone while listed
-                return None
+            files = kernel_connection_files(psutil.Process(first.pid).children(recursive=True))
             return files if len(files) == 2 else None
 
         # 01's kernel and 02's, prewarmed while 01 runs: each connection file holds its kernel's signing key.
